@@ -1,0 +1,5 @@
+"""`python -m gradspec` runs the CLI."""
+
+from .cli import app
+
+app()

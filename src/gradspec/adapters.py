@@ -1,0 +1,131 @@
+"""Model adapters: find the decoder layers of a causal LM and the projection matrices in them.
+
+Discovery works on the module tree, not on a list of model classes: the decoder layers are
+the ModuleList with one entry per hidden layer, and the matrices are the Linear (or GPT-2
+Conv1D) modules inside them. Names are then mapped to canonical module names, so a Llama
+``self_attn.q_proj``, a GPT-2 ``attn.c_attn`` and a GPT-NeoX ``attention.query_key_value``
+land in comparable columns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import GradspecError
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "fc_in", "fc_out")
+
+# Leaf names used by transformers' architectures, mapped to canonical names.
+CANONICAL_NAMES = {
+    "q_proj": "q_proj", "query": "q_proj",
+    "k_proj": "k_proj", "key": "k_proj",
+    "v_proj": "v_proj", "value": "v_proj",
+    "o_proj": "o_proj", "out_proj": "o_proj",
+    "qkv_proj": "qkv_proj", "c_attn": "qkv_proj", "query_key_value": "qkv_proj",
+    "Wqkv": "qkv_proj", "W_pack": "qkv_proj",
+    "gate_proj": "gate_proj", "w1": "gate_proj",
+    "up_proj": "up_proj", "w3": "up_proj",
+    "gate_up_proj": "gate_up_proj",
+    "down_proj": "down_proj", "w2": "down_proj",
+    "c_fc": "fc_in", "fc1": "fc_in", "fc_in": "fc_in", "dense_h_to_4h": "fc_in",
+    "fc2": "fc_out", "fc_out": "fc_out", "dense_4h_to_h": "fc_out",
+}
+# Leaf names that mean the attention output in an attention block, the MLP output elsewhere.
+OUTPUT_NAMES = {"c_proj", "dense"}
+ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight matrix whose per-example gradient spectra are profiled."""
+
+    param: str  # name in model.named_parameters()
+    layer: int
+    module_name: str  # canonical: q_proj, ..., fc_out
+    kind: str  # "attn", "mlp" or "other"
+    module: nn.Module
+    shape: tuple[int, int]  # (d_out, d_in) of the gradient, whatever the storage layout
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The (name, ModuleList) of decoder layers: one entry per hidden layer of the config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    for name, modules in lists:
+        if len(modules) == n_layers:
+            return name, modules
+    if lists:  # No layer count in the config: take the longest list of same-class blocks.
+        uniform = [(n, m) for n, m in lists if len({type(x) for x in m}) == 1]
+        if uniform:
+            return max(uniform, key=lambda item: len(item[1]))
+    raise GradspecError(f"could not find the decoder layers of {type(model).__name__}: "
+                        "no ModuleList with one block per hidden layer")
+
+
+def canonical_module_name(relative_name: str) -> str:
+    """Canonical name of a matrix from its path inside a decoder layer, e.g. 'mlp.c_proj'."""
+    parts = relative_name.split(".")
+    leaf, parents = parts[-1], ".".join(parts[:-1])
+    if leaf in OUTPUT_NAMES:
+        return "o_proj" if ATTENTION_PARENT.search(parents) else "fc_out"
+    return CANONICAL_NAMES.get(leaf, leaf)
+
+
+def module_kind(module_name: str, relative_name: str) -> str:
+    """'attn' or 'mlp' for known matrices; by the parent path for unknown ones."""
+    if module_name in ATTENTION_MODULES:
+        return "attn"
+    if module_name in MLP_MODULES:
+        return "mlp"
+    if ATTENTION_PARENT.search(relative_name):
+        return "attn"
+    return "mlp" if re.search(r"mlp|ffn|feed_forward", relative_name) else "other"
+
+
+def gradient_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a linear map; Conv1D stores its weight transposed."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
+
+
+def find_targets(model: nn.Module, modules: str = "all") -> list[Target]:
+    """All 2-D projection matrices in the decoder layers that ``modules`` selects.
+
+    ``modules`` is ``all``, ``attn``, ``mlp``, or a regular expression matched against the
+    parameter name (for instance ``'layers\\.(0|1)\\.mlp'``).
+    """
+    layers_name, layers = find_decoder_layers(model)
+    targets = []
+    for layer_index, layer in enumerate(layers):
+        for relative, module in layer.named_modules():
+            if not isinstance(module, (nn.Linear, Conv1D)) or module.weight.ndim != 2:
+                continue
+            name = canonical_module_name(relative)
+            param = f"{layers_name}.{layer_index}.{relative}.weight"
+            target = Target(param, layer_index, name, module_kind(name, relative), module,
+                            gradient_shape(module))
+            if _selected(target, modules):
+                targets.append(target)
+    if not targets:
+        raise GradspecError(f"--modules '{modules}' selects no weight matrix in the decoder "
+                            f"layers of {type(model).__name__}")
+    return targets
+
+
+def _selected(target: Target, modules: str) -> bool:
+    if modules == "all":
+        return True
+    if modules in ("attn", "mlp"):
+        return target.kind == modules
+    try:
+        return re.search(modules, target.param) is not None
+    except re.error as exc:
+        raise GradspecError(f"--modules '{modules}' is not a valid regular expression: {exc}"
+                            ) from None

@@ -1,0 +1,350 @@
+"""The profiling engine: batches, per-example losses, and the chunked, resumable run loop.
+
+``profile`` encodes every example, processes it in fixed chunks (so a rerun redoes exactly
+the chunks that did not finish), and within a chunk groups examples of similar length into
+batches. The fast method takes spectra from hooks (see capture.py); the reference method is
+the published algorithm: one example at a time, full weight gradients, full SVD.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from . import __version__
+from .adapters import Target, find_targets
+from .capture import SpectraCapture
+from .data import (
+    IGNORE_INDEX,
+    Encoded,
+    Example,
+    data_sha256,
+    encode_example,
+    encode_response_only,
+    load_examples,
+    resolve_data_files,
+)
+from .errors import GradspecError
+from .modeling import (
+    check_model_dir,
+    load_model_and_tokenizer,
+    model_signature,
+    resolve_device,
+    resolve_dtype,
+    resolve_spectra_dtype,
+)
+from .spectra import spectrum_statistics
+from .store import RunStore, RunTables, load_run
+
+FORMAT_VERSION = 1
+METHODS = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """Everything that decides the numbers of a run; all of it but ``limit`` is fingerprinted."""
+
+    template: str = "plain"
+    modules: str = "all"
+    limit: int | None = None
+    batch_size: int | None = None
+    token_budget: int = 4096
+    max_length: int | None = None
+    dtype: str = "auto"
+    spectra_dtype: str = "auto"
+    method: str = "fast"
+    top_k: int = 0
+    ifd: bool = False
+    chunk_size: int = 64
+    padding_side: str = "right"
+
+    def check(self) -> None:
+        """Reject impossible option values before any work starts."""
+        if self.method not in METHODS:
+            raise GradspecError(f"--method {self.method}: use 'fast' or 'reference'")
+        if self.padding_side not in ("left", "right"):
+            raise GradspecError(f"padding side {self.padding_side!r}: use 'left' or 'right'")
+        for name in ("limit", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GradspecError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.top_k < 0 or self.chunk_size < 1 or self.token_budget < 1:
+            raise GradspecError("--top-k must be >= 0; chunk size and token budget >= 1")
+
+
+@dataclass
+class Batch:
+    """Padded tensors for one forward pass; ``members`` index the chunk's examples."""
+
+    members: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+# ---------------------------------------------------------------- public entry point
+
+
+def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+            *, device: str = "auto", progress: Callable[[int, int], None] | None = None,
+            **options: Any) -> RunTables:
+    """Profile every example of ``data`` on the local checkpoint ``model`` into ``out``.
+
+    Options are those of :class:`ProfileOptions`. Finished chunks already in ``out`` are
+    kept, so an interrupted call can simply be repeated. ``progress(done, total)`` is
+    called after each chunk and each batch. Returns the run's tables.
+    """
+    opts = ProfileOptions(**options)
+    opts.check()
+    model_dir = check_model_dir(model)
+    files = resolve_data_files(data)
+    examples = load_examples(data)[: opts.limit]
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(opts.dtype, torch_device, model_dir)
+    spectra_dtype = resolve_spectra_dtype(opts.spectra_dtype, torch_device)
+    resolved = {**asdict(opts), "dtype": str(dtype).removeprefix("torch."),
+                "spectra_dtype": str(spectra_dtype).removeprefix("torch.")}
+    fingerprint = {k: v for k, v in resolved.items() if k != "limit"}
+    fingerprint.update(format_version=FORMAT_VERSION, model=model_signature(model_dir),
+                       data_sha256=data_sha256(files))
+    store = RunStore(out, fingerprint, opts.top_k)
+    store.open(_manifest(model_dir, files, examples, resolved, torch_device))
+
+    finished = store.finished_chunks()
+    todo = [r for r in chunk_ranges(len(examples), opts.chunk_size) if r not in finished]
+    done = len(examples) - sum(last - first + 1 for first, last in todo)
+    report = progress or (lambda done, total: None)
+    report(done, len(examples))
+    if todo:
+        net, tokenizer = load_model_and_tokenizer(model_dir, dtype, torch_device)
+        targets = find_targets(net, opts.modules)
+        capture = SpectraCapture(net, targets, spectra_dtype)
+        runner = ChunkRunner(net, tokenizer, targets, opts, torch_device, capture)
+        with capture if opts.method == "fast" else nullcontext():
+            for first, last in todo:
+                chunk = examples[first: last + 1]
+                spectra_rows, example_rows = runner.run(
+                    chunk, lambda n: report(done + n, len(examples)))
+                store.write_chunk(first, last, spectra_rows, example_rows)
+                done += len(chunk)
+                report(done, len(examples))
+    store.close()
+    return load_run(out)
+
+
+def chunk_ranges(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Inclusive (first, last) example indices of each chunk."""
+    return [(start, min(start + chunk_size, n_examples) - 1)
+            for start in range(0, n_examples, chunk_size)]
+
+
+def _manifest(model_dir: Path, files: list[Path], examples: list[Example],
+              options: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        "gradspec_version": __version__,
+        "model": {"path": str(model_dir.resolve()), **model_signature(model_dir)},
+        "data": {"paths": [str(f.resolve()) for f in files], "sha256": data_sha256(files),
+                 "n_examples": len(examples)},
+        "options": options,
+        "device": str(device),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__},
+    }
+
+
+# ---------------------------------------------------------------- one chunk
+
+
+class ChunkRunner:
+    """Turns a chunk of examples into spectra rows and example rows."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, targets: list[Target],
+                 opts: ProfileOptions, device: torch.device, capture: SpectraCapture):
+        self.model, self.tokenizer, self.targets = model, tokenizer, targets
+        self.opts, self.device, self.capture = opts, device, capture
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    def run(self, chunk: list[Example], on_progress: Callable[[int], None]
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        encoded = [encode_example(self.tokenizer, ex, self.opts.template, self.opts.max_length)
+                   for ex in chunk]
+        example_rows = [_example_row(ex, enc) for ex, enc in zip(chunk, encoded, strict=True)]
+        spectra: dict[int, list[dict[str, Any]]] = {}
+        todo = [i for i, enc in enumerate(encoded) if enc.skip_reason is None]
+        finished = len(chunk) - len(todo)
+        for members in plan_batches([len(encoded[i].input_ids) for i in todo],
+                                    self.opts.batch_size, self.opts.token_budget):
+            batch_members = [todo[m] for m in members]
+            for member, loss, values in self._profile(batch_members, encoded):
+                self._record(chunk[member], example_rows[member], spectra, member, loss, values)
+            finished += len(batch_members)
+            on_progress(finished)
+        if self.opts.ifd:
+            self._record_ifd(chunk, example_rows)
+        rows = [row for i in sorted(spectra) for row in spectra[i]]
+        return rows, example_rows
+
+    def _profile(self, members: list[int], encoded: list[Encoded]
+                 ) -> Iterator[tuple[int, float, list[torch.Tensor | None]]]:
+        if self.opts.method == "reference":
+            for member in members:
+                loss, values = reference_spectra(self.model, self.targets, encoded[member],
+                                                 self.device)
+                yield member, loss, values
+            return
+        batch = collate(members, encoded, self.pad_id, self.opts.padding_side, self.device)
+        losses = fast_spectra(self.model, self.capture, batch)
+        for position, member in enumerate(members):
+            values = [self.capture.singular_values(position, t) for t in range(len(self.targets))]
+            yield member, losses[position], values
+
+    def _record(self, example: Example, example_row: dict[str, Any],
+                spectra: dict[int, list[dict[str, Any]]], member: int, loss: float,
+                values: list[torch.Tensor | None]) -> None:
+        if not np.isfinite(loss) or any(v is None for v in values):
+            example_row["status"] = "skipped:nonfinite_gradient"
+            return
+        example_row["loss"] = loss
+        spectra[member] = [
+            {"example_index": example.index, "example_id": example.example_id,
+             "param": target.param, "layer": target.layer, "module": target.module_name,
+             "kind": target.kind,
+             **spectrum_statistics(v.detach().cpu().numpy(), self.opts.top_k)}
+            for target, v in zip(self.targets, values, strict=True)
+        ]
+
+    def _record_ifd(self, chunk: list[Example], example_rows: list[dict[str, Any]]) -> None:
+        """Loss of the response alone, and IFD = conditioned loss / response-only loss."""
+        alone = [encode_response_only(self.tokenizer, ex, self.opts.max_length) for ex in chunk]
+        todo = [i for i, row in enumerate(example_rows)
+                if row["status"] == "ok" and alone[i].skip_reason is None]
+        for members in plan_batches([len(alone[i].input_ids) for i in todo],
+                                    self.opts.batch_size, self.opts.token_budget):
+            batch = collate([todo[m] for m in members], alone, self.pad_id,
+                            self.opts.padding_side, self.device)
+            with torch.no_grad():
+                losses = per_example_losses(_forward_logits(self.model, batch), batch.labels)
+            for member, loss in zip(batch.members, losses.tolist(), strict=True):
+                row = example_rows[member]
+                row["response_only_loss"] = loss
+                row["ifd"] = row["loss"] / loss if loss > 0 else None
+
+
+def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:
+    status = f"skipped:{encoded.skip_reason}" if encoded.skip_reason else "ok"
+    return {"example_index": example.index, "example_id": example.example_id,
+            "source": example.source, "source_line": example.line, "loss": None,
+            "n_prompt_tokens": encoded.n_prompt_tokens,
+            "n_response_tokens": encoded.n_response_tokens, "truncated": encoded.truncated,
+            "status": status, "response_only_loss": None, "ifd": None}
+
+
+# ---------------------------------------------------------------- batches and losses
+
+
+def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int
+                 ) -> list[list[int]]:
+    """Group positions into batches, longest first, so padding stays small.
+
+    A fixed ``batch_size`` takes that many per batch; otherwise a batch grows while its
+    padded size (members x longest) stays within ``token_budget``. Deterministic, so a
+    resumed run forms the same batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        fits = current is not None and (
+            len(current) < batch_size if batch_size
+            else (len(current) + 1) * lengths[current[0]] <= token_budget)
+        if fits:
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def collate(members: list[int], encoded: list[Encoded], pad_id: int, padding_side: str,
+            device: torch.device) -> Batch:
+    """Pad a batch; position ids count real tokens only, so left padding changes nothing."""
+    width = max(len(encoded[m].input_ids) for m in members)
+    ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(members), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(members), width), dtype=torch.long)
+    for row, member in enumerate(members):
+        enc = encoded[member]
+        n = len(enc.input_ids)
+        span = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        ids[row, span] = torch.tensor(enc.input_ids)
+        labels[row, span] = torch.tensor(enc.labels)
+        mask[row, span] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(members, ids.to(device), mask.to(device), positions.to(device),
+                 labels.to(device))
+
+
+def _forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False).logits
+
+
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's response tokens (as HF with labels).
+
+    Upcasts one example at a time, so float32 logits of a whole batch never coexist.
+    """
+    losses = []
+    for row_logits, row_labels in zip(logits, labels, strict=True):
+        token_losses = F.cross_entropy(row_logits[:-1].float(), row_labels[1:],
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+        losses.append(token_losses / (row_labels[1:] != IGNORE_INDEX).sum())
+    return torch.stack(losses)
+
+
+def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) -> list[float]:
+    """One forward and backward of the summed per-example losses; spectra land in ``capture``.
+
+    The gradient of the sum with respect to one example's activations is that example's own
+    gradient, since examples do not interact in a causal LM.
+    """
+    capture.start_batch(batch.attention_mask)
+    with torch.enable_grad():
+        losses = per_example_losses(_forward_logits(model, batch), batch.labels)
+        losses.sum().backward()
+    return losses.detach().cpu().tolist()
+
+
+def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: Encoded,
+                      device: torch.device) -> tuple[float, list[torch.Tensor | None]]:
+    """The published algorithm: per example, full weight gradients and their full SVD."""
+    weights = [t.module.weight for t in targets]
+    for weight in weights:
+        weight.requires_grad_(True)
+        weight.grad = None
+    try:
+        with torch.enable_grad():
+            ids = torch.tensor([encoded.input_ids], device=device)
+            labels = torch.tensor([encoded.labels], device=device)
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+            loss.backward()
+        values: list[torch.Tensor | None] = []
+        for weight in weights:
+            grad = weight.grad.to(torch.promote_types(weight.dtype, torch.float32))
+            values.append(torch.linalg.svdvals(grad) if torch.isfinite(grad).all() else None)
+        return float(loss), values
+    finally:
+        for weight in weights:
+            weight.requires_grad_(False)
+            weight.grad = None

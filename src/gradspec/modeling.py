@@ -1,0 +1,86 @@
+"""Loading a local causal LM and its tokenizer, and fingerprinting them for the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import GradspecError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GradspecError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dtype:
+    """'auto' runs float32 on CPU and the checkpoint's own dtype (bf16 if float32) on GPU."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise GradspecError(f"--dtype {dtype}: use one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    from transformers import AutoConfig
+
+    config_dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def resolve_spectra_dtype(spectra_dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' computes spectra in float64 on CPU (cheap there) and float32 on GPU."""
+    if spectra_dtype == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float32
+    if spectra_dtype not in ("float32", "float64"):
+        raise GradspecError(f"--spectra-dtype {spectra_dtype}: use auto, float32 or float64")
+    return DTYPES[spectra_dtype]
+
+
+def check_model_dir(model: str | os.PathLike) -> Path:
+    """A local checkpoint directory with a config.json; gradspec never downloads from a hub."""
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise GradspecError(f"--model {model}: not a local checkpoint directory with a "
+                            "config.json (gradspec loads local paths only)")
+    return path
+
+
+def load_model_and_tokenizer(model_dir: Path, dtype: torch.dtype, device: torch.device
+                             ) -> tuple[torch.nn.Module, Any]:
+    """The model in eval mode (no dropout) with frozen weights, and its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def model_signature(model_dir: Path) -> dict[str, Any]:
+    """Hash of the config and tokenizer files plus weight file names and sizes.
+
+    Weights are identified by name and size rather than hashed, since hashing many GB of
+    weights on every run would cost more than the run itself.
+    """
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + (model_dir / name).read_bytes())
+    weights = sorted((p.name, p.stat().st_size) for p in model_dir.iterdir()
+                     if p.suffix in WEIGHT_SUFFIXES)
+    digest.update(repr(weights).encode())
+    return {"config_and_tokenizer_sha256": digest.hexdigest(), "weight_files": len(weights)}

@@ -1,0 +1,56 @@
+"""The math: singular values of a per-example linear-layer gradient, and their statistics.
+
+For a linear map with inputs X (T x d_in) and output gradients G (T x d_out) over one
+example's T tokens, the weight gradient is G^T X (d_out x d_in). With thin QR factors
+X^T = Q_x R_x and G^T = Q_g R_g (Q with orthonormal columns), G^T X = Q_g (R_g R_x^T) Q_x^T,
+so its singular values are those of the small matrix R_g R_x^T (at most T x T). The full
+gradient is formed only when that is cheaper, i.e. when T >= min(d_in, d_out).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+RANK_TOLERANCE = 1e-7  # singular values at or below s_1 * this count as zero
+STAT_COLUMNS = ("nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank")
+
+
+def gradient_singular_values(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Descending singular values of g^T x without building it when T is small."""
+    tokens, d_out, d_in = g.shape[0], g.shape[1], x.shape[1]
+    if tokens >= min(d_out, d_in):
+        return torch.linalg.svdvals(g.T @ x)
+    r_g = torch.linalg.qr(g.T, mode="r").R
+    r_x = torch.linalg.qr(x.T, mode="r").R
+    return torch.linalg.svdvals(r_g @ r_x.T)
+
+
+def spectrum_statistics(singular_values: np.ndarray, top_k: int = 0) -> dict[str, object]:
+    """Nuclear, spectral and Frobenius norms and the effective rank (Roy and Vetterli).
+
+    The effective rank is exp(entropy) of p_i = s_i / sum(s) over the non-zero s_i, those
+    above s_1 * 1e-7; it is 0 for an all-zero gradient.
+    """
+    s = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    largest = float(s[0]) if s.size else 0.0
+    stats: dict[str, object] = {
+        "nuclear_norm": float(s.sum()),
+        "spectral_norm": largest,
+        "frobenius_norm": float(math.sqrt(float(np.square(s).sum()))),
+        "effective_rank": effective_rank(s),
+    }
+    if top_k:
+        stats["top_singular_values"] = [float(v) for v in s[:top_k]]
+    return stats
+
+
+def effective_rank(descending: np.ndarray) -> float:
+    """exp(-sum p log p) over the singular values above s_1 * RANK_TOLERANCE."""
+    if not descending.size or descending[0] <= 0:
+        return 0.0
+    nonzero = descending[descending > descending[0] * RANK_TOLERANCE]
+    p = nonzero / nonzero.sum()
+    return float(math.exp(-float(np.sum(p * np.log(p)))))
