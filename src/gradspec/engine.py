@@ -8,6 +8,7 @@ the published algorithm: one example at a time, full weight gradients, full SVD.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -135,12 +136,17 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
             for first, last in todo:
                 chunk = examples[first: last + 1]
                 spectra_rows, example_rows = runner.run(
-                    chunk, lambda n: report(done + n, len(examples)))
+                    chunk, functools.partial(_report_within_chunk, report, done, len(examples)))
                 store.write_chunk(first, last, spectra_rows, example_rows)
                 done += len(chunk)
                 report(done, len(examples))
     store.close()
     return load_run(out)
+
+
+def _report_within_chunk(report: Callable[[int, int], None], done_before: int, total: int,
+                         done_in_chunk: int) -> None:
+    report(done_before + done_in_chunk, total)
 
 
 def chunk_ranges(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
