@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import Target
-from .spectra import gradient_singular_values
+from .spectra import builds_full_gradient, gradient_singular_values, token_factor
 
 
 class SpectraCapture:
@@ -27,6 +27,9 @@ class SpectraCapture:
         self.token_rows: list[torch.Tensor] = []
         self.inputs: dict[int, torch.Tensor] = {}
         self.results: dict[tuple[int, int], torch.Tensor | None] = {}
+        # QR factors of inputs read by several matrices, keyed by the input's storage; the
+        # input itself is kept alive alongside so that the key cannot be reused.
+        self.input_factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> SpectraCapture:
@@ -47,6 +50,7 @@ class SpectraCapture:
         """Remember which positions of each example are real tokens; forget the last batch."""
         self.token_rows = [row.nonzero().squeeze(1) for row in attention_mask.bool()]
         self.inputs.clear()
+        self.input_factors.clear()
         self.results = {}
 
     def singular_values(self, example: int, target: int) -> torch.Tensor | None:
@@ -71,8 +75,19 @@ class SpectraCapture:
         for example, rows in enumerate(self.token_rows):
             xb = x[example, rows].to(self.spectra_dtype)
             gb = grad[example, rows].to(self.spectra_dtype)
-            finite = bool(torch.isfinite(xb).all() and torch.isfinite(gb).all())
-            self.results[(example, index)] = gradient_singular_values(gb, xb) if finite else None
+            if not (torch.isfinite(xb).all() and torch.isfinite(gb).all()):
+                self.results[(example, index)] = None
+                continue
+            shared = None
+            if not builds_full_gradient(len(rows), gb.shape[1], xb.shape[1]):
+                shared = self._input_factor(x, example, xb)
+            self.results[(example, index)] = gradient_singular_values(gb, xb, shared)
+
+    def _input_factor(self, x: torch.Tensor, example: int, xb: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), example)
+        if key not in self.input_factors:
+            self.input_factors[key] = (x, token_factor(xb))
+        return self.input_factors[key][1]
 
 
 def _make_output_require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from .errors import GradspecError
@@ -30,6 +32,21 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"gradspec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Show the version.")] = False
+         ) -> None:
+    """Per-example, per-layer gradient spectra of causal LMs."""
+
+
 def user_errors_exit_cleanly(command: F) -> F:
     """Print a GradspecError as one red line and exit with status 2, without a traceback."""
 
@@ -38,7 +55,7 @@ def user_errors_exit_cleanly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except GradspecError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -105,3 +122,84 @@ def profile(
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
     console.print(f"[green]done:[/] {summary or 'no examples'}; "
                   f"{len(tables.spectra)} spectra rows in {out}")
+
+
+@app.command()
+@user_errors_exit_cleanly
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Scores table, .parquet or .csv; default RUN_DIR/scores.parquet.")] = None,
+) -> None:
+    """Score every example: nuclear norms, effective rank, layer MAD, loss, IFD and flag."""
+    from .quality import SCORES, example_scores, save_table
+    from .store import load_run
+
+    scores = example_scores(load_run(run_dir))
+    path = save_table(scores, out or run_dir / "scores.parquet")
+    table = Table("score", "scored", "median", "10%", "90%", title="per-example scores")
+    for name in SCORES:
+        values = scores[name].dropna()
+        quantiles = [f"{values.quantile(q):.4g}" if len(values) else "-" for q in (.5, .1, .9)]
+        table.add_row(name, str(len(values)), *quantiles)
+    console.print(table)
+    console.print(f"[green]done:[/] {len(scores)} examples scored into {path}")
+
+
+@app.command()
+@user_errors_exit_cleanly
+def flag(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
+    labels: Annotated[Path | None, typer.Option(
+        help="CSV of example_id (or example_index) and label (1 = does not answer its "
+             "instruction, 0 = good) to calibrate a probability.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Full ranking, .parquet or .csv; default RUN_DIR/flags.parquet.")] = None,
+    top: Annotated[int, typer.Option(help="Show the N most suspect examples.")] = 20,
+) -> None:
+    """Rank the examples whose responses most likely do not answer their instruction."""
+    from .quality import example_scores, flag_ranking, read_labels, save_table
+    from .store import load_run
+
+    scores = example_scores(load_run(run_dir))
+    ranking = flag_ranking(scores, read_labels(labels, scores) if labels else None)
+    path = save_table(ranking, out or run_dir / "flags.parquet")
+    table = Table("rank", "example", "source:line", "flag", "percentile", "probability",
+                  title="most suspect examples")
+    for row in ranking.head(top).itertuples():
+        probability = "-" if math.isnan(row.probability) else f"{row.probability:.3f}"
+        table.add_row(str(row.rank), str(row.example_index),
+                      f"{Path(row.source).name}:{row.source_line}", f"{row.flag:+.3f}",
+                      f"{row.flag_pct:.3f}", probability)
+    console.print(table)
+    console.print(f"[green]done:[/] {len(ranking)} examples ranked into {path}")
+
+
+@app.command()
+@user_errors_exit_cleanly
+def select(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
+    data: Annotated[str, typer.Option(help="The data the run profiled (file, directory, glob).")],
+    keep: Annotated[str, typer.Option(help="A count N, or a fraction in (0, 1].")],
+    out: Annotated[Path, typer.Option(
+        help="Output file in the input's format; a directory for several input files.")],
+    by: Annotated[str, typer.Option(help="Score to rank by (see `gradspec score`).")] = "flag",
+    prefer: Annotated[str | None, typer.Option(
+        help="Keep the low or high end; default: the less suspect end of the score.")] = None,
+    diverse: Annotated[bool, typer.Option(
+        help="Pick a covering subset of the best by greedy facility location.")] = False,
+    pool: Annotated[float, typer.Option(
+        help="With --diverse: choose among the best POOL x N examples.")] = 2.0,
+    sidecar: Annotated[Path | None, typer.Option(
+        help="Why each example was kept or dropped (.csv or .parquet); default beside --out."
+    )] = None,
+) -> None:
+    """Write the best examples by a score back out in the input's own format."""
+    from .selection import select as run_select
+
+    selection = run_select(run_dir, data, out, keep, by=by, prefer=prefer, diverse=diverse,
+                           pool=pool, sidecar=sidecar)
+    kept = int(selection.report["kept"].sum())
+    written = ", ".join(str(p) for p in selection.outputs)
+    console.print(f"[green]done:[/] kept {kept} of {len(selection.report)} examples in "
+                  f"{written}; reasons in {selection.sidecar}")

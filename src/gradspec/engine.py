@@ -85,11 +85,17 @@ class ProfileOptions:
 
 @dataclass
 class Batch:
-    """Padded tensors for one forward pass; ``members`` index the chunk's examples."""
+    """Padded tensors for one forward pass; ``members`` index the chunk's examples.
+
+    ``token_mask`` marks real tokens. ``attention_mask`` is what the model gets: None for
+    right padding, where causality alone keeps real tokens from seeing the padding after
+    them (and no fully masked attention row can turn into NaN).
+    """
 
     members: list[int]
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    token_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor
     labels: torch.Tensor
 
@@ -128,7 +134,8 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
     report = progress or (lambda done, total: None)
     report(done, len(examples))
     if todo:
-        net, tokenizer = load_model_and_tokenizer(model_dir, dtype, torch_device)
+        net, tokenizer = load_model_and_tokenizer(model_dir, dtype, torch_device,
+                                                  eager_attention=opts.padding_side == "left")
         targets = find_targets(net, opts.modules)
         capture = SpectraCapture(net, targets, spectra_dtype)
         runner = ChunkRunner(net, tokenizer, targets, opts, torch_device, capture)
@@ -284,7 +291,7 @@ def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int
 
 def collate(members: list[int], encoded: list[Encoded], pad_id: int, padding_side: str,
             device: torch.device) -> Batch:
-    """Pad a batch; position ids count real tokens only, so left padding changes nothing."""
+    """Pad a batch; position ids count real tokens only, so padding changes nothing."""
     width = max(len(encoded[m].input_ids) for m in members)
     ids = torch.full((len(members), width), pad_id, dtype=torch.long)
     labels = torch.full((len(members), width), IGNORE_INDEX, dtype=torch.long)
@@ -297,8 +304,9 @@ def collate(members: list[int], encoded: list[Encoded], pad_id: int, padding_sid
         labels[row, span] = torch.tensor(enc.labels)
         mask[row, span] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return Batch(members, ids.to(device), mask.to(device), positions.to(device),
-                 labels.to(device))
+    mask = mask.to(device)
+    return Batch(members, ids.to(device), mask, mask if padding_side == "left" else None,
+                 positions.to(device), labels.to(device))
 
 
 def _forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -325,7 +333,7 @@ def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) 
     The gradient of the sum with respect to one example's activations is that example's own
     gradient, since examples do not interact in a causal LM.
     """
-    capture.start_batch(batch.attention_mask)
+    capture.start_batch(batch.token_mask)
     with torch.enable_grad():
         losses = per_example_losses(_forward_logits(model, batch), batch.labels)
         losses.sum().backward()
@@ -349,7 +357,7 @@ def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: En
         for weight in weights:
             grad = weight.grad.to(torch.promote_types(weight.dtype, torch.float32))
             values.append(torch.linalg.svdvals(grad) if torch.isfinite(grad).all() else None)
-        return float(loss), values
+        return float(loss.detach()), values
     finally:
         for weight in weights:
             weight.requires_grad_(False)

@@ -60,11 +60,16 @@ def check_model_dir(model: str | os.PathLike) -> Path:
     return path
 
 
-def load_model_and_tokenizer(model_dir: Path, dtype: torch.dtype, device: torch.device
-                             ) -> tuple[torch.nn.Module, Any]:
-    """The model in eval mode (no dropout) with frozen weights, and its tokenizer."""
+def load_model_and_tokenizer(model_dir: Path, dtype: torch.dtype, device: torch.device,
+                             eager_attention: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The model in eval mode (no dropout) with frozen weights, and its tokenizer.
+
+    ``eager_attention`` is for left padding: SDPA turns attention rows that see only
+    padding (as in sliding-window layers) into NaN, eager attention does not.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    implementation = {"attn_implementation": "eager"} if eager_attention else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **implementation)
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -18,14 +18,27 @@ RANK_TOLERANCE = 1e-7  # singular values at or below s_1 * this count as zero
 STAT_COLUMNS = ("nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank")
 
 
-def gradient_singular_values(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Descending singular values of g^T x without building it when T is small."""
-    tokens, d_out, d_in = g.shape[0], g.shape[1], x.shape[1]
-    if tokens >= min(d_out, d_in):
+def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
+    """Whether forming G^T X directly is cheaper than the T x T factor route."""
+    return tokens >= min(d_out, d_in)
+
+
+def token_factor(a: torch.Tensor) -> torch.Tensor:
+    """R of the thin QR of a^T (T x T at most), which keeps the singular values of a."""
+    return torch.linalg.qr(a.T, mode="r").R
+
+
+def gradient_singular_values(g: torch.Tensor, x: torch.Tensor,
+                             x_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Descending singular values of g^T x, without building it when T is small.
+
+    ``x_factor`` may pass a precomputed ``token_factor(x)``, shared by matrices that read
+    the same input (q/k/v, gate/up).
+    """
+    if builds_full_gradient(g.shape[0], g.shape[1], x.shape[1]):
         return torch.linalg.svdvals(g.T @ x)
-    r_g = torch.linalg.qr(g.T, mode="r").R
-    r_x = torch.linalg.qr(x.T, mode="r").R
-    return torch.linalg.svdvals(r_g @ r_x.T)
+    r_x = token_factor(x) if x_factor is None else x_factor
+    return torch.linalg.svdvals(token_factor(g) @ r_x.T)
 
 
 def spectrum_statistics(singular_values: np.ndarray, top_k: int = 0) -> dict[str, object]:

@@ -1,0 +1,85 @@
+"""Shared fixtures: the shared data, a tokenizer trained on it, tiny random models per arch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from gradspec.vocab import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+GSM8K = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
+
+# Small configs that keep each architecture's distinctive structure (GQA, fused QKV,
+# Conv1D, soft-capping, parallel residual).
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "gemma2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                   query_pre_attn_scalar=12, sliding_window=16),
+    "gpt2": dict(n_embd=48, n_layer=2, n_head=4, n_positions=1024),
+    "gpt_neox": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=1024),
+    "phi": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=1024),
+}
+
+
+def read_shared(path: Path, n: int | None = None) -> list[dict]:
+    """The first ``n`` records of a shared data file."""
+    return json.loads(path.read_text())[:n]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"the shared data must be beside the repo at {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shared_data: Path) -> PreTrainedTokenizerFast:
+    """A 512-token byte-level BPE trained on real reasoning data."""
+    texts = [r["instruction"] + "\n" + r["output"] for r in read_shared(GSM8K, 300)]
+    return train_tokenizer(texts, vocab_size=512)
+
+
+def build_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, directory: Path,
+                     seed: int = 0) -> Path:
+    """Save a randomly initialised tiny ``arch`` model and the tokenizer to ``directory``."""
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIGS[arch])
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory
+               ) -> Callable[[str], Path]:
+    """Factory: the directory of a tiny random model of the given architecture (cached)."""
+    built: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, tokenizer, tmp_path_factory.mktemp(arch))
+        return built[arch]
+
+    return make

@@ -1,0 +1,137 @@
+"""The engine against explicitly built per-example weight gradients, across architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import GSM8K, SHARED_DATA, read_shared
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import gradspec
+from gradspec.adapters import find_decoder_layers
+
+WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
+STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank"]
+
+
+def explicit_gradient_statistics(model_dir: Path, records: list[dict], max_length: int | None
+                                 ) -> pd.DataFrame:
+    """Per example: HF loss with labels, autograd weight gradients, float64 SVD of each."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    layers_name, _ = find_decoder_layers(model)
+    matrices = {name: p for name, p in model.named_parameters()
+                if name.startswith(layers_name + ".") and p.ndim == 2}
+    rows = []
+    for index, record in enumerate(records):
+        ids, labels = gradspec.encode(tokenizer, record, max_length=max_length)
+        model.zero_grad()
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        loss.backward()
+        for name, weight in matrices.items():
+            grad = weight.grad.numpy()
+            s = np.linalg.svd(grad, compute_uv=False)
+            kept = s[s > s[0] * 1e-7]
+            p = kept / kept.sum()
+            rows.append({"example_index": index, "param": name, "loss": loss.item(),
+                         "nuclear_norm": s.sum(), "spectral_norm": s[0],
+                         "frobenius_norm": np.linalg.norm(grad),
+                         "effective_rank": np.exp(-(p * np.log(p)).sum())})
+    return pd.DataFrame(rows)
+
+
+def assert_statistics_close(ours: pd.DataFrame, expected: pd.DataFrame, rtol: float,
+                            rank_rtol: float) -> None:
+    merged = expected.merge(ours, on=["example_index", "param"], suffixes=("_x", ""),
+                            how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all(), "the engine must cover exactly the 2-D matrices"
+    for stat in STATS:
+        tolerance = rank_rtol if stat == "effective_rank" else rtol
+        np.testing.assert_allclose(merged[stat], merged[stat + "_x"], rtol=tolerance,
+                                   err_msg=stat)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma2", "mistral",
+                                  "phi"])
+@pytest.mark.parametrize(("data", "max_length"), [(WIKI, 40), (GSM8K, None)],
+                         ids=["factor-route", "full-route"])
+def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_model, tmp_path):
+    # Short "Tell me about X." prompts cut at 40 tokens keep T below the 48-wide matrices.
+    records = read_shared(data, 4)
+    tables = gradspec.profile(tiny_model(arch), data, tmp_path / "run", device="cpu",
+                              limit=4, batch_size=4, dtype="float64", max_length=max_length)
+    expected = explicit_gradient_statistics(tiny_model(arch), records, max_length)
+    assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
+    losses = expected.groupby("example_index")["loss"].first()
+    np.testing.assert_allclose(tables.examples["loss"], losses, rtol=1e-8)
+    assert (tables.examples["status"] == "ok").all()
+
+
+def test_float32_model_matches_float64_explicit_gradients(tiny_model, tmp_path):
+    tables = gradspec.profile(tiny_model("llama"), GSM8K, tmp_path / "run", device="cpu",
+                              limit=3, dtype="float32")
+    expected = explicit_gradient_statistics(tiny_model("llama"), read_shared(GSM8K, 3), None)
+    merged = expected.merge(tables.spectra, on=["example_index", "param"], suffixes=("_x", ""))
+    for stat in ["nuclear_norm", "spectral_norm", "frobenius_norm"]:
+        np.testing.assert_allclose(merged[stat], merged[stat + "_x"], rtol=1e-4, err_msg=stat)
+
+
+def _profile_variant(model_dir: Path, out: Path, **options) -> pd.DataFrame:
+    data = GSM8K.parent / "gsm8k_no_cot.json"
+    tables = gradspec.profile(model_dir, data, out, device="cpu", limit=8, **options)
+    return tables.spectra.set_index(["example_index", "param"])[STATS].sort_index()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_batch_size_and_padding_side_do_not_change_results(arch, tiny_model, tmp_path):
+    model_dir = tiny_model(arch)
+    single = _profile_variant(model_dir, tmp_path / "b1", batch_size=1)
+    right = _profile_variant(model_dir, tmp_path / "b8r", batch_size=8, padding_side="right")
+    left = _profile_variant(model_dir, tmp_path / "b8l", batch_size=8, padding_side="left")
+    assert len(single) == 8 * 2 * (4 if arch == "gpt2" else 7)
+    for other in (right, left):
+        np.testing.assert_allclose(other[STATS[:3]], single[STATS[:3]], rtol=1e-4)
+        np.testing.assert_allclose(other["effective_rank"], single["effective_rank"], rtol=1e-3)
+
+
+def test_reference_method_agrees_with_fast_method(tiny_model, tmp_path):
+    model_dir = tiny_model("qwen2")
+    fast = _profile_variant(model_dir, tmp_path / "fast", dtype="float64")
+    reference = _profile_variant(model_dir, tmp_path / "ref", dtype="float64",
+                                 method="reference")
+    np.testing.assert_allclose(reference.to_numpy(), fast.to_numpy(), rtol=1e-8)
+
+
+def test_top_k_and_module_selection(tiny_model, tmp_path):
+    tables = gradspec.profile(tiny_model("llama"), GSM8K, tmp_path / "run", device="cpu",
+                              limit=2, modules="mlp", top_k=3, dtype="float64")
+    assert set(tables.spectra["module"]) == {"gate_proj", "up_proj", "down_proj"}
+    assert set(tables.spectra["kind"]) == {"mlp"}
+    for row in tables.spectra.itertuples():
+        top = list(row.top_singular_values)
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert top[0] == pytest.approx(row.spectral_norm)
+        assert sum(top) <= row.nuclear_norm * (1 + 1e-12)
+    regex = gradspec.profile(tiny_model("llama"), GSM8K, tmp_path / "regex", device="cpu",
+                             limit=1, modules=r"layers\.1\.self_attn\.(q|v)_proj")
+    assert sorted(regex.spectra["param"]) == ["model.layers.1.self_attn.q_proj.weight",
+                                              "model.layers.1.self_attn.v_proj.weight"]
+
+
+def test_ifd_is_conditioned_over_response_only_loss(tiny_model, tmp_path):
+    model_dir = tiny_model("llama")
+    tables = gradspec.profile(model_dir, GSM8K, tmp_path / "run", device="cpu", limit=3,
+                              ifd=True, dtype="float64")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for record, row in zip(read_shared(GSM8K, 3), tables.examples.itertuples(), strict=True):
+        ids = tokenizer(record["output"])["input_ids"] + [tokenizer.eos_token_id]
+        labels = [-100, *ids[1:]]
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        assert row.response_only_loss == pytest.approx(alone.item(), rel=1e-8)
+        assert row.ifd == pytest.approx(row.loss / alone.item(), rel=1e-8)

@@ -1,0 +1,102 @@
+"""Resuming: a killed run, rerun, equals an uninterrupted one; other inputs are refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA
+
+import gradspec
+from gradspec.errors import GradspecError
+
+LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+OPTIONS = dict(limit=40, chunk_size=4, batch_size=2)
+
+
+def _run_in_subprocess(model_dir: Path, out: Path) -> subprocess.Popen:
+    code = ("import sys, gradspec; gradspec.profile(sys.argv[1], sys.argv[2], sys.argv[3], "
+            f"device='cpu', **{OPTIONS!r})")
+    return subprocess.Popen([sys.executable, "-c", code, str(model_dir), str(LONG), str(out)],
+                            stderr=subprocess.DEVNULL)
+
+
+def _kill_after_first_chunk(process: subprocess.Popen, out: Path) -> int:
+    """SIGKILL the run as soon as one chunk is on disk; returns the chunks done by then."""
+    deadline = time.monotonic() + 120
+    parts: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        parts = list((out / "examples").glob("part-*.parquet"))
+        if parts:
+            break
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return len(list((out / "examples").glob("part-*.parquet")))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
+    model_dir = tiny_model("llama")
+    killed = tmp_path / "killed"
+    finished_at_kill = _kill_after_first_chunk(_run_in_subprocess(model_dir, killed), killed)
+    assert 1 <= finished_at_kill < 10, "the kill must land in the middle of the run"
+
+    resumed = gradspec.profile(model_dir, LONG, killed, device="cpu", **OPTIONS)
+    straight = gradspec.profile(model_dir, LONG, tmp_path / "straight", device="cpu", **OPTIONS)
+    pd.testing.assert_frame_equal(resumed.examples.drop(columns="source"),
+                                  straight.examples.drop(columns="source"))
+    pd.testing.assert_frame_equal(resumed.spectra, straight.spectra)
+    assert len(resumed.examples) == 40
+    assert not list(killed.rglob("*.tmp"))
+    assert len(resumed.manifest["sessions"]) == 2
+
+
+def test_rerun_skips_finished_chunks_and_extends_with_a_larger_limit(tiny_model, tmp_path):
+    model_dir, out = tiny_model("llama"), tmp_path / "run"
+    first = gradspec.profile(model_dir, LONG, out, device="cpu", limit=6, chunk_size=4)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("part-*.parquet")}
+    again = gradspec.profile(model_dir, LONG, out, device="cpu", limit=6, chunk_size=4)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("part-*.parquet")} == mtimes
+    pd.testing.assert_frame_equal(first.spectra, again.spectra)
+
+    longer = gradspec.profile(model_dir, LONG, out, device="cpu", limit=10, chunk_size=4)
+    assert list(longer.examples["example_index"]) == list(range(10))
+    untouched = out / "spectra" / "part-000000000-000000003.parquet"
+    assert untouched.stat().st_mtime_ns == mtimes[untouched]
+    # The partial chunk 4..5 was superseded by the full chunk 4..7.
+    assert not (out / "examples" / "part-000000004-000000005.parquet").exists()
+    fresh = gradspec.profile(model_dir, LONG, tmp_path / "fresh", device="cpu", limit=10,
+                             chunk_size=4)
+    pd.testing.assert_frame_equal(longer.spectra, fresh.spectra)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (dict(modules="mlp"), "modules"),
+    (dict(template="chat"), "template"),
+    (dict(dtype="float64"), "dtype"),
+])
+def test_rerun_with_other_options_is_refused(change, field, tiny_model, tmp_path):
+    model_dir, out = tiny_model("llama"), tmp_path / "run"
+    gradspec.profile(model_dir, LONG, out, device="cpu", limit=2)
+    before = sorted(p.name for p in out.rglob("*.parquet"))
+    with pytest.raises(GradspecError, match=f"{field}: was") as info:
+        gradspec.profile(model_dir, LONG, out, device="cpu", limit=2, **change)
+    assert str(out) in str(info.value)
+    assert sorted(p.name for p in out.rglob("*.parquet")) == before
+
+
+def test_rerun_with_another_model_or_data_is_refused(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    gradspec.profile(tiny_model("llama"), LONG, out, device="cpu", limit=2)
+    with pytest.raises(GradspecError, match="model: was"):
+        gradspec.profile(tiny_model("qwen2"), LONG, out, device="cpu", limit=2)
+    with pytest.raises(GradspecError, match="data_sha256: was"):
+        gradspec.profile(tiny_model("llama"), LONG.with_name("gsm8k_no_cot.json"), out,
+                         device="cpu", limit=2)

@@ -1,0 +1,80 @@
+"""The spectra math against float64 SVDs of explicitly built gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradspec.spectra import (
+    builds_full_gradient,
+    gradient_singular_values,
+    spectrum_statistics,
+    token_factor,
+)
+
+
+def explicit_statistics(gradient: np.ndarray) -> dict[str, float]:
+    """Reference statistics straight from a float64 SVD of the full gradient matrix."""
+    s = np.linalg.svd(gradient, compute_uv=False)
+    kept = s[s > s[0] * 1e-7]
+    p = kept / kept.sum()
+    return {"nuclear_norm": s.sum(), "spectral_norm": s.max(),
+            "frobenius_norm": np.linalg.norm(gradient, "fro"),
+            "effective_rank": np.exp(-(p * np.log(p)).sum())}
+
+
+@pytest.mark.parametrize(("tokens", "d_out", "d_in"), [
+    (7, 40, 30),    # factor route, T < both dims
+    (25, 30, 64),   # factor route, d_out < d_in
+    (50, 30, 64),   # full route, T >= min dim
+    (1, 16, 16),    # a single token: rank one
+])
+def test_singular_values_match_explicit_gradient(tokens: int, d_out: int, d_in: int) -> None:
+    generator = torch.Generator().manual_seed(tokens + d_out)
+    g = torch.randn(tokens, d_out, generator=generator, dtype=torch.float64)
+    x = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64)
+    expected = explicit_statistics((g.T @ x).numpy())
+    stats = spectrum_statistics(gradient_singular_values(g, x).numpy())
+    for name, value in expected.items():
+        assert stats[name] == pytest.approx(value, rel=1e-10), name
+    assert builds_full_gradient(tokens, d_out, d_in) == (tokens >= min(d_out, d_in))
+
+
+def test_shared_input_factor_gives_the_same_values() -> None:
+    g = torch.randn(9, 33, dtype=torch.float64)
+    x = torch.randn(9, 21, dtype=torch.float64)
+    direct = gradient_singular_values(g, x)
+    shared = gradient_singular_values(g, x, token_factor(x))
+    torch.testing.assert_close(direct, shared, rtol=1e-12, atol=0)
+
+
+def test_rank_deficient_gradient_counts_only_nonzero_singular_values() -> None:
+    # Repeated token rows (as in layer 0, where inputs are embeddings) make G^T X rank 2.
+    x_rows = torch.randn(2, 20, dtype=torch.float64)
+    g_rows = torch.randn(2, 24, dtype=torch.float64)
+    x = x_rows[[0, 1, 0, 1, 0, 1]]
+    g = g_rows[[0, 1, 0, 1, 0, 1]] * torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]],
+                                                     dtype=torch.float64)
+    full = (g.T @ x).numpy()
+    s = np.linalg.svd(full, compute_uv=False)[:2]
+    p = s / s.sum()
+    stats = spectrum_statistics(gradient_singular_values(g, x).numpy())
+    assert stats["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert 1.0 < stats["effective_rank"] < 2.0
+
+
+def test_statistics_of_known_spectrum_and_top_k() -> None:
+    stats = spectrum_statistics(np.array([1.0, 3.0, 2.0, 0.0]), top_k=2)
+    assert stats["nuclear_norm"] == 6.0
+    assert stats["spectral_norm"] == 3.0
+    assert stats["frobenius_norm"] == pytest.approx(np.sqrt(14.0))
+    p = np.array([3.0, 2.0, 1.0]) / 6.0
+    assert stats["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert stats["top_singular_values"] == [3.0, 2.0]
+
+
+def test_zero_gradient_has_zero_statistics() -> None:
+    stats = spectrum_statistics(np.zeros(5))
+    assert stats == {"nuclear_norm": 0.0, "spectral_norm": 0.0, "frobenius_norm": 0.0,
+                     "effective_rank": 0.0}
