@@ -125,7 +125,7 @@ def test_top_k_and_module_selection(tiny_model, tmp_path):
 def test_ifd_is_conditioned_over_response_only_loss(tiny_model, tmp_path):
     model_dir = tiny_model("llama")
     tables = gradspec.profile(model_dir, GSM8K, tmp_path / "run", device="cpu", limit=3,
-                              ifd=True, dtype="float64")
+                              ifd=True, dtype="float64", batch_size=2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for record, row in zip(read_shared(GSM8K, 3), tables.examples.itertuples(), strict=True):

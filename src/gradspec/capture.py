@@ -60,12 +60,13 @@ class SpectraCapture:
 
     def _keep_input(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
                     ) -> None:
+        if not output.requires_grad:  # a forward-only pass, such as the IFD denominator
+            return
         if index in self.inputs:
             raise RuntimeError(f"{self.targets[index].param} ran twice in one forward pass; "
                                "weight sharing inside a layer is not supported")
         self.inputs[index] = inputs[0].detach()
-        if output.requires_grad:
-            output.register_hook(partial(self._on_output_grad, index))
+        output.register_hook(partial(self._on_output_grad, index))
 
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
         x = self.inputs.pop(index)
