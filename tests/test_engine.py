@@ -56,7 +56,7 @@ def assert_statistics_close(ours: pd.DataFrame, expected: pd.DataFrame, rtol: fl
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma2", "mistral",
-                                  "phi"])
+                                  "phi", "gemma", "phi3"])
 @pytest.mark.parametrize(("data", "max_length"), [(WIKI, 40), (GSM8K, None)],
                          ids=["factor-route", "full-route"])
 def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_model, tmp_path):
