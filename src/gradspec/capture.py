@@ -1,20 +1,31 @@
 """Hooks that turn one batched forward/backward into per-example gradient singular values.
 
 As in Opacus and BackPACK, a forward hook keeps each target's input X, and a hook on its
-output receives the output gradient G during backward. Per example, over its real tokens
-only, the singular values of G^T X are computed right there and X is released, so neither
+output receives the output gradient G during backward. For all examples of the batch at
+once, with padding rows set to zero (zero rows add nothing to G^T X), the singular values
+of each example's G^T X are computed right there and X is released, so neither
 per-example nor summed weight gradients are ever built (the weights do not require grad).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
 from .adapters import Target
 from .spectra import builds_full_gradient, gradient_singular_values, token_factor
+
+
+@dataclass
+class TargetResult:
+    """Singular values (examples x k, zero-padded) of one target, and which were finite."""
+
+    values: np.ndarray
+    finite: np.ndarray
 
 
 class SpectraCapture:
@@ -24,12 +35,12 @@ class SpectraCapture:
         self.model = model
         self.targets = targets
         self.spectra_dtype = spectra_dtype
-        self.token_rows: list[torch.Tensor] = []
+        self.token_mask = torch.ones(0, 0, dtype=torch.bool)
         self.inputs: dict[int, torch.Tensor] = {}
-        self.results: dict[tuple[int, int], torch.Tensor | None] = {}
-        # QR factors of inputs read by several matrices, keyed by the input's storage; the
-        # input itself is kept alive alongside so that the key cannot be reused.
-        self.input_factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # QR factors of inputs read by several matrices (q/k/v, gate/up), keyed by the
+        # input's storage; the input is kept alive alongside so that the key stays unique.
+        self.input_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> SpectraCapture:
@@ -45,18 +56,22 @@ class SpectraCapture:
             handle.remove()
         self.handles.clear()
         self.inputs.clear()
+        self.input_factors.clear()
 
-    def start_batch(self, attention_mask: torch.Tensor) -> None:
+    def start_batch(self, token_mask: torch.Tensor) -> None:
         """Remember which positions of each example are real tokens; forget the last batch."""
-        self.token_rows = [row.nonzero().squeeze(1) for row in attention_mask.bool()]
+        self.token_mask = token_mask.bool()
         self.inputs.clear()
         self.input_factors.clear()
         self.results = {}
 
-    def singular_values(self, example: int, target: int) -> torch.Tensor | None:
-        """Singular values for (example in batch, target); None if X or G was not finite."""
-        empty = torch.zeros(0, dtype=self.spectra_dtype)
-        return self.results.get((example, target), empty)
+    def batch_results(self) -> list[TargetResult]:
+        """Per target, the batch's singular values on the CPU; all zero if never reached."""
+        examples = self.token_mask.shape[0]
+        empty = (torch.zeros(examples, 1), torch.ones(examples, dtype=torch.bool))
+        self.input_factors.clear()
+        return [TargetResult(*(t.detach().cpu().numpy() for t in self.results.get(i, empty)))
+                for i in range(len(self.targets))]
 
     def _keep_input(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
                     ) -> None:
@@ -70,24 +85,26 @@ class SpectraCapture:
 
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
         x = self.inputs.pop(index)
-        batch, length = len(self.token_rows), x.shape[-2] if x.ndim == 3 else -1
-        x = x.reshape(batch, length, x.shape[-1])
-        grad = grad.reshape(batch, length, grad.shape[-1])
-        for example, rows in enumerate(self.token_rows):
-            xb = x[example, rows].to(self.spectra_dtype)
-            gb = grad[example, rows].to(self.spectra_dtype)
-            if not (torch.isfinite(xb).all() and torch.isfinite(gb).all()):
-                self.results[(example, index)] = None
-                continue
-            shared = None
-            if not builds_full_gradient(len(rows), gb.shape[1], xb.shape[1]):
-                shared = self._input_factor(x, example, xb)
-            self.results[(example, index)] = gradient_singular_values(gb, xb, shared)
+        xs, x_finite = self._real_rows(x)
+        gs, g_finite = self._real_rows(grad)
+        shared = None
+        if not builds_full_gradient(xs.shape[1], gs.shape[2], xs.shape[2]):
+            shared = self._input_factor(x, xs)
+        self.results[index] = (gradient_singular_values(gs, xs, shared), x_finite & g_finite)
 
-    def _input_factor(self, x: torch.Tensor, example: int, xb: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), example)
+    def _real_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(examples x T x d) in the spectra dtype with padding and non-finite examples zeroed,
+        and a per-example flag of finiteness."""
+        mask = self.token_mask
+        values = tensor.reshape(*mask.shape, tensor.shape[-1]).to(self.spectra_dtype)
+        values = torch.where(mask.unsqueeze(-1), values, 0.0)
+        finite = torch.isfinite(values).flatten(1).all(dim=1)
+        return torch.where(finite[:, None, None], values, 0.0), finite
+
+    def _input_factor(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        key = x.data_ptr()
         if key not in self.input_factors:
-            self.input_factors[key] = (x, token_factor(xb))
+            self.input_factors[key] = (x, token_factor(xs))
         return self.input_factors[key][1]
 
 

@@ -210,22 +210,23 @@ class ChunkRunner:
         return rows, example_rows
 
     def _profile(self, members: list[int], encoded: list[Encoded]
-                 ) -> Iterator[tuple[int, float, list[torch.Tensor | None]]]:
+                 ) -> Iterator[tuple[int, float, list[np.ndarray | None]]]:
+        """(member, loss, singular values per target, None where not finite)."""
         if self.opts.method == "reference":
             for member in members:
-                loss, values = reference_spectra(self.model, self.targets, encoded[member],
+                yield member, *reference_spectra(self.model, self.targets, encoded[member],
                                                  self.device)
-                yield member, loss, values
             return
         batch = collate(members, encoded, self.pad_id, self.opts.padding_side, self.device)
         losses = fast_spectra(self.model, self.capture, batch)
+        results = self.capture.batch_results()
         for position, member in enumerate(members):
-            values = [self.capture.singular_values(position, t) for t in range(len(self.targets))]
+            values = [r.values[position] if r.finite[position] else None for r in results]
             yield member, losses[position], values
 
     def _record(self, example: Example, example_row: dict[str, Any],
                 spectra: dict[int, list[dict[str, Any]]], member: int, loss: float,
-                values: list[torch.Tensor | None]) -> None:
+                values: list[np.ndarray | None]) -> None:
         if not np.isfinite(loss) or any(v is None for v in values):
             example_row["status"] = "skipped:nonfinite_gradient"
             return
@@ -233,8 +234,7 @@ class ChunkRunner:
         spectra[member] = [
             {"example_index": example.index, "example_id": example.example_id,
              "param": target.param, "layer": target.layer, "module": target.module_name,
-             "kind": target.kind,
-             **spectrum_statistics(v.detach().cpu().numpy(), self.opts.top_k)}
+             "kind": target.kind, **spectrum_statistics(v, self.opts.top_k)}
             for target, v in zip(self.targets, values, strict=True)
         ]
 
@@ -341,7 +341,7 @@ def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) 
 
 
 def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: Encoded,
-                      device: torch.device) -> tuple[float, list[torch.Tensor | None]]:
+                      device: torch.device) -> tuple[float, list[np.ndarray | None]]:
     """The published algorithm: per example, full weight gradients and their full SVD."""
     weights = [t.module.weight for t in targets]
     for weight in weights:
@@ -353,10 +353,11 @@ def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: En
             labels = torch.tensor([encoded.labels], device=device)
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
             loss.backward()
-        values: list[torch.Tensor | None] = []
+        values: list[np.ndarray | None] = []
         for weight in weights:
             grad = weight.grad.to(torch.promote_types(weight.dtype, torch.float32))
-            values.append(torch.linalg.svdvals(grad) if torch.isfinite(grad).all() else None)
+            finite = bool(torch.isfinite(grad).all())
+            values.append(torch.linalg.svdvals(grad).cpu().numpy() if finite else None)
         return float(loss.detach()), values
     finally:
         for weight in weights:

@@ -25,20 +25,21 @@ def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
 
 def token_factor(a: torch.Tensor) -> torch.Tensor:
     """R of the thin QR of a^T (T x T at most), which keeps the singular values of a."""
-    return torch.linalg.qr(a.T, mode="r").R
+    return torch.linalg.qr(a.mT, mode="r").R
 
 
 def gradient_singular_values(g: torch.Tensor, x: torch.Tensor,
                              x_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Descending singular values of g^T x, without building it when T is small.
 
-    ``x_factor`` may pass a precomputed ``token_factor(x)``, shared by matrices that read
-    the same input (q/k/v, gate/up).
+    ``g`` is (..., T, d_out) and ``x`` (..., T, d_in); leading dimensions are a batch of
+    examples (zero rows for padding change nothing). ``x_factor`` may pass a precomputed
+    ``token_factor(x)``, shared by matrices that read the same input (q/k/v, gate/up).
     """
-    if builds_full_gradient(g.shape[0], g.shape[1], x.shape[1]):
-        return torch.linalg.svdvals(g.T @ x)
+    if builds_full_gradient(g.shape[-2], g.shape[-1], x.shape[-1]):
+        return torch.linalg.svdvals(g.mT @ x)
     r_x = token_factor(x) if x_factor is None else x_factor
-    return torch.linalg.svdvals(token_factor(g) @ r_x.T)
+    return torch.linalg.svdvals(token_factor(g) @ r_x.mT)
 
 
 def spectrum_statistics(singular_values: np.ndarray, top_k: int = 0) -> dict[str, object]:
