@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from .errors import GradspecError
 
@@ -67,6 +68,7 @@ def load_model_and_tokenizer(model_dir: Path, dtype: torch.dtype, device: torch.
     ``eager_attention`` is for left padding: SDPA turns attention rows that see only
     padding (as in sliding-window layers) into NaN, eager attention does not.
     """
+    transformers_logging.disable_progress_bar()  # gradspec shows its own progress
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     implementation = {"attn_implementation": "eager"} if eager_attention else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **implementation)
