@@ -1,0 +1,293 @@
+"""Studies: a grid of models x datasets, described in one TOML file and profiled cell by cell.
+
+A study file; its paths are relative to the file's own folder::
+
+    title = "Fast vs slow thinking"
+    [profile]                  # options of `gradspec profile` for every cell
+    limit = 50
+    device = "auto"
+
+    [[models]]
+    label = "default"          # letters, digits, '.', '_' or '-'
+    path = "../.cache/default-model"
+    template = "plain"         # or "chat"
+
+    [[datasets]]
+    path = "../../shared/data/reasoning_cot/correct/gsm8k_no_cot.json"
+    task = "gsm8k"
+    style = "none"             # reasoning: none, simplified or detailed
+    correctness = "correct"    # correct or irrelevant
+    # length = 100             # knowledge sets: the response length
+    # domain = "knowledge"     # default: reasoning with a style, knowledge with a length
+    # label = "gsm8k-none-correct"   # default: task, style or length, correctness
+
+The output folder holds ``runs/<model>/<dataset>/`` (one run directory per cell) and
+``study.json``, which records each cell's labels and whether it finished with the current
+inputs, so a rerun skips finished cells and `gradspec report` finds the labels again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .data import data_sha256, resolve_data_files
+from .engine import ProfileOptions, profile
+from .errors import GradspecError
+from .findings import LABEL_KEYS, normalize_labels
+from .modeling import check_model_dir, model_signature
+from .store import write_json_atomic
+
+STUDY_FILE = "study.json"
+STUDY_KEYS = ("title", "profile", "models", "datasets")
+MODEL_KEYS = ("label", "path", "template")
+DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
+PROFILE_KEYS = ("device", *(f.name for f in fields(ProfileOptions) if f.name != "template"))
+TEMPLATES = ("plain", "chat")
+SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+ProgressFactory = Callable[["Cell"], AbstractContextManager[Callable[[int, int], None]]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    path: Path
+    template: str = "plain"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    label: str
+    path: Path
+    labels: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed, checked study file."""
+
+    source: Path
+    title: str
+    models: list[ModelSpec]
+    datasets: list[DatasetSpec]
+    profile: dict[str, Any]
+
+    def cells(self) -> list[Cell]:
+        """Every (model, dataset) pair, model-major."""
+        return [Cell(m, d) for m in self.models for d in self.datasets]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One profile run of the grid."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.label}/{self.dataset.label}"
+
+    @property
+    def run(self) -> Path:
+        """Run directory, relative to the study's output folder."""
+        return Path("runs", self.model.label, self.dataset.label)
+
+    def labels(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model.label, **self.dataset.labels}
+
+
+# ---------------------------------------------------------------- reading a study file
+
+
+def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None) -> Study:
+    """Parse and check a study file; ``models`` (label -> path) replaces its model list.
+
+    A replacing model keeps the template of the file's model with the same label (plain if
+    there is none); its path is taken as given (relative to the working directory).
+    """
+    source = Path(path)
+    try:
+        document = tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GradspecError(f"study file {source} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GradspecError(f"{source}: not valid TOML: {exc}") from None
+    _refuse_unknown(document, STUDY_KEYS, str(source))
+    base = source.parent
+    entries = _tables(document, "models", source)
+    if models:  # the file's models are replaced, not checked
+        templates = {e.get("label"): e.get("template", "plain") for e in entries}
+        file_models = [_model({"label": label, "path": str(Path(p).resolve()),
+                               "template": templates.get(label, "plain")},
+                              Path.cwd(), f"--model {label}") for label, p in models.items()]
+    else:
+        file_models = [_model(entry, base, f"{source}: models[{i}]")
+                       for i, entry in enumerate(entries)]
+    datasets = [_dataset(entry, base, f"{source}: datasets[{i}]")
+                for i, entry in enumerate(_tables(document, "datasets", source))]
+    for kind, items in (("model", file_models), ("dataset", datasets)):
+        labels = [item.label for item in items]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise GradspecError(f"{source}: {kind} label {', '.join(repeated)} is used twice")
+    options = document.get("profile", {})
+    _refuse_unknown(options, PROFILE_KEYS, f"{source}: [profile]")
+    _check_profile_options(options, source)
+    return Study(source, str(document.get("title", source.stem)), file_models, datasets,
+                 dict(options))
+
+
+def _tables(document: dict[str, Any], key: str, source: Path) -> list[dict[str, Any]]:
+    entries = document.get(key)
+    if not isinstance(entries, list) or not entries \
+            or not all(isinstance(e, dict) for e in entries):
+        raise GradspecError(f"{source}: needs at least one [[{key}]] table")
+    return entries
+
+
+def _refuse_unknown(table: Any, allowed: tuple[str, ...], where: str) -> None:
+    if not isinstance(table, dict):
+        raise GradspecError(f"{where}: expected a table")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise GradspecError(f"{where}: unknown key {', '.join(unknown)} "
+                            f"(allowed: {', '.join(allowed)})")
+
+
+def _required_string(entry: dict[str, Any], key: str, where: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value:
+        raise GradspecError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def _safe_label(label: str, where: str) -> str:
+    if not SAFE_LABEL.match(label):
+        raise GradspecError(f"{where}: label '{label}' may hold only letters, digits, '.', "
+                            "'_' and '-' (it names a folder)")
+    return label
+
+
+def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
+    _refuse_unknown(entry, MODEL_KEYS, where)
+    label = _safe_label(_required_string(entry, "label", where), where)
+    path = base / _required_string(entry, "path", where)
+    template = entry.get("template", "plain")
+    if template not in TEMPLATES:
+        raise GradspecError(f"{where}: template '{template}' is not plain or chat")
+    try:
+        check_model_dir(path)
+    except GradspecError:
+        raise GradspecError(f"{where}: model '{label}': {path} is not a local checkpoint "
+                            "directory with a config.json (fix the path, or give the model "
+                            "with --model LABEL=PATH)") from None
+    return ModelSpec(label, path, template)
+
+
+def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
+    _refuse_unknown(entry, DATASET_KEYS, where)
+    path = base / _required_string(entry, "path", where)
+    _required_string(entry, "task", where)
+    try:
+        resolve_data_files(path)
+    except GradspecError:
+        raise GradspecError(f"{where}: data path {path} does not exist or holds no "
+                            ".json/.jsonl file") from None
+    labels = normalize_labels({k: v for k, v in entry.items() if k not in ("label", "path")},
+                              where)
+    default = "-".join(str(labels[k]) for k in ("task", "style", "length", "correctness")
+                       if k in labels)
+    label = _safe_label(str(entry.get("label", default)), where)
+    return DatasetSpec(label, path, labels)
+
+
+def _check_profile_options(options: dict[str, Any], source: Path) -> None:
+    try:
+        ProfileOptions(**{k: v for k, v in options.items() if k != "device"}).check()
+    except TypeError as exc:
+        raise GradspecError(f"{source}: [profile]: {exc}") from None
+    except GradspecError as exc:
+        raise GradspecError(f"{source}: [profile]: {exc}") from None
+
+
+# ---------------------------------------------------------------- running a study
+
+
+def run_study(study: Study, out: str | os.PathLike, *, device: str | None = None,
+              limit: int | None = None, progress: ProgressFactory | None = None
+              ) -> list[tuple[Cell, bool]]:
+    """Profile every cell not finished with the same inputs; (cell, was run) for each.
+
+    ``device`` and ``limit`` override the study's [profile] options. ``study.json`` is
+    rewritten after each cell, so an interrupted study resumes where it stopped.
+    """
+    root = Path(out)
+    options = {**study.profile, **({"limit": limit} if limit else {})}
+    device = device or options.pop("device", "auto")
+    options.pop("device", None)  # when --device overrode it
+    previous = {entry["name"]: entry for entry in _read_record(root).get("cells", [])}
+    cells = study.cells()
+    record = {"title": study.title, "study_file": str(study.source.resolve()),
+              "cells": [_cell_record(c, previous.get(c.name)) for c in cells]}
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for cell, entry in zip(cells, record["cells"], strict=True):
+        inputs = cell_inputs(cell, options)
+        if entry["inputs"] == inputs and (root / cell.run / "manifest.json").exists():
+            results.append((cell, False))
+            continue
+        entry.update(inputs=None)
+        write_json_atomic(root / STUDY_FILE, record)
+        with progress(cell) if progress else nullcontext(None) as update:
+            profile(cell.model.path, cell.dataset.path, root / cell.run, device=device,
+                    progress=update, template=cell.model.template, **options)
+        entry.update(inputs=inputs)
+        write_json_atomic(root / STUDY_FILE, record)
+        results.append((cell, True))
+    write_json_atomic(root / STUDY_FILE, record)
+    return results
+
+
+def cell_inputs(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a cell's results: model and data fingerprints, template and options."""
+    return {"model": model_signature(cell.model.path),
+            "data_sha256": data_sha256(resolve_data_files(cell.dataset.path)),
+            "options": {**asdict(ProfileOptions(**options)), "template": cell.model.template}}
+
+
+def _cell_record(cell: Cell, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """A cell's entry in study.json, keeping the inputs it last finished with."""
+    return {"name": cell.name, "run": cell.run.as_posix(), "labels": cell.labels(),
+            "inputs": (previous or {}).get("inputs")}
+
+
+def _read_record(root: Path) -> dict[str, Any]:
+    path = root / STUDY_FILE
+    if not path.exists():
+        if root.exists() and any(root.iterdir()):
+            raise GradspecError(f"{root} exists, is not empty and has no {STUDY_FILE}; "
+                                "choose another --out")
+        return {}
+    return json.loads(path.read_text())
+
+
+def study_runs(study_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(run directory, labels) of each cell of a study folder that has started."""
+    root = Path(study_dir)
+    for entry in json.loads((root / STUDY_FILE).read_text())["cells"]:
+        run = root / entry["run"]
+        if (run / "manifest.json").exists():
+            yield run, entry["labels"]
+
+
+def is_study_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / STUDY_FILE).is_file()

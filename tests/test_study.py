@@ -1,0 +1,177 @@
+"""Study files and the study runner: resume without recomputing, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, SHARED_DATA
+from typer.testing import CliRunner
+
+from gradspec import study as study_module
+from gradspec.cli import app
+from gradspec.errors import GradspecError
+from gradspec.store import load_run
+from gradspec.study import load_study, run_study
+
+REASONING = SHARED_DATA / "reasoning_cot"
+
+
+def write_study(path: Path, model: Path, extra: str = "", limit: int = 3) -> Path:
+    """A two-cell study: no and detailed CoT on GSM8K, correct responses."""
+    path.write_text(f"""
+title = "tiny"
+[profile]
+limit = {limit}
+device = "cpu"
+max_length = 160
+
+[[models]]
+label = "tiny"
+path = "{model}"
+
+[[datasets]]
+path = "{REASONING / 'correct' / 'gsm8k_no_cot.json'}"
+task = "gsm8k"
+style = "none"
+correctness = "correct"
+
+[[datasets]]
+path = "{REASONING / 'correct' / 'gsm8k_with_cot_gpt4o.json'}"
+task = "gsm8k"
+style = "detailed"
+correctness = "correct"
+{extra}""")
+    return path
+
+
+def part_times(run: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(run.rglob("*.parquet"))}
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_recomputing(
+        tiny_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    spec = load_study(write_study(tmp_path / "study.toml", tiny_model("llama")))
+    real_profile = study_module.profile
+    calls: list[Path] = []
+
+    def interrupted_profile(model, data, out, **kwargs):
+        calls.append(Path(out))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_profile(model, data, out, **kwargs)
+
+    monkeypatch.setattr(study_module, "profile", interrupted_profile)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, out)
+    record = json.loads((out / "study.json").read_text())["cells"]
+    assert [cell["name"] for cell in record] == ["tiny/gsm8k-none-correct",
+                                                 "tiny/gsm8k-detailed-correct"]
+    assert record[0]["inputs"] is not None and record[1]["inputs"] is None
+    assert record[1]["labels"] == {"name": "tiny/gsm8k-detailed-correct", "model": "tiny",
+                                   "task": "gsm8k", "style": "detailed",
+                                   "correctness": "correct", "domain": "reasoning"}
+    first = out / "runs" / "tiny" / "gsm8k-none-correct"
+    before = part_times(first)
+
+    calls.clear()
+    result = CliRunner().invoke(app, ["study", str(tmp_path / "study.toml"), "--out", str(out),
+                                      "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    assert "1 cells; 1 already done" in result.output
+    assert calls == [out / "runs" / "tiny" / "gsm8k-detailed-correct"]
+    assert part_times(first) == before
+    assert len(load_run(first).manifest["sessions"]) == 1
+    assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(study_module, "profile", real_profile)
+    run_study(spec, fresh)
+    for cell in spec.cells():
+        resumed, uninterrupted = load_run(out / cell.run), load_run(fresh / cell.run)
+        pd.testing.assert_frame_equal(resumed.spectra, uninterrupted.spectra)
+        pd.testing.assert_frame_equal(resumed.examples, uninterrupted.examples)
+        assert len(resumed.examples) == 3
+
+    ran = run_study(spec, out, limit=4)  # a larger limit extends every cell
+    assert [was_run for _, was_run in ran] == [True, True]
+    assert len(load_run(first).examples) == 4
+
+
+BAD_STUDIES = [
+    ("[modles]", "unknown key modles (allowed: title, profile, models, datasets)"),
+    ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyel = 'none'", "datasets[2]: unknown key "
+     "styel"),
+    ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyle = 'slow'", "datasets[2]: style 'slow' "
+     "is not one of none, simplified, detailed"),
+    ("[[datasets]]\npath = '/no/such/file.json'\ntask = 'x'", "datasets[2]: data path "
+     "/no/such/file.json does not exist"),
+    ("[[datasets]]\npath = '{data}'\nstyle = 'none'", "datasets[2]: 'task' must be a "
+     "non-empty string"),
+    ("[[datasets]]\npath = '{data}'\ntask = 'gsm8k'\nstyle = 'none'\ncorrectness = 'correct'",
+     "dataset label gsm8k-none-correct is used twice"),
+    ("[[models]]\nlabel = 'other'\npath = '/no/model'", "models[1]: model 'other': /no/model "
+     "is not a local checkpoint directory"),
+    ("[[models]]\nlabel = 'a b'\npath = '{model}'", "label 'a b' may hold only letters"),
+    ("[[models]]\nlabel = 'c'\npath = '{model}'\ntemplate = 'alpaca'", "template 'alpaca' "
+     "is not plain or chat"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_STUDIES)
+def test_bad_study_files_give_clear_errors(tiny_model, tmp_path: Path, extra: str,
+                                           message: str):
+    model = tiny_model("llama")
+    data = REASONING / "correct" / "aqua_no_cot.json"
+    path = write_study(tmp_path / "study.toml", model,
+                       extra.format(data=data, model=model))
+    with pytest.raises(GradspecError) as caught:
+        load_study(path)
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_bad_profile_options_and_toml(tiny_model, tmp_path: Path):
+    model = tiny_model("llama")
+    for limit, message in (("0", "--limit must be at least 1"), ("'x'", "[profile]")):
+        with pytest.raises(GradspecError, match=message.replace("[", r"\[")):
+            load_study(write_study(tmp_path / "s.toml", model, limit=limit))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[models]\n")
+    result = CliRunner().invoke(app, ["study", str(broken), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"{broken}: not valid TOML" in result.output
+    assert "Traceback" not in result.output
+    missing = CliRunner().invoke(app, ["study", str(tmp_path / "none.toml"), "--out", "o"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_study_out_must_be_empty_or_a_study(tiny_model, tmp_path: Path):
+    spec = load_study(write_study(tmp_path / "study.toml", tiny_model("llama")))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(GradspecError, match=r"has no study\.json"):
+        run_study(spec, tmp_path / "busy")
+
+
+def test_shipped_fast_slow_study_covers_the_published_design(tiny_model):
+    spec = load_study(REPO / "studies" / "fast_slow.toml",
+                      models={"tiny": str(tiny_model("llama"))})
+    assert [m.label for m in spec.models] == ["tiny"]
+    assert spec.profile["limit"] == 50
+    labels = pd.DataFrame([d.labels for d in spec.datasets])
+    reasoning = labels[labels["domain"] == "reasoning"]
+    assert len(reasoning) == 4 * 3 * 2
+    assert set(reasoning["task"]) == {"gsm8k", "aqua", "ecqa", "strategyqa"}
+    assert reasoning.groupby(["style", "correctness"]).size().tolist() == [4] * 6
+    knowledge = labels[labels["domain"] == "knowledge"]
+    assert sorted(knowledge["length"].dropna().astype(int).unique()) == [100, 500, 1000]
+    assert len(knowledge) == 8
+    for dataset in spec.datasets:  # paths resolve from the file's folder to ../shared/data
+        assert dataset.path.resolve().is_relative_to(SHARED_DATA.resolve())
+        assert dataset.labels["correctness"] in dataset.path.as_posix()
