@@ -119,7 +119,7 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
     examples = load_examples(data)[: opts.limit]
     torch_device = resolve_device(device)
     dtype = resolve_dtype(opts.dtype, torch_device, model_dir)
-    spectra_dtype = resolve_spectra_dtype(opts.spectra_dtype, torch_device)
+    spectra_dtype = resolve_spectra_dtype(opts.spectra_dtype, dtype)
     resolved = {**asdict(opts), "dtype": str(dtype).removeprefix("torch."),
                 "spectra_dtype": str(spectra_dtype).removeprefix("torch.")}
     fingerprint = {k: v for k, v in resolved.items() if k != "limit"}

@@ -43,10 +43,11 @@ def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dt
     return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def resolve_spectra_dtype(spectra_dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' computes spectra in float64 on CPU (cheap there) and float32 on GPU."""
+def resolve_spectra_dtype(spectra_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """'auto' is float32 (float64 for a float64 model): as precise as the float32
+    gradients it starts from, and 3-4x faster than float64 on a CPU."""
     if spectra_dtype == "auto":
-        return torch.float64 if device.type == "cpu" else torch.float32
+        return torch.float64 if model_dtype == torch.float64 else torch.float32
     if spectra_dtype not in ("float32", "float64"):
         raise GradspecError(f"--spectra-dtype {spectra_dtype}: use auto, float32 or float64")
     return DTYPES[spectra_dtype]
