@@ -24,13 +24,15 @@ def explicit_statistics(gradient: np.ndarray) -> dict[str, float]:
             "effective_rank": np.exp(-(p * np.log(p)).sum())}
 
 
-@pytest.mark.parametrize(("tokens", "d_out", "d_in"), [
-    (7, 40, 30),    # factor route, T < both dims
-    (25, 30, 64),   # factor route, d_out < d_in
-    (50, 30, 64),   # full route, T >= min dim
-    (1, 16, 16),    # a single token: rank one
+@pytest.mark.parametrize(("tokens", "d_out", "d_in", "full"), [
+    (7, 40, 30, False),    # factor route, T < both dims
+    (25, 30, 64, False),   # factor route, d_out < d_in
+    (200, 30, 64, True),   # full route, T far above both dims
+    (300, 64, 16, True),   # full route, wide gradient (taken in its tall orientation)
+    (1, 16, 16, False),    # a single token: rank one
 ])
-def test_singular_values_match_explicit_gradient(tokens: int, d_out: int, d_in: int) -> None:
+def test_singular_values_match_explicit_gradient(tokens: int, d_out: int, d_in: int,
+                                                 full: bool) -> None:
     generator = torch.Generator().manual_seed(tokens + d_out)
     g = torch.randn(tokens, d_out, generator=generator, dtype=torch.float64)
     x = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64)
@@ -38,7 +40,13 @@ def test_singular_values_match_explicit_gradient(tokens: int, d_out: int, d_in: 
     stats = spectrum_statistics(gradient_singular_values(g, x).numpy())
     for name, value in expected.items():
         assert stats[name] == pytest.approx(value, rel=1e-10), name
-    assert builds_full_gradient(tokens, d_out, d_in) == (tokens >= min(d_out, d_in))
+    assert builds_full_gradient(tokens, d_out, d_in) == full
+
+
+def test_route_choice_at_llama_8b_shapes() -> None:
+    assert not builds_full_gradient(407, 4096, 4096)
+    assert not builds_full_gradient(1024, 1024, 4096)  # k/v: factors beat a 4096x1024 SVD
+    assert builds_full_gradient(8192, 1024, 4096)
 
 
 def test_shared_input_factor_gives_the_same_values() -> None:

@@ -62,20 +62,21 @@ def user_errors_exit_cleanly(command: F) -> F:
 
 
 class RateColumn(ProgressColumn):
-    """Examples per second."""
+    """Items (examples unless the task says otherwise) per second."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} ex/s" if speed else "-- ex/s", style="cyan")
+        unit = task.fields.get("unit", "ex")
+        return Text(f"{speed:.2f} {unit}/s" if speed else f"-- {unit}/s", style="cyan")
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, int], None]]:
     """A Rich progress bar; yields a ``progress(done, total)`` callback for the engine."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(description, total=None, unit=unit)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
@@ -100,7 +101,7 @@ def profile(
     dtype: Annotated[str, typer.Option(
         help="Model dtype: auto, float32, bfloat16, float16, float64.")] = "auto",
     spectra_dtype: Annotated[str, typer.Option(
-        help="Spectra precision: auto (float64 on CPU, float32 on GPU), float32, float64."
+        help="Spectra precision: auto (float32; float64 for float64 models), float32, float64."
     )] = "auto",
     method: Annotated[str, typer.Option(
         help="fast, or reference (the published per-example full-SVD algorithm).")] = "fast",
@@ -203,3 +204,98 @@ def select(
     written = ", ".join(str(p) for p in selection.outputs)
     console.print(f"[green]done:[/] kept {kept} of {len(selection.report)} examples in "
                   f"{written}; reasons in {selection.sidecar}")
+
+
+def parse_pairs(values: list[str], option: str) -> dict[str, str]:
+    """'KEY=VALUE' strings (split at the first '=') as a dict."""
+    pairs = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise GradspecError(f"{option} {value!r}: expected KEY=VALUE")
+        pairs[key] = rest
+    return pairs
+
+
+def parse_run_labels(value: str) -> dict[str, str]:
+    """'name' or 'key:value,key:value' (labels model, task, domain, style, ...)."""
+    if ":" not in value:
+        return {"name": value}
+    labels = {}
+    for item in value.split(","):
+        key, sep, label = item.partition(":")
+        if not sep:
+            raise GradspecError(f"--label {value!r}: expected key:value items separated by ','")
+        labels[key.strip()] = label.strip()
+    return labels
+
+
+ReportStatistic = Annotated[str, typer.Option(
+    help="Curves and MAD of: nuclear_norm, spectral_norm, frobenius_norm, effective_rank, "
+         "spectral_ratio (spectral/nuclear) or nuclear_per_loss.")]
+ReportSplit = Annotated[str, typer.Option(
+    help="Early/middle/late boundaries: thirds, study (the study's cuts for 26/28/32/42 "
+         "layers, else thirds) or 'b1,b2'.")]
+ReportBootstrap = Annotated[int, typer.Option(help="Bootstrap replicates and permutations.")]
+
+
+@app.command()
+@user_errors_exit_cleanly
+def study(
+    study_file: Annotated[Path, typer.Argument(help="A study TOML file (see studies/).")],
+    out: Annotated[Path, typer.Option(help="Study folder; rerun the command to resume.")],
+    model: Annotated[list[str] | None, typer.Option(
+        help="LABEL=PATH: use this model instead of the file's models (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="Override the study's device: cpu, cuda, cuda:N or auto.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Override the study's limit.")] = None,
+    statistic: ReportStatistic = "nuclear_norm",
+    split: ReportSplit = "thirds",
+    bootstrap: ReportBootstrap = 2000,
+) -> None:
+    """Profile every model x dataset cell of a study (skipping finished ones), then report."""
+    from .report import write_report
+    from .study import load_study, run_study
+
+    spec = load_study(study_file, parse_pairs(model or [], "--model"))
+    cells = run_study(spec, out, device=device, limit=limit,
+                      progress=lambda cell: progress_bar(cell.name))
+    ran = sum(1 for _, was_run in cells if was_run)
+    console.print(f"[green]profiled:[/] {ran} cells; {len(cells) - ran} already done")
+    path = write_report([out], out / "report.html", statistic=statistic, split=split,
+                        n_boot=bootstrap, title=spec.title)
+    console.print(f"[green]report:[/] {path}")
+
+
+@app.command()
+@user_errors_exit_cleanly
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories and/or study folders.")],
+    out: Annotated[Path, typer.Option(help="The HTML file; .md and _tables/*.csv go beside.")],
+    label: Annotated[list[str] | None, typer.Option(
+        help="RUN_DIR=NAME, or RUN_DIR=key:value,... with keys name, model, task, domain, "
+             "style, correctness, length (repeatable).")] = None,
+    statistic: ReportStatistic = "nuclear_norm",
+    split: ReportSplit = "thirds",
+    bootstrap: ReportBootstrap = 2000,
+    title: Annotated[str, typer.Option(help="Title of the report.")] = "gradspec report",
+) -> None:
+    """Write one self-contained HTML report (curves, MAD, differences, findings) of runs."""
+    from .report import write_report
+
+    labels = {run: parse_run_labels(value)
+              for run, value in parse_pairs(label or [], "--label").items()}
+    path = write_report(runs, out, labels, statistic=statistic, split=split, n_boot=bootstrap,
+                        title=title)
+    console.print(f"[green]report:[/] {path}")
+
+
+@app.command()
+@user_errors_exit_cleanly
+def demo(
+    limit: Annotated[int, typer.Option(help="Examples profiled per response style.")] = 50,
+) -> None:
+    """Train the embedded default model (once), profile gsm8k in 3 styles, print a summary."""
+    from .demo import run_demo
+
+    run_demo(progress_bar, limit=limit)

@@ -44,7 +44,7 @@ from .modeling import (
     resolve_dtype,
     resolve_spectra_dtype,
 )
-from .spectra import spectrum_statistics
+from .spectra import spectrum_statistics, tall_singular_values
 from .store import RunStore, RunTables, load_run
 
 FORMAT_VERSION = 1
@@ -357,7 +357,7 @@ def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: En
         for weight in weights:
             grad = weight.grad.to(torch.promote_types(weight.dtype, torch.float32))
             finite = bool(torch.isfinite(grad).all())
-            values.append(torch.linalg.svdvals(grad).cpu().numpy() if finite else None)
+            values.append(tall_singular_values(grad).cpu().numpy() if finite else None)
         return float(loss.detach()), values
     finally:
         for weight in weights:

@@ -4,7 +4,7 @@ For a linear map with inputs X (T x d_in) and output gradients G (T x d_out) ove
 example's T tokens, the weight gradient is G^T X (d_out x d_in). With thin QR factors
 X^T = Q_x R_x and G^T = Q_g R_g (Q with orthonormal columns), G^T X = Q_g (R_g R_x^T) Q_x^T,
 so its singular values are those of the small matrix R_g R_x^T (at most T x T). The full
-gradient is formed only when that is cheaper, i.e. when T >= min(d_in, d_out).
+gradient is formed only when that costs fewer flops (T large against min(d_in, d_out)).
 """
 
 from __future__ import annotations
@@ -18,9 +18,31 @@ RANK_TOLERANCE = 1e-7  # singular values at or below s_1 * this count as zero
 STAT_COLUMNS = ("nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank")
 
 
+SVD_COST_FACTOR = 3.0  # an SVD runs at about a third of the flop rate of QR and GEMM
+
+
+def _qr_flops(rows: int, cols: int) -> float:
+    long, short = max(rows, cols), min(rows, cols)
+    return 2.0 * long * short**2 - 2.0 * short**3 / 3
+
+
+def _svd_flops(rows: int, cols: int) -> float:
+    long, short = max(rows, cols), min(rows, cols)
+    return SVD_COST_FACTOR * (4.0 * long * short**2 - 4.0 * short**3 / 3)
+
+
 def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
-    """Whether forming G^T X directly is cheaper than the T x T factor route."""
-    return tokens >= min(d_out, d_in)
+    """Whether forming G^T X and taking its SVD costs fewer flops than the factor route."""
+    k_out, k_in = min(d_out, tokens), min(d_in, tokens)
+    factor = (_qr_flops(d_out, tokens) + _qr_flops(d_in, tokens)
+              + 2.0 * k_out * tokens * k_in + _svd_flops(k_out, k_in))
+    full = 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in)
+    return full < factor
+
+
+def tall_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """svdvals of a matrix or its transpose, whichever is tall (LAPACK is faster on those)."""
+    return torch.linalg.svdvals(matrix if matrix.shape[-2] >= matrix.shape[-1] else matrix.mT)
 
 
 def token_factor(a: torch.Tensor) -> torch.Tensor:
@@ -37,9 +59,9 @@ def gradient_singular_values(g: torch.Tensor, x: torch.Tensor,
     ``token_factor(x)``, shared by matrices that read the same input (q/k/v, gate/up).
     """
     if builds_full_gradient(g.shape[-2], g.shape[-1], x.shape[-1]):
-        return torch.linalg.svdvals(g.mT @ x)
+        return tall_singular_values(g.mT @ x)
     r_x = token_factor(x) if x_factor is None else x_factor
-    return torch.linalg.svdvals(token_factor(g) @ r_x.mT)
+    return tall_singular_values(token_factor(g) @ r_x.mT)
 
 
 def spectrum_statistics(singular_values: np.ndarray, top_k: int = 0) -> dict[str, object]:

@@ -1,0 +1,547 @@
+"""Benchmark of the profiling engine: the fast method against the published reference algorithm.
+
+Three measurements on ``gsm8k_with_cot_gpt4o.json`` of the shared data, each taken as a ratio
+of two things timed side by side in one run (repetitions interleaved A B A B, medians), since
+the machine is shared and absolute times drift:
+
+1. end to end: ``gradspec profile --method reference`` against ``--method fast``, whole
+   process against whole process, on a random Llama of width 2048, checking that both runs
+   give the same statistics;
+2. per matrix at Llama-3.1-8B shapes, with the data's real token counts: the full float32
+   gradient G^T X and its svdvals against ``gradspec.spectra.gradient_singular_values``;
+3. overhead: the fast path on one batch, statistics included, against a plain forward and
+   backward (with weight gradients) of the same batch.
+
+Results print as Rich tables and are written as Markdown (``--markdown``) for bench/README.md.
+Models and the tokenizer are cached under ``<project>/.cache/bench/``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from gradspec import load_run
+from gradspec.adapters import find_targets
+from gradspec.capture import SpectraCapture
+from gradspec.data import Example, encode_example, load_examples
+from gradspec.default_model import TRAINING_FILES, cache_root, shared_data_dir, tokenizer_texts
+from gradspec.engine import Batch, ChunkRunner, ProfileOptions, collate
+from gradspec.modeling import load_model_and_tokenizer
+from gradspec.spectra import builds_full_gradient, gradient_singular_values
+from gradspec.vocab import train_tokenizer
+
+BENCH = Path(__file__).resolve().parent
+DATA_FILE = "reasoning_cot/correct/gsm8k_with_cot_gpt4o.json"
+VOCAB_SIZE = 8192  # on this data as fine as Llama-3's tokenizer (see README)
+HEAD_DIM = 128
+COMPARED = ("nuclear_norm", "spectral_norm", "frobenius_norm")
+TOLERANCE = 1e-3  # max relative difference allowed between fast and reference statistics
+# (name, d_out, d_in) of the weight gradients of one Llama-3.1-8B decoder layer.
+LLAMA_8B_SHAPES = (("q_proj, o_proj", 4096, 4096), ("k_proj, v_proj", 1024, 4096),
+                   ("gate_proj, up_proj", 14336, 4096), ("down_proj", 4096, 14336))
+WIDE_CHECK_SHAPE = (1024, 4096)  # the reference on a wide gradient as stored, for one shape
+
+console = Console(width=160)  # wide tables stay whole in logs
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures; ``--quick`` shrinks every size."""
+
+    width: int = 2048
+    layers: int = 2
+    limit: int = 4
+    e2e_repeats: int = 1
+    repeats: int = 3
+    batch_sizes: tuple[int, ...] = (1, 4)
+    matrix_scale: int = 1  # divides the 8B shapes
+    extra_tokens: tuple[int, ...] = (1024,)
+    parts: tuple[str, ...] = ("e2e", "matrix", "overhead")
+
+    @property
+    def shapes(self) -> list[tuple[str, int, int]]:
+        """The per-matrix shapes, (name, d_out, d_in)."""
+        s = self.matrix_scale
+        return [(name, d_out // s, d_in // s) for name, d_out, d_in in LLAMA_8B_SHAPES]
+
+
+QUICK = Settings(width=256, layers=2, limit=2, repeats=1, batch_sizes=(1, 2), matrix_scale=8,
+                 extra_tokens=())
+
+
+@dataclass
+class Section:
+    """One results table, shown with Rich and written as Markdown."""
+
+    title: str
+    frame: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def show(self) -> None:
+        """Print the table and its notes to the console."""
+        table = Table(*self.frame.columns, title=self.title, title_justify="left")
+        for row in self.frame.itertuples(index=False):
+            table.add_row(*(str(v) for v in row))
+        console.print(table)
+        for note in self.notes:
+            console.print(f"  {note}", style="dim", highlight=False)
+
+    def markdown(self) -> str:
+        """The table and its notes as a Markdown subsection."""
+        notes = "".join(f"\n{note}\n" for note in self.notes)
+        return f"### {self.title}\n\n{self.frame.to_markdown(index=False)}\n{notes}"
+
+
+def seconds(value: float) -> str:
+    """Seconds to three significant digits."""
+    return f"{value:.3g}"
+
+
+def median_seconds(values: list[float]) -> str:
+    """The median of timings, as :func:`seconds` prints it."""
+    return seconds(statistics.median(values))
+
+
+def ratio(numerator: float, denominator: float) -> str:
+    """A speed ratio such as 4.3x or 146x."""
+    value = numerator / denominator
+    return f"{value:.1f}x" if value < 10 else f"{value:.0f}x"
+
+
+# ---------------------------------------------------------------- tokenizer, data, model
+
+
+def bench_cache() -> Path:
+    path = cache_root() / "bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bench_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on all correct shared data files (cached)."""
+    directory = bench_cache() / f"tokenizer-v{VOCAB_SIZE}"
+    if not (directory / "tokenizer.json").is_file():
+        data = shared_data_dir()
+        examples = [ex for name in TRAINING_FILES for ex in load_examples(data / name)]
+        tokenizer = train_tokenizer(tokenizer_texts(examples), VOCAB_SIZE)
+        save_atomically(directory, tokenizer.save_pretrained)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def save_atomically(directory: Path, save: Callable[[Path], Any]) -> None:
+    """Write into a staging directory, then rename it to ``directory`` when complete."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    save(staging)
+    os.replace(staging, directory)
+
+
+def bench_config(width: int, layers: int, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """Llama with heads of 128, 4 query heads per KV head, TinyLlama's MLP ratio (11/4)."""
+    heads = max(1, width // HEAD_DIM)
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4), max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def bench_model(config: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """Directory of a seeded random Llama with ``config`` and the tokenizer (cached)."""
+    name = (f"llama-w{config.hidden_size}-i{config.intermediate_size}-L"
+            f"{config.num_hidden_layers}-h{config.num_attention_heads}"
+            f"-kv{config.num_key_value_heads}-v{config.vocab_size}")
+    directory = bench_cache() / name
+    if not (directory / "config.json").is_file():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+
+        def save(path: Path) -> None:
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+        save_atomically(directory, save)
+    return directory
+
+
+def token_count_section(lengths: list[int], limit: int) -> Section:
+    frame = pd.DataFrame([
+        {"examples": f"all {len(lengths)}", "median": statistics.median(lengths),
+         "min": min(lengths), "max": max(lengths)},
+        {"examples": f"first {limit} (end to end)", "median": statistics.median(lengths[:limit]),
+         "min": min(lengths[:limit]), "max": max(lengths[:limit])},
+    ])
+    notes = [f"Tokens per example (plain template, BOS and EOS included) of {DATA_FILE} "
+             f"under the bench tokenizer (byte-level BPE, {VOCAB_SIZE} tokens, trained on "
+             "the 16 correct/ files of the shared data). First "
+             f"{limit}: {lengths[:limit]}."]
+    return Section("Token counts", frame, notes)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def run_profile_process(model_dir: Path, data: Path, out: Path, method: str, limit: int
+                        ) -> float:
+    """Wall time of a whole ``python -m gradspec profile`` process."""
+    command = [sys.executable, "-m", "gradspec", "profile", "--model", str(model_dir),
+               "--data", str(data), "--out", str(out), "--limit", str(limit),
+               "--method", method, "--device", "cpu"]
+    started = time.perf_counter()
+    threads = str(torch.get_num_threads())  # as in this process
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    elapsed = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"`{' '.join(command)}` failed:\n{done.stderr[-3000:]}")
+    return elapsed
+
+
+def max_relative_differences(reference: pd.DataFrame, fast: pd.DataFrame, keys: list[str],
+                             columns: tuple[str, ...]) -> dict[str, float]:
+    """Largest |fast - reference| / |reference| per column over rows matched on ``keys``."""
+    merged = reference.merge(fast, on=keys, suffixes=("_ref", "_fast"), validate="one_to_one")
+    if not len(merged) == len(reference) == len(fast):
+        raise SystemExit(f"the runs have different rows: {len(reference)} reference, "
+                         f"{len(fast)} fast, {len(merged)} matched")
+    return {c: float(((merged[f"{c}_fast"] - merged[f"{c}_ref"]).abs()
+                      / merged[f"{c}_ref"].abs()).max()) for c in columns}
+
+
+def end_to_end_section(model_dir: Path, data: Path, settings: Settings
+                       ) -> tuple[Section, bool]:
+    """Reference and fast whole processes, interleaved; and whether their statistics agree."""
+    times: dict[str, list[float]] = {"reference": [], "fast": []}
+    with tempfile.TemporaryDirectory(prefix="gradspec-bench-") as tmp:
+        for repeat in range(settings.e2e_repeats):
+            for method in times:
+                console.print(f"end to end: {method} run {repeat + 1}", style="dim")
+                out = Path(tmp) / f"{method}-{repeat}"
+                times[method].append(
+                    run_profile_process(model_dir, data, out, method, settings.limit))
+        runs = {method: load_run(Path(tmp) / f"{method}-0") for method in times}
+    spectra = max_relative_differences(runs["reference"].spectra, runs["fast"].spectra,
+                                       ["example_index", "param"],
+                                       (*COMPARED, "effective_rank"))
+    losses = max_relative_differences(runs["reference"].examples, runs["fast"].examples,
+                                      ["example_index"], ("loss",))
+    frame = pd.DataFrame([{
+        "examples": settings.limit, "matrices": runs["fast"].spectra["param"].nunique(),
+        "reference s": median_seconds(times["reference"]),
+        "fast s": median_seconds(times["fast"]),
+        "ratio": ratio(statistics.median(times["reference"]), statistics.median(times["fast"])),
+        **{f"max rel diff {c.removesuffix('_norm')}": f"{spectra[c]:.1e}" for c in COMPARED},
+        "max rel diff loss": f"{losses['loss']:.1e}",
+    }])
+    agree = max(spectra[c] for c in COMPARED) <= TOLERANCE and losses["loss"] <= TOLERANCE
+    notes = [f"Whole `python -m gradspec profile --limit {settings.limit} --device cpu` "
+             "processes (start-up and model load included), fresh run directories, "
+             f"median of {settings.e2e_repeats} interleaved run(s) each.",
+             f"Statistics {'agree' if agree else 'DISAGREE'} (tolerance {TOLERANCE:g}); "
+             f"effective rank, informative only: max rel diff {spectra['effective_rank']:.1e} "
+             "(the float32 reference's noise floor adds singular values above s1 * 1e-7)."]
+    return Section("End to end: reference vs fast", frame, notes), agree
+
+
+# ---------------------------------------------------------------- per matrix
+
+
+def reference_matrix(g: torch.Tensor, x: torch.Tensor, tall: bool = True
+                     ) -> tuple[float, torch.Tensor]:
+    """Seconds and values of the published route: full float32 gradient, then svdvals.
+
+    With ``tall`` the svdvals are taken of the gradient or its transpose, whichever is tall
+    (same values; MKL is much faster on tall matrices); otherwise on d_out x d_in as stored.
+    """
+    started = time.perf_counter()
+    grad = g.T @ x
+    values = torch.linalg.svdvals(grad.T if tall and grad.shape[0] < grad.shape[1] else grad)
+    return time.perf_counter() - started, values
+
+
+def fast_matrix(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, repeats: int
+                ) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each repetition and the values of ``gradient_singular_values`` in dtype."""
+    g, x = g.to(dtype), x.to(dtype)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        values = gradient_singular_values(g, x)
+        times.append(time.perf_counter() - started)
+    return times, values
+
+
+def random_factors(tokens: int, d_out: int, d_in: int, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random output gradients G (T x d_out) and inputs X (T x d_in), float32."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, d_out, generator=generator),
+            torch.randn(tokens, d_in, generator=generator))
+
+
+def matrix_section(token_counts: list[int], settings: Settings) -> Section:
+    """Reference once and fast several times per (shape, T); ratios and agreement."""
+    reference_matrix(*random_factors(64, 256, 128, seed=0))  # load LAPACK before timing
+    rows = []
+    for tokens in token_counts:
+        for index, (name, d_out, d_in) in enumerate(settings.shapes):
+            console.print(f"per matrix: {name} {d_out}x{d_in}, T={tokens}", style="dim")
+            g, x = random_factors(tokens, d_out, d_in, seed=index)
+            reference_s, reference_values = reference_matrix(g, x)
+            f64_times, f64_values = fast_matrix(g, x, torch.float64, settings.repeats)
+            f32_times, _ = fast_matrix(g, x, torch.float32, settings.repeats)
+            rank = len(f64_values)
+            error = (f64_values - reference_values[:rank].double()).abs().max() \
+                / reference_values[0]
+            route = "full" if builds_full_gradient(tokens, d_out, d_in) else "factor"
+            rows.append({
+                "matrix": name, "d_out x d_in": f"{d_out}x{d_in}", "T": tokens, "route": route,
+                "reference s": seconds(reference_s), "fast f64 s": median_seconds(f64_times),
+                "fast f32 s": median_seconds(f32_times),
+                "ratio f64": ratio(reference_s, statistics.median(f64_times)),
+                "ratio f32": ratio(reference_s, statistics.median(f32_times)),
+                "max abs diff / s1": f"{float(error):.1e}"})
+    notes = ["Reference: float32 G^T X, then torch.linalg.svdvals on it, run once; svdvals "
+             "taken on the tall orientation (same values, faster: see the next table). "
+             f"Fast: gradient_singular_values(G, X), median of {settings.repeats}; route "
+             "'factor' = T x T core from two QRs, 'full' = G^T X built (T >= min(d_out, "
+             "d_in)). Random Gaussian G and X. Last column: fast float64 vs reference "
+             "singular values, relative to the largest."]
+    return Section("Per matrix at Llama-3.1-8B shapes", pd.DataFrame(rows), notes)
+
+
+def layout_section(tokens: int, scale: int) -> Section:
+    """The reference's svdvals on a wide gradient as stored vs on its transpose."""
+    d_out, d_in = (d // scale for d in WIDE_CHECK_SHAPE)
+    g, x = random_factors(tokens, d_out, d_in, seed=99)
+    tall_s, _ = reference_matrix(g, x, tall=True)
+    wide_s, _ = reference_matrix(g, x, tall=False)
+    frame = pd.DataFrame([{"d_out x d_in": f"{d_out}x{d_in}", "T": tokens,
+                           "svdvals on d_in x d_out (tall) s": seconds(tall_s),
+                           "svdvals on d_out x d_in (as stored) s": seconds(wide_s),
+                           "wide / tall": ratio(wide_s, tall_s)}])
+    notes = ["torch.linalg.svdvals (MKL, float32) on a wide matrix vs on its transpose. "
+             "`--method reference` takes svdvals of weight.grad as stored, so its k_proj, "
+             "v_proj and down_proj gradients (wide) pay this."]
+    return Section("Reference: wide vs tall svdvals", frame, notes)
+
+
+# ---------------------------------------------------------------- overhead
+
+
+class TimedCapture(SpectraCapture):
+    """SpectraCapture that adds up the time its backward hooks spend on spectra."""
+
+    seconds = 0.0
+
+    def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
+        started = time.perf_counter()
+        super()._on_output_grad(index, grad)
+        self.seconds += time.perf_counter() - started
+
+
+class ForwardTimer:
+    """Hooks on the whole model that time its last forward pass."""
+
+    def __init__(self, model: nn.Module):
+        self.started = self.seconds = 0.0
+        self.handles = [model.register_forward_pre_hook(self._start),
+                        model.register_forward_hook(self._stop)]
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.started = time.perf_counter()
+
+    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def plain_step(model: nn.Module, batch: Batch, timer: ForwardTimer) -> dict[str, float]:
+    """One training-style forward and backward with weight gradients (HF loss with labels)."""
+    model.requires_grad_(True)
+    started = time.perf_counter()
+    loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, labels=batch.labels, use_cache=False).loss
+    loss.backward()
+    total = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    return {"total": total, "forward": timer.seconds}
+
+
+def fast_step(runner: ChunkRunner, capture: TimedCapture, examples: list[Example],
+              timer: ForwardTimer) -> dict[str, float]:
+    """gradspec's fast path on one batch: ChunkRunner.run, statistics rows included."""
+    capture.seconds = 0.0
+    with capture:
+        started = time.perf_counter()
+        runner.run(examples, lambda done: None)
+        total = time.perf_counter() - started
+    return {"total": total, "forward": timer.seconds, "spectra": capture.seconds,
+            "rest": total - timer.seconds - capture.seconds}
+
+
+def overhead_section(model_dir: Path, examples: list[Example], settings: Settings) -> Section:
+    """Fast path vs plain forward+backward of the same batches, interleaved, medians."""
+    cpu = torch.device("cpu")
+    model, tokenizer = load_model_and_tokenizer(model_dir, torch.float32, cpu)
+    targets = find_targets(model)
+    capture = TimedCapture(model, targets, torch.float64)
+    timer = ForwardTimer(model)
+    rows = []
+    for size in settings.batch_sizes:
+        console.print(f"overhead: batch of {size}", style="dim")
+        runner = ChunkRunner(model, tokenizer, targets, ProfileOptions(batch_size=size), cpu,
+                             capture)
+        encoded = [encode_example(tokenizer, ex) for ex in examples[:size]]
+        batch = collate(list(range(size)), encoded, runner.pad_id, "right", cpu)
+        plain_step(model, batch, timer)  # warm-up
+        fast_step(runner, capture, examples[:size], timer)
+        plain: list[dict[str, float]] = []
+        fast: list[dict[str, float]] = []
+        for _ in range(settings.repeats):
+            plain.append(plain_step(model, batch, timer))
+            fast.append(fast_step(runner, capture, examples[:size], timer))
+        plain_total = statistics.median(p["total"] for p in plain)
+        fast_total = statistics.median(f["total"] for f in fast)
+        rows.append({
+            "batch": size, "padded tokens": batch.input_ids.numel(),
+            "plain fwd+bwd s": seconds(plain_total),
+            "plain forward s": median_seconds([p["forward"] for p in plain]),
+            "fast s": seconds(fast_total), "fast / plain": f"{fast_total / plain_total:.2f}x",
+            **{f"fast {part} s": median_seconds([f[part] for f in fast])
+               for part in ("forward", "spectra", "rest")}})
+    notes = [f"Random Llama {model_dir.name}, float32, eval mode. Plain: all parameters "
+             "require grad, HF loss with labels, .backward(). Fast: frozen weights, "
+             "SpectraCapture hooks, ChunkRunner.run (tokenizing, fast_spectra with float64 "
+             "spectra, statistics rows for every (example, matrix)). Fast parts: forward; "
+             "spectra = time inside the backward hooks; rest = backward autograd, loss, "
+             "tokenizing, statistics. Batches are the first examples of the data, "
+             f"right-padded; median of {settings.repeats} interleaved repetitions after one "
+             "warm-up each."]
+    return Section("Overhead: fast path vs plain forward+backward", pd.DataFrame(rows), notes)
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_line() -> str:
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load}")
+
+
+def write_markdown(path: Path, sections: list[Section], header: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "\n".join(section.markdown() for section in sections)
+    lines = "".join(f"- {line}\n" for line in header)
+    path.write_text(f"## Results\n\n{lines}\n{body}")
+
+
+def main(
+    limit: Annotated[int | None, typer.Option(help="Examples profiled end to end.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Decoder layers of the random Llama.")]
+    = None,
+    width: Annotated[int | None, typer.Option(help="Hidden size of the random Llama.")] = None,
+    quick: Annotated[bool, typer.Option(help="Small sizes; checks the script in < 1 min.")]
+    = False,
+    e2e_repeats: Annotated[int | None, typer.Option(
+        help="Interleaved end-to-end runs of each method.")] = None,
+    repeats: Annotated[int | None, typer.Option(
+        help="Repetitions of each fast timing and of the overhead pairs.")] = None,
+    tokens: Annotated[str | None, typer.Option(
+        help="Extra per-matrix token counts besides the data's median and max, e.g. 512,1024."
+    )] = None,
+    parts: Annotated[str, typer.Option(help="Comma list of e2e, matrix, overhead.")]
+    = "e2e,matrix,overhead",
+    threads: Annotated[int | None, typer.Option(
+        help="Torch intra-op threads, here and in the profile processes; default torch's.")]
+    = None,
+    markdown: Annotated[Path | None, typer.Option(
+        help="Markdown results file; default bench/results.md (quick: .cache/bench/).")]
+    = None,
+) -> None:
+    """Benchmark the fast method against the reference algorithm; see bench/README.md."""
+    settings = QUICK if quick else Settings()
+    overrides = {"limit": limit, "layers": layers, "width": width, "e2e_repeats": e2e_repeats,
+                 "repeats": repeats,
+                 "extra_tokens": tuple(int(t) for t in tokens.split(",") if t)
+                 if tokens is not None else None}
+    settings = replace(settings, parts=tuple(parts.split(",")),
+                       **{k: v for k, v in overrides.items() if v is not None})
+    markdown = markdown or (bench_cache() / "results-quick.md" if quick
+                            else BENCH / "results.md")
+    if threads:
+        torch.set_num_threads(threads)
+    header = [f"machine at start: {machine_line()}"]
+    console.print(header[0], highlight=False)
+
+    data = shared_data_dir() / DATA_FILE
+    tokenizer = bench_tokenizer()
+    examples = load_examples(data)
+    lengths = [len(encode_example(tokenizer, ex).input_ids) for ex in examples]
+    sections = [token_count_section(lengths, settings.limit)]
+    sections[0].show()
+    config = bench_config(settings.width, settings.layers, tokenizer)
+    model_dir = bench_model(config, tokenizer)
+    header.append(f"model: random Llama {model_dir.name} (hidden {config.hidden_size}, "
+                  f"intermediate {config.intermediate_size}, {config.num_hidden_layers} layers, "
+                  f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
+                  f"vocab {config.vocab_size})")
+
+    agree = True
+    if "e2e" in settings.parts:
+        section, agree = end_to_end_section(model_dir, data, settings)
+        sections.append(section)
+        section.show()
+    if "matrix" in settings.parts:
+        median_tokens = round(statistics.median(lengths))
+        token_counts = [median_tokens, max(lengths), *settings.extra_tokens]
+        for section in (matrix_section(token_counts, settings),
+                        layout_section(median_tokens, settings.matrix_scale)):
+            sections.append(section)
+            section.show()
+    if "overhead" in settings.parts:
+        sections.append(overhead_section(model_dir, examples, settings))
+        sections[-1].show()
+
+    header.append(f"machine at end: {machine_line()}")
+    console.print(header[-1], highlight=False)
+    write_markdown(markdown, sections, header)
+    console.print(f"results written to {markdown}")
+    if not agree:
+        raise typer.Exit(1)
+
+
+def with_passive_openmp() -> None:
+    """Re-run this script with OMP_WAIT_POLICY=PASSIVE unless the caller chose a policy.
+
+    libgomp reads it when torch loads it. On a shared machine the default (spinning)
+    policy stalls MKL's LAPACK at every barrier, by up to 100x (see README).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+
+
+if __name__ == "__main__":
+    with_passive_openmp()
+    typer.run(main)
