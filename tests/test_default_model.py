@@ -264,7 +264,7 @@ def test_demo_summary_averages_over_layers_and_ok_examples() -> None:
     assert "q_proj" in text and "2.5" in text and "mean loss" in text
 
 
-def test_demo_command_profiles_three_styles_and_reuses_its_runs(
+def test_demo_command_profiles_its_grid_reports_and_reuses_its_runs(
         trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Recipe] = []
     monkeypatch.setattr(default_model, "train_model", fake_training(trained, calls))
@@ -274,16 +274,19 @@ def test_demo_command_profiles_three_styles_and_reuses_its_runs(
     monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(SHARED_DATA))
     first = CliRunner().invoke(app, ["demo", "--limit", "3"])
     assert first.exit_code == 0, first.output
-    runs = {spec.title: load_run(tmp_path / "runs" / "demo" / spec.label)
-            for spec in demo.DEMO_RUNS}
-    for spec, tables in zip(demo.DEMO_RUNS, runs.values(), strict=True):
+    cells = tmp_path / "runs" / "demo" / "runs" / "default"
+    runs = {spec: load_run(cells / spec.label) for spec in demo.DEMO_RUNS}
+    assert len(runs) == 10
+    for spec, tables in runs.items():
         assert tables.examples["status"].tolist() == ["ok"] * 3
         assert tables.manifest["data"]["paths"] == [str(SHARED_DATA / spec.data)]
-    detailed = runs["Detailed CoT"].spectra
+    detailed = next(t for s, t in runs.items() if s.title == "Detailed CoT").spectra
     down = detailed[detailed["module"] == "down_proj"]["nuclear_norm"]
     assert len(down) == 3 * TINY.num_layers
     assert f"{down.sum() / len(down):.4g}" in first.stdout
+    report = tmp_path / "runs" / "demo" / "report.html"
+    assert report.is_file() and "Findings of the study" in report.read_text()
     again = CliRunner().invoke(app, ["demo", "--limit", "3"])
     assert again.exit_code == 0, again.output
     assert calls == [TINY] and again.stdout == first.stdout
-    assert len(load_run(tmp_path / "runs" / "demo" / "gsm8k_no_cot").manifest["sessions"]) == 2
+    assert len(load_run(cells / "gsm8k-none-correct").manifest["sessions"]) == 1

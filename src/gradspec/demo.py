@@ -1,11 +1,12 @@
-"""`gradspec demo`: profile one shared task in three response styles on the default model.
+"""`gradspec demo`: the study's design on one task, on the embedded default model.
 
-The demo trains (once) the embedded default model, profiles the first examples of gsm8k
-answered without a rationale, with the dataset's short rationale and with a long
-step-by-step one (the study's None, Simplified and Detailed CoT), and prints per style the
-mean gradient nuclear norm of each module, the mean loss and the mean response length.
-Runs are ordinary resumable run directories under ``runs/demo/<label>/``; extend
-:data:`DEMO_RUNS` to profile more.
+The demo trains (once) the embedded default model, then profiles, as a study grid, the
+first examples of gsm8k answered without a rationale, with the dataset's short rationale
+and with a long step-by-step one (the study's None, Simplified and Detailed CoT), each with
+correct and with irrelevant responses, and popular Wikipedia knowledge with short and long
+responses. It prints per style the mean gradient nuclear norm of each module, the mean loss
+and the mean response length, and writes the HTML report with the study's findings.
+Cells are ordinary resumable run directories under ``runs/demo/runs/default/<label>/``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from rich.console import Console
@@ -32,52 +34,86 @@ from .default_model import (
     project_root,
     shared_data_dir,
 )
-from .engine import profile
 from .errors import GradspecError
+from .findings import normalize_labels
+from .report import write_report
 from .store import RunTables, load_run
+from .study import Cell, DatasetSpec, ModelSpec, Study, run_study
 
 ProgressBar = Callable[..., AbstractContextManager[Progress]]
 DEMO_LIMIT = 50
+MODEL_LABEL = "default"
 stderr = Console(stderr=True)
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One demo run: its directory name, its data file (relative to the shared data), a title."""
+    """One demo cell: its label, its data file (relative to the shared data), its labels."""
 
     label: str
     data: str
-    title: str
+    labels: tuple[tuple[str, Any], ...]
+    title: str = ""  # set for the runs summarised in the terminal
 
 
-DEMO_RUNS = (
-    RunSpec("gsm8k_no_cot", "reasoning_cot/correct/gsm8k_no_cot.json", "None CoT"),
-    RunSpec("gsm8k_with_cot", "reasoning_cot/correct/gsm8k_with_cot.json", "Simplified CoT"),
-    RunSpec("gsm8k_with_cot_gpt4o", "reasoning_cot/correct/gsm8k_with_cot_gpt4o.json",
-            "Detailed CoT"),
-)
+def _reasoning(style: str, suffix: str, title: str) -> list[RunSpec]:
+    return [RunSpec(f"gsm8k-{style}-{correctness}",
+                    f"reasoning_cot/{correctness}/gsm8k_{suffix}.json",
+                    (("task", "gsm8k"), ("style", style), ("correctness", correctness)),
+                    title if correctness == "correct" else "")
+            for correctness in ("correct", "irrelevant")]
 
 
-def demo_runs_root() -> Path:
-    """Where the demo's run directories live: ``<project>/runs/demo``."""
+def _knowledge(length: int) -> list[RunSpec]:
+    return [RunSpec(f"wiki-{length}-{correctness}",
+                    f"wiki_knowledge/{correctness}/popular_wikipedia_{length}.json",
+                    (("task", "wiki_popular"), ("length", length),
+                     ("correctness", correctness)))
+            for correctness in ("correct", "irrelevant")]
+
+
+DEMO_RUNS = (*_reasoning("none", "no_cot", "None CoT"),
+             *_reasoning("simplified", "with_cot", "Simplified CoT"),
+             *_reasoning("detailed", "with_cot_gpt4o", "Detailed CoT"),
+             *_knowledge(100), *_knowledge(1000))
+
+
+def demo_root() -> Path:
+    """The demo's study folder: ``<project>/runs/demo``."""
     return project_root() / "runs" / "demo"
 
 
-def run_demo_profiles(progress_bar: ProgressBar, specs: tuple[RunSpec, ...] = DEMO_RUNS,
-                      limit: int = DEMO_LIMIT) -> dict[RunSpec, Path]:
-    """Ensure the default model, then profile each spec (resuming finished runs).
-
-    Returns each spec's run directory. ``progress_bar(description, unit=...)`` gives a
-    context manager yielding a ``progress(done, total)`` callback.
-    """
-    model_dir = trained_default_model(progress_bar)
+def demo_study(model_dir: Path, limit: int) -> Study:
+    """The demo grid as a study: the default model on every :data:`DEMO_RUNS` data file."""
     data_dir = shared_data_dir()
-    run_dirs = {}
-    for spec in specs:
-        run_dirs[spec] = demo_runs_root() / spec.label
-        profile_afresh_if_stale(progress_bar, model_dir, data_dir / spec.data,
-                                run_dirs[spec], limit)
-    return run_dirs
+    datasets = [DatasetSpec(spec.label, data_dir / spec.data,
+                            normalize_labels(dict(spec.labels), spec.label))
+                for spec in DEMO_RUNS]
+    return Study(data_dir, "gradspec demo: fast vs slow thinking on the default model",
+                 [ModelSpec(MODEL_LABEL, model_dir)], datasets, {"limit": limit})
+
+
+def run_demo_study(progress_bar: ProgressBar, limit: int = DEMO_LIMIT) -> dict[RunSpec, Path]:
+    """Ensure the default model, then profile every demo cell (resuming finished ones).
+
+    Returns each spec's run directory. A demo folder left by other inputs (another model
+    recipe or gradspec version), whose runs the engine refuses to mix, is redone.
+    """
+    study = demo_study(trained_default_model(progress_bar), limit)
+    root = demo_root()
+
+    def progress(cell: Cell) -> AbstractContextManager[Callable[[int, int], None]]:
+        return progress_bar(f"profiling {cell.dataset.label}")
+
+    try:
+        run_study(study, root, device="cpu", progress=progress)
+    except GradspecError as exc:
+        if not root.is_dir():
+            raise
+        stderr.print(f"[yellow]redoing the demo runs:[/] {exc}", highlight=False)
+        shutil.rmtree(root)
+        run_study(study, root, device="cpu", progress=progress)
+    return {spec: root / cell.run for spec, cell in zip(DEMO_RUNS, study.cells(), strict=True)}
 
 
 def trained_default_model(progress_bar: ProgressBar) -> Path:
@@ -90,22 +126,6 @@ def trained_default_model(progress_bar: ProgressBar) -> Path:
     stderr.print(f"default model: {model_dir} (held-out loss {report['heldout_loss']:.3f}, "
                  f"trained in {report['train_seconds']:.0f} s)", highlight=False)
     return model_dir
-
-
-def profile_afresh_if_stale(progress_bar: ProgressBar, model_dir: Path, data: Path,
-                            run_dir: Path, limit: int) -> None:
-    """Profile into ``run_dir``, resuming it; a demo run left by other inputs (another
-    model recipe or gradspec version), which the engine refuses to mix, is redone."""
-    for attempt in (1, 2):
-        try:
-            with progress_bar(f"profiling {run_dir.name}") as update:
-                profile(model_dir, data, run_dir, device="cpu", limit=limit, progress=update)
-            return
-        except GradspecError as exc:
-            if attempt == 2 or not (run_dir / "manifest.json").is_file():
-                raise
-            stderr.print(f"[yellow]redoing {run_dir.name}:[/] {exc}", highlight=False)
-            shutil.rmtree(run_dir)
 
 
 def module_order(modules: list[str]) -> list[str]:
@@ -144,8 +164,13 @@ def summary_table(norms: pd.DataFrame, facts: pd.DataFrame, caption: str) -> Tab
 
 
 def run_demo(progress_bar: ProgressBar, limit: int = DEMO_LIMIT) -> None:
-    """The `gradspec demo` command: profile the demo runs and print their summary."""
-    run_dirs = run_demo_profiles(progress_bar, limit=limit)
-    norms, facts = style_summary({spec.title: load_run(path) for spec, path in run_dirs.items()})
-    caption = f"gsm8k, first {limit} examples per style; runs in {demo_runs_root()}"
+    """The `gradspec demo` command: profile the demo grid, print the summary, write the report."""
+    run_dirs = run_demo_study(progress_bar, limit=limit)
+    summarised = {spec.title: load_run(path) for spec, path in run_dirs.items() if spec.title}
+    norms, facts = style_summary(summarised)
+    caption = f"gsm8k, correct responses, first {limit} examples per style"
     Console().print(summary_table(norms, facts, caption))
+    report = write_report([demo_root()], demo_root() / "report.html",
+                          title=f"gradspec demo: fast vs slow thinking ({limit} examples a run)")
+    stderr.print(f"[green]report:[/] {report}  (tables beside it: "
+                 f"{report.with_suffix('.md').name}, {report.stem}_tables/)", highlight=False)
