@@ -44,7 +44,7 @@ from gradspec.capture import SpectraCapture
 from gradspec.data import Example, encode_example, load_examples
 from gradspec.default_model import TRAINING_FILES, cache_root, shared_data_dir, tokenizer_texts
 from gradspec.engine import Batch, ChunkRunner, ProfileOptions, collate
-from gradspec.modeling import load_model_and_tokenizer
+from gradspec.modeling import load_model_and_tokenizer, resolve_spectra_dtype
 from gradspec.spectra import builds_full_gradient, gradient_singular_values
 from gradspec.vocab import train_tokenizer
 
@@ -322,8 +322,8 @@ def matrix_section(token_counts: list[int], settings: Settings) -> Section:
     notes = ["Reference: float32 G^T X, then torch.linalg.svdvals on it, run once; svdvals "
              "taken on the tall orientation (same values, faster: see the next table). "
              f"Fast: gradient_singular_values(G, X), median of {settings.repeats}; route "
-             "'factor' = T x T core from two QRs, 'full' = G^T X built (T >= min(d_out, "
-             "d_in)). Random Gaussian G and X. Last column: fast float64 vs reference "
+             "'factor' = T x T core from two QRs, 'full' = G^T X built (where that "
+             "costs fewer flops). Random Gaussian G and X. Last column: fast float64 vs reference "
              "singular values, relative to the largest."]
     return Section("Per matrix at Llama-3.1-8B shapes", pd.DataFrame(rows), notes)
 
@@ -403,7 +403,8 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
     cpu = torch.device("cpu")
     model, tokenizer = load_model_and_tokenizer(model_dir, torch.float32, cpu)
     targets = find_targets(model)
-    capture = TimedCapture(model, targets, torch.float64)
+    spectra_dtype = resolve_spectra_dtype("auto", torch.float32)
+    capture = TimedCapture(model, targets, spectra_dtype)
     timer = ForwardTimer(model)
     rows = []
     for size in settings.batch_sizes:
@@ -430,8 +431,9 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
                for part in ("forward", "spectra", "rest")}})
     notes = [f"Random Llama {model_dir.name}, float32, eval mode. Plain: all parameters "
              "require grad, HF loss with labels, .backward(). Fast: frozen weights, "
-             "SpectraCapture hooks, ChunkRunner.run (tokenizing, fast_spectra with float64 "
-             "spectra, statistics rows for every (example, matrix)). Fast parts: forward; "
+             "SpectraCapture hooks, ChunkRunner.run (tokenizing, fast_spectra with the "
+             f"default {str(spectra_dtype).removeprefix('torch.')} spectra, statistics "
+             "rows for every (example, matrix)). Fast parts: forward; "
              "spectra = time inside the backward hooks; rest = backward autograd, loss, "
              "tokenizing, statistics. Batches are the first examples of the data, "
              f"right-padded; median of {settings.repeats} interleaved repetitions after one "
