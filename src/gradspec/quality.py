@@ -1,0 +1,233 @@
+"""Data-quality scores from a run's tables: per-example scores, percentiles, the flag detector.
+
+Every score is computed from the examples and spectra tables alone (no model is loaded):
+
+- ``nuclear_norm``: sum of the nuclear norms of all profiled matrices of the example;
+  ``nuclear_norm_attn`` / ``_mlp`` / ``_other``: the same sum over the matrices of one
+  module kind (null when the run has no matrix of that kind).
+- ``effective_rank``: mean effective rank over all profiled matrices.
+- ``layer_mad``: cross-layer MAD of the example's own curves: for each canonical module,
+  the mean over consecutive profiled layers of |nuclear norm at one - at the next| (the
+  study's MAD, see analysis.py), averaged over modules (null with one profiled layer).
+- ``loss``, ``ifd``: the engine's loss, and instruction-following difficulty (loss of the
+  response given the instruction / loss of the response alone; null unless profiled with
+  ``--ifd``).
+- ``flag``: the unsupervised detector of responses that do not answer their instruction:
+  the mean, over all profiled matrices, of the robust z-score of the example's log nuclear
+  norm against the run's own examples ((x - median) / (1.4826 * MAD)). Positive means
+  larger gradients than the run's typical example.
+
+Each score also has a ``<score>_pct`` column: the fraction of the run's scored examples
+whose score is smaller than or equal to this one, in (0, 1]. Examples that were not
+profiled (status other than 'ok') get null scores.
+
+Which end of a score is suspect is fixed a priori (``SUSPECT_DIRECTION``): higher norms,
+MAD, loss, IFD and flag, and lower effective rank. With a few labelled examples the flag is
+calibrated into a probability by an L2-penalised logistic regression on the robust z-scores
+of ``CALIBRATION_FEATURES``, which also learns their directions from the labels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .analysis import mad
+from .errors import GradspecError
+from .store import RunTables
+
+KINDS = ("attn", "mlp", "other")
+ID_COLUMNS = ("example_index", "example_id", "source", "source_line", "status")
+# Direction fixed a priori from the studies (arXiv:2410.23743, 2504.10766): +1 where a higher
+# value is more suspect (an irrelevant or low-quality response), -1 where a lower one is.
+SUSPECT_DIRECTION = {
+    "nuclear_norm": 1,
+    **{f"nuclear_norm_{kind}": 1 for kind in KINDS},
+    "effective_rank": -1,
+    "layer_mad": 1,
+    "loss": 1,
+    "ifd": 1,
+    "flag": 1,
+}
+SCORES = tuple(SUSPECT_DIRECTION)
+CALIBRATION_FEATURES = ("flag", "loss", "ifd", "effective_rank", "layer_mad")
+ROBUST_SCALE = 1.4826  # makes the median absolute deviation estimate a normal's sigma
+CALIBRATION_L2 = 1.0
+
+
+# ---------------------------------------------------------------- per-example scores
+
+
+def example_scores(tables: RunTables) -> pd.DataFrame:
+    """One row per example of the run: ids, status, every score and its percentile."""
+    examples = tables.examples.set_index("example_index", drop=False)
+    ok = examples.index[examples["status"] == "ok"]
+    spectra = tables.spectra[tables.spectra["example_index"].isin(ok)]
+    scores = gradient_scores(spectra).reindex(ok)
+    scores["loss"] = examples.loc[ok, "loss"]
+    scores["ifd"] = examples.loc[ok, "ifd"]
+    scores["flag"] = flag_scores(spectra).reindex(ok)
+    scores = scores.reindex(examples.index)[list(SCORES)].astype("float64")
+    for name in SCORES:
+        scores[f"{name}_pct"] = percentile_within(scores[name])
+    frame = pd.concat([examples[list(ID_COLUMNS)], scores], axis=1)
+    return frame.reset_index(drop=True)
+
+
+def gradient_scores(spectra: pd.DataFrame) -> pd.DataFrame:
+    """Nuclear norms (total and per kind), mean effective rank and layer MAD per example."""
+    by_example = spectra.groupby("example_index")
+    scores = pd.DataFrame({"nuclear_norm": by_example["nuclear_norm"].sum(),
+                           "effective_rank": by_example["effective_rank"].mean()})
+    per_kind = spectra.pivot_table(index="example_index", columns="kind",
+                                   values="nuclear_norm", aggfunc="sum")
+    for kind in KINDS:
+        scores[f"nuclear_norm_{kind}"] = per_kind.get(kind, np.nan)
+    scores["layer_mad"] = layer_mad(spectra)
+    return scores
+
+
+def layer_mad(spectra: pd.DataFrame) -> pd.Series:
+    """The study's MAD of each module's own nuclear-norm curve, averaged over modules."""
+    curves = spectra.pivot_table(index=["example_index", "module"], columns="layer",
+                                 values="nuclear_norm", aggfunc="sum")
+    per_module = pd.Series(mad(curves.to_numpy()), index=curves.index, dtype="float64")
+    return per_module.groupby(level="example_index").mean()
+
+
+def percentile_within(values: pd.Series) -> pd.Series:
+    """Fraction of the non-null values that are <= each value; null stays null."""
+    return values.rank(method="max") / values.notna().sum()
+
+
+# ---------------------------------------------------------------- the flag detector
+
+
+def gradient_signature(spectra: pd.DataFrame) -> pd.DataFrame:
+    """Examples x matrices table of log nuclear norms: the per-example gradient fingerprint."""
+    table = spectra.pivot_table(index="example_index", columns="param", values="nuclear_norm",
+                                aggfunc="sum")
+    return np.log(table.clip(lower=np.finfo(np.float64).tiny))
+
+
+def robust_z(table: pd.DataFrame) -> pd.DataFrame:
+    """Column-wise (x - median) / (1.4826 * MAD); a column without spread scores 0."""
+    median = table.median()
+    scale = ROBUST_SCALE * (table - median).abs().median()
+    return (table - median) / scale.where(scale > 0, np.inf)
+
+
+def flag_scores(spectra: pd.DataFrame) -> pd.Series:
+    """Mean robust z-score of the example's log nuclear norms against the run's examples."""
+    return robust_z(gradient_signature(spectra)).mean(axis=1)
+
+
+def flag_ranking(scores: pd.DataFrame, labels: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Scored examples ranked most suspect first, with a probability when labels are given.
+
+    ``labels`` has ``example_index`` and ``label`` (1 = does not answer its instruction);
+    a penalised logistic regression on robust z-scores of the calibration features then
+    gives ``probability``, which also orders the ranking.
+    """
+    ranked = scores[scores["flag"].notna()]
+    if labels is None:
+        ranked = ranked.assign(probability=np.nan, label=pd.NA)
+        order = "flag"
+    else:
+        ranked = ranked.merge(labels, on="example_index", how="left")
+        ranked["probability"] = calibrated_probability(ranked)
+        order = "probability"
+    ranked = ranked.sort_values([order, "example_index"], ascending=[False, True])
+    ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
+    columns = ["rank", *ID_COLUMNS, "flag", "flag_pct", "probability", "label"]
+    return ranked[columns].reset_index(drop=True)
+
+
+def calibrated_probability(ranked: pd.DataFrame) -> np.ndarray:
+    """Probability of a bad response from a logistic fit on the labelled rows."""
+    usable = [c for c in CALIBRATION_FEATURES if ranked[c].notna().any()]
+    features = robust_z(ranked[usable]).fillna(0.0).to_numpy()
+    labelled = ranked["label"].notna().to_numpy()
+    y = ranked.loc[labelled, "label"].to_numpy(dtype=np.float64)
+    if len(set(y)) < 2:
+        raise GradspecError("calibration needs labelled examples of both kinds (label 1 for a "
+                            "response that does not answer its instruction, 0 for a good one)")
+    weights = fit_logistic(features[labelled], y, CALIBRATION_L2)
+    return logistic(np.column_stack([np.ones(len(features)), features]) @ weights)
+
+
+def logistic(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def fit_logistic(features: np.ndarray, y: np.ndarray, l2: float, steps: int = 100
+                 ) -> np.ndarray:
+    """Weights (intercept first) minimising the log loss + l2/2 * |w|^2, by Newton's method.
+
+    The penalty (not applied to the intercept) keeps the weights finite when a handful of
+    labels is perfectly separable.
+    """
+    x = np.column_stack([np.ones(len(features)), features])
+    penalty = np.diag([1e-9] + [l2] * features.shape[1])
+    weights = np.zeros(x.shape[1])
+    for _ in range(steps):
+        p = logistic(x @ weights)
+        gradient = x.T @ (p - y) + penalty @ weights
+        hessian = (x * (p * (1 - p))[:, None]).T @ x + penalty
+        step = np.linalg.solve(hessian, gradient)
+        weights -= step
+        if np.abs(step).max() < 1e-12:
+            break
+    return weights
+
+
+def read_labels(path: str | os.PathLike, scores: pd.DataFrame) -> pd.DataFrame:
+    """A CSV of ``example_id`` or ``example_index`` and ``label`` (0/1), as example indices."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise GradspecError(f"--labels {path}: cannot read it as CSV ({exc})") from None
+    key = next((c for c in ("example_id", "example_index") if c in table), None)
+    if key is None or "label" not in table:
+        raise GradspecError(f"--labels {path}: needs a 'label' column (1 = does not answer its "
+                            "instruction, 0 = good) and 'example_id' or 'example_index'")
+    if not table["label"].isin([0, 1]).all():
+        raise GradspecError(f"--labels {path}: 'label' must be 0 or 1")
+    known = pd.Series(scores["example_index"].to_numpy(), index=scores[key])
+    unknown = table.loc[~table[key].isin(known.index), key].tolist()
+    if unknown:
+        raise GradspecError(f"--labels {path}: {len(unknown)} {key}s not in the run, e.g. "
+                            f"{unknown[0]!r}")
+    return pd.DataFrame({"example_index": known.loc[table[key]].to_numpy(),
+                         "label": table["label"].astype("int64").to_numpy()})
+
+
+# ---------------------------------------------------------------- evaluation and output
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for ``positive`` (Mann-Whitney, ties averaged).
+
+    The probability that a random positive outscores a random negative, ties counting one
+    half; NaN when either class is empty.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = pd.Series(np.asarray(scores, dtype=np.float64)).rank(method="average").to_numpy()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def save_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a table as CSV when the name ends in .csv, as Parquet otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    return path
