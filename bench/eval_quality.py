@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=project_root() / ".cache" / "eval-quality",
                         help="cache of mixes and runs")
     parser.add_argument("--markdown", type=Path, default=None,
-                        help="tables as Markdown; default WORK/<model>/auroc.md")
+                        help="tables as Markdown; default WORK/<model>/auroc-<mix>.md")
     return parser.parse_args()
 
 
@@ -264,10 +264,10 @@ def main() -> None:
     console.print(rich_table(by_style, "AUROC pooled over tasks (within-run percentiles)"))
     report = (f"Model: `{model}`; {args.limit} instructions per mix, {args.ratio:.0%} "
               f"irrelevant (seed {args.seed}); directions fixed a priori; "
-              f"{seconds:.0f} s. Columns: {LEGEND}.\n\n"
+              f"{seconds:.0f} s (runs already cached are not redone). Columns: {LEGEND}.\n\n"
               f"### Per task and style\n\n{markdown(per_task)}\n\n"
               f"### Pooled per style\n\n{markdown(by_style)}\n")
-    path = args.markdown or work / "auroc.md"
+    path = args.markdown or work / f"auroc-n{args.limit}-r{args.ratio}-s{args.seed}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report)
     console.print(f"[green]done[/] in {seconds:.0f} s; Markdown in {path}")
