@@ -293,9 +293,9 @@ def report(
 @app.command()
 @user_errors_exit_cleanly
 def demo(
-    limit: Annotated[int, typer.Option(help="Examples profiled per response style.")] = 50,
+    limit: Annotated[int, typer.Option(help="Examples profiled per run of the grid.")] = 50,
 ) -> None:
-    """Train the embedded default model (once), profile gsm8k in 3 styles, print a summary."""
+    """Train the embedded default model (once), profile the demo grid, summarise, report."""
     from .demo import run_demo
 
     run_demo(progress_bar, limit=limit)

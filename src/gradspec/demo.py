@@ -23,7 +23,6 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .adapters import ATTENTION_MODULES, MLP_MODULES
 from .default_model import (
     DEFAULT_RECIPE,
     TRAINING_REPORT,
@@ -35,7 +34,7 @@ from .default_model import (
     shared_data_dir,
 )
 from .errors import GradspecError
-from .findings import normalize_labels
+from .findings import normalize_labels, study_order
 from .report import write_report
 from .store import RunTables, load_run
 from .study import Cell, DatasetSpec, ModelSpec, Study, run_study
@@ -128,18 +127,12 @@ def trained_default_model(progress_bar: ProgressBar) -> Path:
     return model_dir
 
 
-def module_order(modules: list[str]) -> list[str]:
-    """Canonical modules first (attention, then MLP), any others after, alphabetically."""
-    canonical = [m for m in (*ATTENTION_MODULES, *MLP_MODULES) if m in modules]
-    return canonical + sorted(set(modules) - set(canonical))
-
-
 def style_summary(runs: dict[str, RunTables]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(mean nuclear norm per module, averaged over layers and profiled examples; mean loss
     and response tokens of the profiled examples), one column per run."""
     norms = pd.DataFrame({title: tables.spectra.groupby("module")["nuclear_norm"].mean()
                           for title, tables in runs.items()})
-    norms = norms.loc[module_order(list(norms.index))]
+    norms = norms.loc[study_order(norms.index)]
     ok = {title: tables.examples[tables.examples["status"] == "ok"]
           for title, tables in runs.items()}
     facts = pd.DataFrame({title: {"examples": len(rows), "mean loss": rows["loss"].mean(),

@@ -122,11 +122,12 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
     spectra_dtype = resolve_spectra_dtype(opts.spectra_dtype, dtype)
     resolved = {**asdict(opts), "dtype": str(dtype).removeprefix("torch."),
                 "spectra_dtype": str(spectra_dtype).removeprefix("torch.")}
+    signature, data_hash = model_signature(model_dir), data_sha256(files)
     fingerprint = {k: v for k, v in resolved.items() if k != "limit"}
-    fingerprint.update(format_version=FORMAT_VERSION, model=model_signature(model_dir),
-                       data_sha256=data_sha256(files))
+    fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
     store = RunStore(out, fingerprint, opts.top_k)
-    store.open(_manifest(model_dir, files, examples, resolved, torch_device))
+    store.open(_manifest(model_dir, signature, files, data_hash, len(examples), resolved,
+                         torch_device))
 
     finished = store.finished_chunks()
     todo = [r for r in chunk_ranges(len(examples), opts.chunk_size) if r not in finished]
@@ -162,13 +163,14 @@ def chunk_ranges(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
             for start in range(0, n_examples, chunk_size)]
 
 
-def _manifest(model_dir: Path, files: list[Path], examples: list[Example],
-              options: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _manifest(model_dir: Path, signature: dict[str, Any], files: list[Path], data_hash: str,
+              n_examples: int, options: dict[str, Any], device: torch.device
+              ) -> dict[str, Any]:
     return {
         "gradspec_version": __version__,
-        "model": {"path": str(model_dir.resolve()), **model_signature(model_dir)},
-        "data": {"paths": [str(f.resolve()) for f in files], "sha256": data_sha256(files),
-                 "n_examples": len(examples)},
+        "model": {"path": str(model_dir.resolve()), **signature},
+        "data": {"paths": [str(f.resolve()) for f in files], "sha256": data_hash,
+                 "n_examples": n_examples},
         "options": options,
         "device": str(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
