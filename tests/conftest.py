@@ -14,10 +14,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gradspec.default_model import shared_data_dir
 from gradspec.vocab import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = shared_data_dir()  # $GRADSPEC_SHARED_DATA, else ../shared/data beside the repo
 GSM8K = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
 
 # Small configs that keep each architecture's distinctive structure (GQA, fused QKV,
