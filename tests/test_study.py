@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,7 +106,8 @@ def test_interrupted_study_resumes_without_recomputing(
 
 
 BAD_STUDIES = [
-    ("[modles]", "unknown key modles (allowed: title, profile, models, datasets)"),
+    ("[modles]", "unknown key modles (allowed: title, data_dir, profile, models, "
+     "datasets)"),
     ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyel = 'none'", "datasets[2]: unknown key "
      "styel"),
     ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyle = 'slow'", "datasets[2]: style 'slow' "
@@ -136,6 +139,30 @@ def test_bad_study_files_give_clear_errors(tiny_model, tmp_path: Path, extra: st
     assert str(path) in str(caught.value)
 
 
+def test_dataset_paths_are_relative_to_data_dir(tiny_model, tmp_path: Path):
+    study = tmp_path / "studies" / "s.toml"
+    study.parent.mkdir()
+    relative = os.path.relpath(SHARED_DATA, study.parent)
+    study.write_text(f"""title = "t"
+data_dir = "{relative}"
+[[models]]
+label = "tiny"
+path = "{tiny_model('llama')}"
+[[datasets]]
+path = "reasoning_cot/correct/gsm8k_no_cot.json"
+task = "gsm8k"
+style = "none"
+""")
+    name = Path("reasoning_cot", "correct", "gsm8k_no_cot.json")
+    assert load_study(study).datasets[0].path.resolve() == (SHARED_DATA / name).resolve()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / name).parent.mkdir(parents=True)
+    shutil.copyfile(SHARED_DATA / name, elsewhere / name)
+    assert load_study(study, data_dir=elsewhere).datasets[0].path == elsewhere / name
+    with pytest.raises(GradspecError, match=r"datasets\[0\]: data path .* --data-dir"):
+        load_study(study, data_dir=tmp_path / "nowhere")
+
+
 def test_bad_profile_options_and_toml(tiny_model, tmp_path: Path):
     model = tiny_model("llama")
     for limit, message in (("0", "--limit must be at least 1"), ("'x'", "[profile]")):
@@ -159,11 +186,9 @@ def test_study_out_must_be_empty_or_a_study(tiny_model, tmp_path: Path):
         run_study(spec, tmp_path / "busy")
 
 
-@pytest.mark.skipif(SHARED_DATA.resolve() != (REPO.parent / "shared" / "data").resolve(),
-                    reason="studies/fast_slow.toml names the shared data beside the repo")
 def test_shipped_fast_slow_study_covers_the_published_design(tiny_model):
     spec = load_study(REPO / "studies" / "fast_slow.toml",
-                      models={"tiny": str(tiny_model("llama"))})
+                      models={"tiny": str(tiny_model("llama"))}, data_dir=SHARED_DATA)
     assert [m.label for m in spec.models] == ["tiny"]
     assert spec.profile["limit"] == 50
     labels = pd.DataFrame([d.labels for d in spec.datasets])
@@ -174,6 +199,6 @@ def test_shipped_fast_slow_study_covers_the_published_design(tiny_model):
     knowledge = labels[labels["domain"] == "knowledge"]
     assert sorted(knowledge["length"].dropna().astype(int).unique()) == [100, 500, 1000]
     assert len(knowledge) == 8
-    for dataset in spec.datasets:  # paths resolve from the file's folder to ../shared/data
+    for dataset in spec.datasets:  # paths resolve against the data folder
         assert dataset.path.resolve().is_relative_to(SHARED_DATA.resolve())
         assert dataset.labels["correctness"] in dataset.path.as_posix()

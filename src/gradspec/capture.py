@@ -47,8 +47,6 @@ class SpectraCapture:
         for index, target in enumerate(self.targets):
             hook = partial(self._keep_input, index)
             self.handles.append(target.module.register_forward_hook(hook))
-        embeddings = self.model.get_input_embeddings()
-        self.handles.append(embeddings.register_forward_hook(_make_output_require_grad))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -74,14 +72,19 @@ class SpectraCapture:
                 for i in range(len(self.targets))]
 
     def _keep_input(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
-                    ) -> None:
-        if not output.requires_grad:  # a forward-only pass, such as the IFD denominator
-            return
+                    ) -> torch.Tensor | None:
+        """Keep X; make the output a point the backward reaches (the first targets' outputs
+        become its leaves, so nothing upstream of them is differentiated)."""
+        if not torch.is_grad_enabled():  # a forward-only pass, such as the IFD denominator
+            return None
         if index in self.inputs:
             raise RuntimeError(f"{self.targets[index].param} ran twice in one forward pass; "
                                "weight sharing inside a layer is not supported")
         self.inputs[index] = inputs[0].detach()
+        if not output.requires_grad:
+            output = output.requires_grad_(True)
         output.register_hook(partial(self._on_output_grad, index))
+        return output
 
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
         x = self.inputs.pop(index)
@@ -107,8 +110,3 @@ class SpectraCapture:
             self.input_factors[key] = (x, token_factor(xs))
         return self.input_factors[key][1]
 
-
-def _make_output_require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor
-                              ) -> torch.Tensor:
-    """With frozen weights, the embeddings' output is where the backward graph starts."""
-    return output.detach().requires_grad_(True)

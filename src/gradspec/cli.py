@@ -94,7 +94,8 @@ def profile(
     modules: Annotated[str, typer.Option(help="all, attn, mlp, or a regex on names.")] = "all",
     limit: Annotated[int | None, typer.Option(help="Profile the first N examples.")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        help="Examples per batch; default: as many as fit --token-budget.")] = None,
+        help="Examples per batch; default: as many of similar length (padding <= 10%) "
+             "as fit --token-budget.")] = None,
     token_budget: Annotated[int, typer.Option(help="Padded tokens per batch.")] = 4096,
     max_length: Annotated[int | None, typer.Option(help="Truncate examples to L tokens.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -246,6 +247,9 @@ def study(
     out: Annotated[Path, typer.Option(help="Study folder; rerun the command to resume.")],
     model: Annotated[list[str] | None, typer.Option(
         help="LABEL=PATH: use this model instead of the file's models (repeatable).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Folder the datasets' paths are relative to, instead of the file's data_dir."
+    )] = None,
     device: Annotated[str | None, typer.Option(
         help="Override the study's device: cpu, cuda, cuda:N or auto.")] = None,
     limit: Annotated[int | None, typer.Option(help="Override the study's limit.")] = None,
@@ -257,7 +261,7 @@ def study(
     from .report import write_report
     from .study import load_study, run_study
 
-    spec = load_study(study_file, parse_pairs(model or [], "--model"))
+    spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
     cells = run_study(spec, out, device=device, limit=limit,
                       progress=lambda cell: progress_bar(cell.name))
     ran = sum(1 for _, was_run in cells if was_run)

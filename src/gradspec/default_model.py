@@ -195,7 +195,8 @@ def training_batches(encoded: list[Encoded], recipe: Recipe, pad_id: int) -> Ite
             group = order[start: start + recipe.length_group]
             lengths = [len(encoded[i].input_ids) for i in group]
             batches += [[group[m] for m in members]
-                        for members in plan_batches(lengths, None, recipe.token_budget)]
+                        for members in plan_batches(lengths, None, recipe.token_budget,
+                                                    max_padding=1.0)]  # full batches
         for k in torch.randperm(len(batches), generator=generator).tolist():
             yield collate(batches[k], encoded, pad_id, "right", cpu)
 
@@ -302,7 +303,7 @@ def held_out_losses(model: LlamaForCausalLM, encoded: list[Encoded], recipe: Rec
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
                                      ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
-            response_losses += per_example_losses(logits, batch.labels).tolist()
+            response_losses += per_example_losses(logits[:, :-1], batch.labels[:, 1:]).tolist()
     return {"loss": total / count if count else math.nan,
             "response_loss": sum(response_losses) / len(response_losses)
             if response_losses else math.nan}

@@ -9,6 +9,7 @@ the published algorithm: one example at a time, full weight gradients, full SVD.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -44,11 +45,12 @@ from .modeling import (
     resolve_dtype,
     resolve_spectra_dtype,
 )
-from .spectra import spectrum_statistics, tall_singular_values
+from .spectra import spectrum_statistics
 from .store import RunStore, RunTables, load_run
 
 FORMAT_VERSION = 1
 METHODS = ("fast", "reference")
+MAX_PADDING = 0.1  # automatic batches: the share of padding an example may bring
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ class ChunkRunner:
             batch = collate([todo[m] for m in members], alone, self.pad_id,
                             self.opts.padding_side, self.device)
             with torch.no_grad():
-                losses = per_example_losses(_forward_logits(self.model, batch), batch.labels)
+                losses = per_example_losses(*response_logits(self.model, batch))
             for member, loss in zip(batch.members, losses.tolist(), strict=True):
                 row = example_rows[member]
                 row["response_only_loss"] = loss
@@ -269,21 +271,25 @@ def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:
 # ---------------------------------------------------------------- batches and losses
 
 
-def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int
-                 ) -> list[list[int]]:
+def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int,
+                 max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Group positions into batches, longest first, so padding stays small.
 
     A fixed ``batch_size`` takes that many per batch; otherwise a batch grows while its
-    padded size (members x longest) stays within ``token_budget``. Deterministic, so a
-    resumed run forms the same batches.
+    padded size (members x longest) stays within ``token_budget`` and each new member is
+    at most ``max_padding`` (a share) shorter than the longest: padding costs as much as
+    real tokens, and on a CPU batching gains little. Deterministic, so a resumed run forms
+    the same batches.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
         current = batches[-1] if batches else None
+        longest = lengths[current[0]] if current else 0
         fits = current is not None and (
             len(current) < batch_size if batch_size
-            else (len(current) + 1) * lengths[current[0]] <= token_budget)
+            else (len(current) + 1) * longest <= token_budget
+            and lengths[i] >= (1 - max_padding) * longest)
         if fits:
             current.append(i)
         else:
@@ -311,21 +317,35 @@ def collate(members: list[int], encoded: list[Encoded], pad_id: int, padding_sid
                  positions.to(device), labels.to(device))
 
 
-def _forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, use_cache=False).logits
+def response_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a response token of some example of the batch,
+    and the tokens they predict (IGNORE_INDEX where not a response token).
+
+    The LM head skips the other positions (HF's ``logits_to_keep``), which saves much of
+    its cost and memory at large vocabularies.
+    """
+    targets = batch.labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "position_ids": batch.position_ids, "use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, keep]
+    return logits, targets[:, keep]
 
 
-def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each example's response tokens (as HF with labels).
+def per_example_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each example's response tokens, ``logits[b, k]`` predicting
+    ``targets[b, k]``, in float32 as HF computes it with labels (for float64 models too).
 
     Upcasts one example at a time, so float32 logits of a whole batch never coexist.
     """
     losses = []
-    for row_logits, row_labels in zip(logits, labels, strict=True):
-        token_losses = F.cross_entropy(row_logits[:-1].float(), row_labels[1:],
+    for row_logits, row_targets in zip(logits, targets, strict=True):
+        token_losses = F.cross_entropy(row_logits.float(), row_targets,
                                        ignore_index=IGNORE_INDEX, reduction="sum")
-        losses.append(token_losses / (row_labels[1:] != IGNORE_INDEX).sum())
+        losses.append(token_losses / (row_targets != IGNORE_INDEX).sum())
     return torch.stack(losses)
 
 
@@ -337,14 +357,18 @@ def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) 
     """
     capture.start_batch(batch.token_mask)
     with torch.enable_grad():
-        losses = per_example_losses(_forward_logits(model, batch), batch.labels)
+        losses = per_example_losses(*response_logits(model, batch))
         losses.sum().backward()
     return losses.detach().cpu().tolist()
 
 
 def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: Encoded,
                       device: torch.device) -> tuple[float, list[np.ndarray | None]]:
-    """The published algorithm: per example, full weight gradients and their full SVD."""
+    """The published algorithm: per example, full weight gradients and their full SVD.
+
+    As in arXiv:2410.23743's code, ``torch.linalg.svd`` of each gradient as stored (U and V
+    included, full matrices); a values-only SVD would be 1.3-6x cheaper (bench/README.md).
+    """
     weights = [t.module.weight for t in targets]
     for weight in weights:
         weight.requires_grad_(True)
@@ -359,7 +383,7 @@ def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: En
         for weight in weights:
             grad = weight.grad.to(torch.promote_types(weight.dtype, torch.float32))
             finite = bool(torch.isfinite(grad).all())
-            values.append(tall_singular_values(grad).cpu().numpy() if finite else None)
+            values.append(torch.linalg.svd(grad).S.cpu().numpy() if finite else None)
         return float(loss.detach()), values
     finally:
         for weight in weights:

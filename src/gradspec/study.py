@@ -1,8 +1,10 @@
 """Studies: a grid of models x datasets, described in one TOML file and profiled cell by cell.
 
-A study file; its paths are relative to the file's own folder::
+A study file; its paths are relative to the file's own folder, dataset paths to
+``data_dir`` (itself relative to the file's folder; ``--data-dir`` replaces it)::
 
     title = "Fast vs slow thinking"
+    data_dir = "../../shared/data"   # default: the file's folder
     [profile]                  # options of `gradspec profile` for every cell
     limit = 50
     device = "auto"
@@ -13,7 +15,7 @@ A study file; its paths are relative to the file's own folder::
     template = "plain"         # or "chat"
 
     [[datasets]]
-    path = "../../shared/data/reasoning_cot/correct/gsm8k_no_cot.json"
+    path = "reasoning_cot/correct/gsm8k_no_cot.json"
     task = "gsm8k"
     style = "none"             # reasoning: none, simplified or detailed
     correctness = "correct"    # correct or irrelevant
@@ -46,7 +48,7 @@ from .modeling import check_model_dir, model_signature
 from .store import write_json_atomic
 
 STUDY_FILE = "study.json"
-STUDY_KEYS = ("title", "profile", "models", "datasets")
+STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets")
 MODEL_KEYS = ("label", "path", "template")
 DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
 PROFILE_KEYS = ("device", *(f.name for f in fields(ProfileOptions) if f.name != "template"))
@@ -108,11 +110,14 @@ class Cell:
 # ---------------------------------------------------------------- reading a study file
 
 
-def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None) -> Study:
-    """Parse and check a study file; ``models`` (label -> path) replaces its model list.
+def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None,
+               data_dir: str | os.PathLike | None = None) -> Study:
+    """Parse and check a study file; ``models`` (label -> path) replaces its model list,
+    ``data_dir`` the folder its dataset paths are relative to.
 
     A replacing model keeps the template of the file's model with the same label (plain if
-    there is none); its path is taken as given (relative to the working directory).
+    there is none); its path, like ``data_dir``, is taken as given (relative to the working
+    directory).
     """
     source = Path(path)
     try:
@@ -132,7 +137,9 @@ def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None)
     else:
         file_models = [_model(entry, base, f"{source}: models[{i}]")
                        for i, entry in enumerate(entries)]
-    datasets = [_dataset(entry, base, f"{source}: datasets[{i}]")
+    data_base = Path(data_dir) if data_dir is not None \
+        else base / _optional_string(document, "data_dir", str(source), ".")
+    datasets = [_dataset(entry, data_base, f"{source}: datasets[{i}]")
                 for i, entry in enumerate(_tables(document, "datasets", source))]
     for kind, items in (("model", file_models), ("dataset", datasets)):
         labels = [item.label for item in items]
@@ -170,6 +177,10 @@ def _required_string(entry: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _optional_string(table: dict[str, Any], key: str, where: str, default: str) -> str:
+    return _required_string(table, key, where) if key in table else default
+
+
 def _safe_label(label: str, where: str) -> str:
     if not SAFE_LABEL.match(label):
         raise GradspecError(f"{where}: label '{label}' may hold only letters, digits, '.', "
@@ -201,7 +212,8 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
         resolve_data_files(path)
     except GradspecError:
         raise GradspecError(f"{where}: data path {path} does not exist or holds no "
-                            ".json/.jsonl file") from None
+                            ".json/.jsonl file (fix data_dir or the path, or give the data "
+                            "folder with --data-dir)") from None
     labels = normalize_labels({k: v for k, v in entry.items() if k not in ("label", "path")},
                               where)
     default = "-".join(str(labels[k]) for k in ("task", "style", "length", "correctness")
