@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 test: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -56,8 +56,12 @@ HEAD_DIM = 128
 COMPARED = ("nuclear_norm", "spectral_norm", "frobenius_norm")
 TOLERANCE = 1e-3  # max relative difference allowed between fast and reference statistics
 # (name, d_out, d_in) of the weight gradients of one Llama-3.1-8B decoder layer.
-LLAMA_8B_SHAPES = (("q_proj, o_proj", 4096, 4096), ("k_proj, v_proj", 1024, 4096),
-                   ("gate_proj, up_proj", 14336, 4096), ("down_proj", 4096, 14336))
+LLAMA_8B_SHAPES = (
+    ("q_proj, o_proj", 4096, 4096),
+    ("k_proj, v_proj", 1024, 4096),
+    ("gate_proj, up_proj", 14336, 4096),
+    ("down_proj", 4096, 14336),
+)
 
 console = Console(width=160)  # wide tables stay whole in logs
 
@@ -83,9 +87,16 @@ class Settings:
         return [(name, d_out // s, d_in // s) for name, d_out, d_in in LLAMA_8B_SHAPES]
 
 
-QUICK = Settings(width=256, layers=2, limit=2, e2e_repeats=1, repeats=1, batch_sizes=(1, 2),
-                 matrix_scale=8,
-                 extra_tokens=())
+QUICK = Settings(
+    width=256,
+    layers=2,
+    limit=2,
+    e2e_repeats=1,
+    repeats=1,
+    batch_sizes=(1, 2),
+    matrix_scale=8,
+    extra_tokens=(),
+)
 
 
 @dataclass
@@ -154,25 +165,34 @@ def save_atomically(directory: Path, save: Callable[[Path], Any]) -> None:
     os.replace(staging, directory)
 
 
-def bench_config(width: int, layers: int, tokenizer: PreTrainedTokenizerFast,
-                 intermediate: int | None = None) -> LlamaConfig:
+def bench_config(
+    width: int, layers: int, tokenizer: PreTrainedTokenizerFast, intermediate: int | None = None
+) -> LlamaConfig:
     """Llama with heads of 128, 4 query heads per KV head, by default TinyLlama's MLP ratio
     (11/4)."""
     heads = max(1, width // HEAD_DIM)
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=width,
+        vocab_size=len(tokenizer),
+        hidden_size=width,
         intermediate_size=intermediate or width * 11 // 4,
-        num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4), max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def bench_model(config: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> Path:
     """Directory of a seeded random Llama with ``config`` and the tokenizer (cached)."""
-    name = (f"llama-w{config.hidden_size}-i{config.intermediate_size}-L"
-            f"{config.num_hidden_layers}-h{config.num_attention_heads}"
-            f"-kv{config.num_key_value_heads}-v{config.vocab_size}")
+    name = (
+        f"llama-w{config.hidden_size}-i{config.intermediate_size}-L"
+        f"{config.num_hidden_layers}-h{config.num_attention_heads}"
+        f"-kv{config.num_key_value_heads}-v{config.vocab_size}"
+    )
     directory = bench_cache() / name
     if not (directory / "config.json").is_file():
         torch.manual_seed(0)
@@ -187,28 +207,54 @@ def bench_model(config: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> Path
 
 
 def token_count_section(lengths: list[int], limit: int) -> Section:
-    frame = pd.DataFrame([
-        {"examples": f"all {len(lengths)}", "median": statistics.median(lengths),
-         "min": min(lengths), "max": max(lengths)},
-        {"examples": f"first {limit} (end to end)", "median": statistics.median(lengths[:limit]),
-         "min": min(lengths[:limit]), "max": max(lengths[:limit])},
-    ])
-    notes = [f"Tokens per example (plain template, BOS and EOS included) of {DATA_FILE} "
-             f"under the bench tokenizer (byte-level BPE, {VOCAB_SIZE} tokens, trained on "
-             "the 16 correct/ files of the shared data). First "
-             f"{limit}: {lengths[:limit]}."]
+    frame = pd.DataFrame(
+        [
+            {
+                "examples": f"all {len(lengths)}",
+                "median": statistics.median(lengths),
+                "min": min(lengths),
+                "max": max(lengths),
+            },
+            {
+                "examples": f"first {limit} (end to end)",
+                "median": statistics.median(lengths[:limit]),
+                "min": min(lengths[:limit]),
+                "max": max(lengths[:limit]),
+            },
+        ]
+    )
+    notes = [
+        f"Tokens per example (plain template, BOS and EOS included) of {DATA_FILE} "
+        f"under the bench tokenizer (byte-level BPE, {VOCAB_SIZE} tokens, trained on "
+        "the 16 correct/ files of the shared data). First "
+        f"{limit}: {lengths[:limit]}."
+    ]
     return Section("Token counts", frame, notes)
 
 
 # ---------------------------------------------------------------- end to end
 
 
-def run_profile_process(model_dir: Path, data: Path, out: Path, method: str, limit: int
-                        ) -> float:
+def run_profile_process(model_dir: Path, data: Path, out: Path, method: str, limit: int) -> float:
     """Wall time of a whole ``python -m gradspec profile`` process."""
-    command = [sys.executable, "-m", "gradspec", "profile", "--model", str(model_dir),
-               "--data", str(data), "--out", str(out), "--limit", str(limit),
-               "--method", method, "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "gradspec",
+        "profile",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--limit",
+        str(limit),
+        "--method",
+        method,
+        "--device",
+        "cpu",
+    ]
     started = time.perf_counter()
     threads = str(torch.get_num_threads())  # as in this process
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -219,19 +265,25 @@ def run_profile_process(model_dir: Path, data: Path, out: Path, method: str, lim
     return elapsed
 
 
-def max_relative_differences(reference: pd.DataFrame, fast: pd.DataFrame, keys: list[str],
-                             columns: tuple[str, ...]) -> dict[str, float]:
+def max_relative_differences(
+    reference: pd.DataFrame, fast: pd.DataFrame, keys: list[str], columns: tuple[str, ...]
+) -> dict[str, float]:
     """Largest |fast - reference| / |reference| per column over rows matched on ``keys``."""
     merged = reference.merge(fast, on=keys, suffixes=("_ref", "_fast"), validate="one_to_one")
     if not len(merged) == len(reference) == len(fast):
-        raise SystemExit(f"the runs have different rows: {len(reference)} reference, "
-                         f"{len(fast)} fast, {len(merged)} matched")
-    return {c: float(((merged[f"{c}_fast"] - merged[f"{c}_ref"]).abs()
-                      / merged[f"{c}_ref"].abs()).max()) for c in columns}
+        raise SystemExit(
+            f"the runs have different rows: {len(reference)} reference, "
+            f"{len(fast)} fast, {len(merged)} matched"
+        )
+    return {
+        c: float(
+            ((merged[f"{c}_fast"] - merged[f"{c}_ref"]).abs() / merged[f"{c}_ref"].abs()).max()
+        )
+        for c in columns
+    }
 
 
-def end_to_end_section(model_dir: Path, data: Path, settings: Settings
-                       ) -> tuple[Section, bool]:
+def end_to_end_section(model_dir: Path, data: Path, settings: Settings) -> tuple[Section, bool]:
     """Reference and fast whole processes, interleaved; and whether their statistics agree."""
     times: dict[str, list[float]] = {"reference": [], "fast": []}
     with tempfile.TemporaryDirectory(prefix="gradspec-bench-") as tmp:
@@ -240,28 +292,44 @@ def end_to_end_section(model_dir: Path, data: Path, settings: Settings
                 console.print(f"end to end: {method} run {repeat + 1}", style="dim")
                 out = Path(tmp) / f"{method}-{repeat}"
                 times[method].append(
-                    run_profile_process(model_dir, data, out, method, settings.limit))
+                    run_profile_process(model_dir, data, out, method, settings.limit)
+                )
         runs = {method: load_run(Path(tmp) / f"{method}-0") for method in times}
-    spectra = max_relative_differences(runs["reference"].spectra, runs["fast"].spectra,
-                                       ["example_index", "param"],
-                                       (*COMPARED, "effective_rank"))
-    losses = max_relative_differences(runs["reference"].examples, runs["fast"].examples,
-                                      ["example_index"], ("loss",))
-    frame = pd.DataFrame([{
-        "examples": settings.limit, "matrices": runs["fast"].spectra["param"].nunique(),
-        "reference s": median_seconds(times["reference"]),
-        "fast s": median_seconds(times["fast"]),
-        "ratio": ratio(statistics.median(times["reference"]), statistics.median(times["fast"])),
-        **{f"max rel diff {c.removesuffix('_norm')}": f"{spectra[c]:.1e}" for c in COMPARED},
-        "max rel diff loss": f"{losses['loss']:.1e}",
-    }])
+    spectra = max_relative_differences(
+        runs["reference"].spectra,
+        runs["fast"].spectra,
+        ["example_index", "param"],
+        (*COMPARED, "effective_rank"),
+    )
+    losses = max_relative_differences(
+        runs["reference"].examples, runs["fast"].examples, ["example_index"], ("loss",)
+    )
+    frame = pd.DataFrame(
+        [
+            {
+                "examples": settings.limit,
+                "matrices": runs["fast"].spectra["param"].nunique(),
+                "reference s": median_seconds(times["reference"]),
+                "fast s": median_seconds(times["fast"]),
+                "ratio": ratio(
+                    statistics.median(times["reference"]), statistics.median(times["fast"])
+                ),
+                **{
+                    f"max rel diff {c.removesuffix('_norm')}": f"{spectra[c]:.1e}" for c in COMPARED
+                },
+                "max rel diff loss": f"{losses['loss']:.1e}",
+            }
+        ]
+    )
     agree = max(spectra[c] for c in COMPARED) <= TOLERANCE and losses["loss"] <= TOLERANCE
-    notes = [f"Whole `python -m gradspec profile --limit {settings.limit} --device cpu` "
-             "processes (start-up and model load included), fresh run directories, "
-             f"median of {settings.e2e_repeats} interleaved run(s) each.",
-             f"Statistics {'agree' if agree else 'DISAGREE'} (tolerance {TOLERANCE:g}); "
-             f"effective rank, informative only: max rel diff {spectra['effective_rank']:.1e} "
-             "(the float32 reference's noise floor adds singular values above s1 * 1e-7)."]
+    notes = [
+        f"Whole `python -m gradspec profile --limit {settings.limit} --device cpu` "
+        "processes (start-up and model load included), fresh run directories, "
+        f"median of {settings.e2e_repeats} interleaved run(s) each.",
+        f"Statistics {'agree' if agree else 'DISAGREE'} (tolerance {TOLERANCE:g}); "
+        f"effective rank, informative only: max rel diff {spectra['effective_rank']:.1e} "
+        "(the float32 reference's noise floor adds singular values above s1 * 1e-7).",
+    ]
     return Section("End to end: reference vs fast", frame, notes), agree
 
 
@@ -284,14 +352,17 @@ def published_matrix(g: torch.Tensor, x: torch.Tensor) -> tuple[float, torch.Ten
 def values_only_matrix(g: torch.Tensor, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """A stronger baseline than the published one: G^T X, then ``svdvals`` on whichever of
     it and its transpose is tall (same values; LAPACK is fastest there)."""
+
     def compute() -> torch.Tensor:
         grad = g.T @ x
         return torch.linalg.svdvals(grad.T if grad.shape[0] < grad.shape[1] else grad)
+
     return timed(compute)
 
 
-def fast_matrix(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, repeats: int
-                ) -> tuple[list[float], torch.Tensor]:
+def fast_matrix(
+    g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, repeats: int
+) -> tuple[list[float], torch.Tensor]:
     """Seconds of each repetition and the values of ``gradient_singular_values`` in dtype."""
     g, x = g.to(dtype), x.to(dtype)
     times = []
@@ -302,16 +373,20 @@ def fast_matrix(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, repeats: i
     return times, values
 
 
-def random_factors(tokens: int, d_out: int, d_in: int, seed: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def random_factors(
+    tokens: int, d_out: int, d_in: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random output gradients G (T x d_out) and inputs X (T x d_in), float32."""
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(tokens, d_out, generator=generator),
-            torch.randn(tokens, d_in, generator=generator))
+    return (
+        torch.randn(tokens, d_out, generator=generator),
+        torch.randn(tokens, d_in, generator=generator),
+    )
 
 
-def matrix_section(token_counts: list[int], settings: Settings
-                   ) -> tuple[Section, dict[tuple[str, int], float]]:
+def matrix_section(
+    token_counts: list[int], settings: Settings
+) -> tuple[Section, dict[tuple[str, int], float]]:
     """Both full-gradient routes once and fast several times per (shape, T); ratios and
     agreement. Also returns the published route's seconds per (matrix name, T)."""
     published_matrix(*random_factors(64, 256, 128, seed=0))  # load LAPACK before timing
@@ -328,30 +403,46 @@ def matrix_section(token_counts: list[int], settings: Settings
             f32_times, _ = fast_matrix(g, x, torch.float32, settings.repeats)
             fast_f32, fast_f64 = statistics.median(f32_times), statistics.median(f64_times)
             rank = len(f64_values)
-            error = (f64_values - published_values[:rank].double()).abs().max() \
-                / published_values[0]
+            error = (f64_values - published_values[:rank].double()).abs().max() / published_values[
+                0
+            ]
             route = "full" if builds_full_gradient(tokens, d_out, d_in) else "factor"
-            rows.append({
-                "matrix": name, "d_out x d_in": f"{d_out}x{d_in}", "T": tokens, "route": route,
-                "published s": seconds(published_s), "svdvals s": seconds(values_only_s),
-                "fast f32 s": seconds(fast_f32), "fast f64 s": seconds(fast_f64),
-                "f32 vs published": ratio(published_s, fast_f32),
-                "f32 vs svdvals": ratio(values_only_s, fast_f32),
-                "f64 vs published": ratio(published_s, fast_f64),
-                "max abs diff / s1": f"{float(error):.1e}"})
-    notes = ["Published: float32 G^T X as stored, then torch.linalg.svd (U, V, full "
-             "matrices), as arXiv:2410.23743's code and `--method reference` do; run once. "
-             "svdvals: G^T X, then torch.linalg.svdvals on its tall orientation, a values-only "
-             "baseline stronger than the published one; run once. "
-             f"Fast: gradient_singular_values(G, X), median of {settings.repeats}; route "
-             "'factor' = T x T core from two QRs, 'full' = G^T X built (where that "
-             "costs fewer flops). Random Gaussian G and X. Last column: fast float64 vs "
-             "published singular values, relative to the largest."]
+            rows.append(
+                {
+                    "matrix": name,
+                    "d_out x d_in": f"{d_out}x{d_in}",
+                    "T": tokens,
+                    "route": route,
+                    "published s": seconds(published_s),
+                    "svdvals s": seconds(values_only_s),
+                    "fast f32 s": seconds(fast_f32),
+                    "fast f64 s": seconds(fast_f64),
+                    "f32 vs published": ratio(published_s, fast_f32),
+                    "f32 vs svdvals": ratio(values_only_s, fast_f32),
+                    "f64 vs published": ratio(published_s, fast_f64),
+                    "max abs diff / s1": f"{float(error):.1e}",
+                }
+            )
+    notes = [
+        "Published: float32 G^T X as stored, then torch.linalg.svd (U, V, full "
+        "matrices), as arXiv:2410.23743's code and `--method reference` do; run once. "
+        "svdvals: G^T X, then torch.linalg.svdvals on its tall orientation, a values-only "
+        "baseline stronger than the published one; run once. "
+        f"Fast: gradient_singular_values(G, X), median of {settings.repeats}; route "
+        "'factor' = T x T core from two QRs, 'full' = G^T X built (where that "
+        "costs fewer flops). Random Gaussian G and X. Last column: fast float64 vs "
+        "published singular values, relative to the largest."
+    ]
     return Section("Per matrix at Llama-3.1-8B shapes", pd.DataFrame(rows), notes), published
 
 
-def layer_section(examples: list[Example], lengths: list[int], tokens: list[int],
-                  published: dict[tuple[str, int], float], settings: Settings) -> Section:
+def layer_section(
+    examples: list[Example],
+    lengths: list[int],
+    tokens: list[int],
+    published: dict[tuple[str, int], float],
+    settings: Settings,
+) -> Section:
     """One decoder layer of Llama-3.1-8B's shapes through the engine (q/k/v and gate/up
     sharing their input's QR) against the published route's seven per-matrix times."""
     scale = settings.matrix_scale
@@ -369,23 +460,31 @@ def layer_section(examples: list[Example], lengths: list[int], tokens: list[int]
         example = examples[min(range(len(lengths)), key=lambda i: abs(lengths[i] - count))]
         console.print(f"one 8B layer through the engine: T={count}", style="dim")
         fast_step(runner, capture, [example], timer)  # warm-up
-        spectra = statistics.median(fast_step(runner, capture, [example], timer)["spectra"]
-                                    for _ in range(settings.repeats))
-        reference = sum(published[name, count] * len(name.split(", "))
-                        for name, _, _ in settings.shapes)
-        rows.append({"d_model / d_ff": f"{config.hidden_size} / {config.intermediate_size}",
-                     "T": count, "published, 7 matrices s": seconds(reference),
-                     "fast, in the hooks s": seconds(spectra),
-                     "ratio": ratio(reference, spectra)})
-    notes = ["A one-layer random Llama with Llama-3.1-8B's layer shapes "
-             f"({config.num_attention_heads} heads, {config.num_key_value_heads} KV heads) "
-             "profiles one example of the data with T tokens; 'fast' is the "
-             "time spent in the engine's backward hooks (all seven matrices, q/k/v and "
-             f"gate/up sharing one QR of their input), median of {settings.repeats}. "
-             "'published' adds up the per-matrix table's published times of q, k, v, o, "
-             "gate, up and down at the same T."]
-    return Section("One Llama-3.1-8B decoder layer through the engine", pd.DataFrame(rows),
-                   notes)
+        spectra = statistics.median(
+            fast_step(runner, capture, [example], timer)["spectra"] for _ in range(settings.repeats)
+        )
+        reference = sum(
+            published[name, count] * len(name.split(", ")) for name, _, _ in settings.shapes
+        )
+        rows.append(
+            {
+                "d_model / d_ff": f"{config.hidden_size} / {config.intermediate_size}",
+                "T": count,
+                "published, 7 matrices s": seconds(reference),
+                "fast, in the hooks s": seconds(spectra),
+                "ratio": ratio(reference, spectra),
+            }
+        )
+    notes = [
+        "A one-layer random Llama with Llama-3.1-8B's layer shapes "
+        f"({config.num_attention_heads} heads, {config.num_key_value_heads} KV heads) "
+        "profiles one example of the data with T tokens; 'fast' is the "
+        "time spent in the engine's backward hooks (all seven matrices, q/k/v and "
+        f"gate/up sharing one QR of their input), median of {settings.repeats}. "
+        "'published' adds up the per-matrix table's published times of q, k, v, o, "
+        "gate, up and down at the same T."
+    ]
+    return Section("One Llama-3.1-8B decoder layer through the engine", pd.DataFrame(rows), notes)
 
 
 # ---------------------------------------------------------------- overhead
@@ -407,8 +506,10 @@ class ForwardTimer:
 
     def __init__(self, model: nn.Module):
         self.started = self.seconds = 0.0
-        self.handles = [model.register_forward_pre_hook(self._start),
-                        model.register_forward_hook(self._stop)]
+        self.handles = [
+            model.register_forward_pre_hook(self._start),
+            model.register_forward_hook(self._stop),
+        ]
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         self.started = time.perf_counter()
@@ -421,8 +522,13 @@ def plain_step(model: nn.Module, batch: Batch, timer: ForwardTimer) -> dict[str,
     """One training-style forward and backward with weight gradients (HF loss with labels)."""
     model.requires_grad_(True)
     started = time.perf_counter()
-    loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, labels=batch.labels, use_cache=False).loss
+    loss = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+        use_cache=False,
+    ).loss
     loss.backward()
     total = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
@@ -430,16 +536,21 @@ def plain_step(model: nn.Module, batch: Batch, timer: ForwardTimer) -> dict[str,
     return {"total": total, "forward": timer.seconds}
 
 
-def fast_step(runner: ChunkRunner, capture: TimedCapture, examples: list[Example],
-              timer: ForwardTimer) -> dict[str, float]:
+def fast_step(
+    runner: ChunkRunner, capture: TimedCapture, examples: list[Example], timer: ForwardTimer
+) -> dict[str, float]:
     """gradspec's fast path on one batch: ChunkRunner.run, statistics rows included."""
     capture.seconds = 0.0
     with capture:
         started = time.perf_counter()
         runner.run(examples, lambda done: None)
         total = time.perf_counter() - started
-    return {"total": total, "forward": timer.seconds, "spectra": capture.seconds,
-            "rest": total - timer.seconds - capture.seconds}
+    return {
+        "total": total,
+        "forward": timer.seconds,
+        "spectra": capture.seconds,
+        "rest": total - timer.seconds - capture.seconds,
+    }
 
 
 def overhead_section(model_dir: Path, examples: list[Example], settings: Settings) -> Section:
@@ -453,8 +564,9 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
     rows = []
     for size in settings.batch_sizes:
         console.print(f"overhead: batch of {size}", style="dim")
-        runner = ChunkRunner(model, tokenizer, targets, ProfileOptions(batch_size=size), cpu,
-                             capture)
+        runner = ChunkRunner(
+            model, tokenizer, targets, ProfileOptions(batch_size=size), cpu, capture
+        )
         encoded = [encode_example(tokenizer, ex) for ex in examples[:size]]
         batch = collate(list(range(size)), encoded, runner.pad_id, "right", cpu)
         plain_step(model, batch, timer)  # warm-up
@@ -466,22 +578,31 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
             fast.append(fast_step(runner, capture, examples[:size], timer))
         plain_total = statistics.median(p["total"] for p in plain)
         fast_total = statistics.median(f["total"] for f in fast)
-        rows.append({
-            "batch": size, "padded tokens": batch.input_ids.numel(),
-            "plain fwd+bwd s": seconds(plain_total),
-            "plain forward s": median_seconds([p["forward"] for p in plain]),
-            "fast s": seconds(fast_total), "fast / plain": f"{fast_total / plain_total:.2f}x",
-            **{f"fast {part} s": median_seconds([f[part] for f in fast])
-               for part in ("forward", "spectra", "rest")}})
-    notes = [f"Random Llama {model_dir.name}, float32, eval mode. Plain: all parameters "
-             "require grad, HF loss with labels, .backward(). Fast: frozen weights, "
-             "SpectraCapture hooks, ChunkRunner.run (tokenizing, fast_spectra with the "
-             f"default {str(spectra_dtype).removeprefix('torch.')} spectra, statistics "
-             "rows for every (example, matrix)). Fast parts: forward; "
-             "spectra = time inside the backward hooks; rest = backward autograd, loss, "
-             "tokenizing, statistics. Batches are the first examples of the data, "
-             f"right-padded; median of {settings.repeats} interleaved repetitions after one "
-             "warm-up each."]
+        rows.append(
+            {
+                "batch": size,
+                "padded tokens": batch.input_ids.numel(),
+                "plain fwd+bwd s": seconds(plain_total),
+                "plain forward s": median_seconds([p["forward"] for p in plain]),
+                "fast s": seconds(fast_total),
+                "fast / plain": f"{fast_total / plain_total:.2f}x",
+                **{
+                    f"fast {part} s": median_seconds([f[part] for f in fast])
+                    for part in ("forward", "spectra", "rest")
+                },
+            }
+        )
+    notes = [
+        f"Random Llama {model_dir.name}, float32, eval mode. Plain: all parameters "
+        "require grad, HF loss with labels, .backward(). Fast: frozen weights, "
+        "SpectraCapture hooks, ChunkRunner.run (tokenizing, fast_spectra with the "
+        f"default {str(spectra_dtype).removeprefix('torch.')} spectra, statistics "
+        "rows for every (example, matrix)). Fast parts: forward; "
+        "spectra = time inside the backward hooks; rest = backward autograd, loss, "
+        "tokenizing, statistics. Batches are the first examples of the data, "
+        f"right-padded; median of {settings.repeats} interleaved repetitions after one "
+        "warm-up each."
+    ]
     return Section("Overhead: fast path vs plain forward+backward", pd.DataFrame(rows), notes)
 
 
@@ -490,9 +611,11 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
 
 def machine_line() -> str:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average (1, 5, 15 min) {load}"
+    )
 
 
 def write_markdown(path: Path, sections: list[Section], header: list[str]) -> None:
@@ -504,37 +627,55 @@ def write_markdown(path: Path, sections: list[Section], header: list[str]) -> No
 
 def main(
     limit: Annotated[int | None, typer.Option(help="Examples profiled end to end.")] = None,
-    layers: Annotated[int | None, typer.Option(help="Decoder layers of the random Llama.")]
-    = None,
+    layers: Annotated[int | None, typer.Option(help="Decoder layers of the random Llama.")] = None,
     width: Annotated[int | None, typer.Option(help="Hidden size of the random Llama.")] = None,
-    quick: Annotated[bool, typer.Option(help="Small sizes; checks the script in < 1 min.")]
-    = False,
-    e2e_repeats: Annotated[int | None, typer.Option(
-        help="Interleaved end-to-end runs of each method.")] = None,
-    repeats: Annotated[int | None, typer.Option(
-        help="Repetitions of each fast timing and of the overhead pairs.")] = None,
-    tokens: Annotated[str | None, typer.Option(
-        help="Extra per-matrix token counts besides the data's median and max, e.g. 512,1024."
-    )] = None,
-    parts: Annotated[str, typer.Option(help="Comma list of e2e, matrix, overhead.")]
-    = "e2e,matrix,overhead",
-    threads: Annotated[int | None, typer.Option(
-        help="Torch intra-op threads, here and in the profile processes; default torch's.")]
-    = None,
-    markdown: Annotated[Path | None, typer.Option(
-        help="Markdown results file; default bench/results.md (quick: .cache/bench/).")]
-    = None,
+    quick: Annotated[bool, typer.Option(help="Small sizes; checks the script in < 1 min.")] = False,
+    e2e_repeats: Annotated[
+        int | None, typer.Option(help="Interleaved end-to-end runs of each method.")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Repetitions of each fast timing and of the overhead pairs.")
+    ] = None,
+    tokens: Annotated[
+        str | None,
+        typer.Option(
+            help="Extra per-matrix token counts besides the data's median and max, e.g. 512,1024."
+        ),
+    ] = None,
+    parts: Annotated[
+        str, typer.Option(help="Comma list of e2e, matrix, overhead.")
+    ] = "e2e,matrix,overhead",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch intra-op threads, here and in the profile processes; default torch's."
+        ),
+    ] = None,
+    markdown: Annotated[
+        Path | None,
+        typer.Option(
+            help="Markdown results file; default bench/results.md (quick: .cache/bench/)."
+        ),
+    ] = None,
 ) -> None:
     """Benchmark the fast method against the reference algorithm; see bench/README.md."""
     settings = QUICK if quick else Settings()
-    overrides = {"limit": limit, "layers": layers, "width": width, "e2e_repeats": e2e_repeats,
-                 "repeats": repeats,
-                 "extra_tokens": tuple(int(t) for t in tokens.split(",") if t)
-                 if tokens is not None else None}
-    settings = replace(settings, parts=tuple(parts.split(",")),
-                       **{k: v for k, v in overrides.items() if v is not None})
-    markdown = markdown or (bench_cache() / "results-quick.md" if quick
-                            else BENCH / "results.md")
+    overrides = {
+        "limit": limit,
+        "layers": layers,
+        "width": width,
+        "e2e_repeats": e2e_repeats,
+        "repeats": repeats,
+        "extra_tokens": tuple(int(t) for t in tokens.split(",") if t)
+        if tokens is not None
+        else None,
+    }
+    settings = replace(
+        settings,
+        parts=tuple(parts.split(",")),
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    markdown = markdown or (bench_cache() / "results-quick.md" if quick else BENCH / "results.md")
     if threads:
         torch.set_num_threads(threads)
     header = [f"machine at start: {machine_line()}"]
@@ -548,10 +689,12 @@ def main(
     sections[0].show()
     config = bench_config(settings.width, settings.layers, tokenizer)
     model_dir = bench_model(config, tokenizer)
-    header.append(f"model: random Llama {model_dir.name} (hidden {config.hidden_size}, "
-                  f"intermediate {config.intermediate_size}, {config.num_hidden_layers} layers, "
-                  f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
-                  f"vocab {config.vocab_size})")
+    header.append(
+        f"model: random Llama {model_dir.name} (hidden {config.hidden_size}, "
+        f"intermediate {config.intermediate_size}, {config.num_hidden_layers} layers, "
+        f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
+        f"vocab {config.vocab_size})"
+    )
 
     agree = True
     if "e2e" in settings.parts:
@@ -564,8 +707,7 @@ def main(
         section, published = matrix_section(token_counts, settings)
         sections.append(section)
         section.show()
-        sections.append(layer_section(examples, lengths, token_counts[:2], published,
-                                      settings))
+        sections.append(layer_section(examples, lengths, token_counts[:2], published, settings))
         sections[-1].show()
     if "overhead" in settings.parts:
         sections.append(overhead_section(model_dir, examples, settings))
@@ -586,8 +728,11 @@ def with_passive_openmp() -> None:
     policy stalls MKL's LAPACK at every barrier, by up to 100x (see README).
     """
     if "OMP_WAIT_POLICY" not in os.environ:
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        os.execve(
+            sys.executable,
+            [sys.executable, *sys.argv],
+            {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        )
 
 
 if __name__ == "__main__":

@@ -24,24 +24,68 @@ GSM8K = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
 # Small configs that keep each architecture's distinctive structure (GQA, fused QKV,
 # Conv1D, soft-capping, parallel residual).
 TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "gemma": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=12),
-    "phi3": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-    "gemma2": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                   query_pre_attn_scalar=12, sliding_window=16),
+    "llama": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "mistral": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "qwen2": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "gemma": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+    ),
+    "phi3": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "gemma2": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        query_pre_attn_scalar=12,
+        sliding_window=16,
+    ),
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, n_positions=1024),
-    "gpt_neox": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=1024),
-    "phi": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=1024),
+    "gpt_neox": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    ),
+    "phi": dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -63,13 +107,18 @@ def tokenizer(shared_data: Path) -> PreTrainedTokenizerFast:
     return train_tokenizer(texts, vocab_size=512)
 
 
-def build_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, directory: Path,
-                     seed: int = 0) -> Path:
+def build_tiny_model(
+    arch: str, tokenizer: PreTrainedTokenizerFast, directory: Path, seed: int = 0
+) -> Path:
     """Save a randomly initialised tiny ``arch`` model and the tokenizer to ``directory``."""
     config = AutoConfig.for_model(
-        arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **TINY_CONFIGS[arch])
+        arch,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIGS[arch],
+    )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -77,8 +126,9 @@ def build_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, directory: P
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory
-               ) -> Callable[[str], Path]:
+def tiny_model(
+    tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
     """Factory: the directory of a tiny random model of the given architecture (cached)."""
     built: dict[str, Path] = {}
 

@@ -23,9 +23,7 @@ from gradspec.analysis import (
 from gradspec.errors import GradspecError
 
 # Three examples x four layers, one module; example 1 has a NaN.
-Q = np.array([[1.0, 3.0, 2.0, 6.0],
-              [2.0, np.nan, 1.0, 1.0],
-              [3.0, 5.0, 4.0, 8.0]])
+Q = np.array([[1.0, 3.0, 2.0, 6.0], [2.0, np.nan, 1.0, 1.0], [3.0, 5.0, 4.0, 8.0]])
 
 
 def test_layer_values_drop_and_count_nonfinite_examples():
@@ -61,18 +59,24 @@ def test_segments_use_only_the_pairs_inside_each_part():
     assert by_part == pytest.approx({"all": 12 / 5, "early": 2.0, "middle": 4.0, "late": 4.0})
 
 
-@pytest.mark.parametrize("depth,cut", [(26, (7, 20)), (28, (7, 21)), (32, (10, 20)),
-                                       (42, (12, 30))])
+@pytest.mark.parametrize(
+    "depth,cut", [(26, (7, 20)), (28, (7, 21)), (32, (10, 20)), (42, (12, 30))]
+)
 def test_study_split_matches_the_published_cuts(depth, cut):
     curve = np.random.default_rng(depth).normal(size=depth)
     parts = segment_slices(depth, "study")
 
     def study_mad(values):  # the study's definition, written as a plain loop
         return sum(abs(values[i + 1] - values[i]) for i in range(len(values) - 1)) / (
-            len(values) - 1)
+            len(values) - 1
+        )
 
-    expected = [study_mad(curve[:cut[0]]), study_mad(curve[cut[0]:cut[1]]),
-                study_mad(curve[cut[1]:]), study_mad(curve)]
+    expected = [
+        study_mad(curve[: cut[0]]),
+        study_mad(curve[cut[0] : cut[1]]),
+        study_mad(curve[cut[1] :]),
+        study_mad(curve),
+    ]
     got = [mad(curve[parts[p]]) for p in ("early", "middle", "late", "all")]
     assert got == pytest.approx(expected)
 
@@ -90,8 +94,7 @@ def test_relative_difference_on_the_study_definition():
     a, b = np.array([2.0, 4.0, 5.0]), np.array([1.0, 5.0, 5.0])
     assert relative_difference(a, b) == pytest.approx((0.5 + 0.25 + 0.0) / 3)
     # a zero in a counts as 1e-10, as in the study
-    assert relative_difference(np.array([0.0, 2.0]), np.array([1e-10, 1.0])) == \
-        pytest.approx(0.75)
+    assert relative_difference(np.array([0.0, 2.0]), np.array([1e-10, 1.0])) == pytest.approx(0.75)
     assert largest_difference_layers(a, b, np.array([10, 11, 12])) == [10, 11, 12]
     assert largest_difference_layers(b, a, np.array([10, 11, 12]), top=1) == [10]
 
@@ -158,8 +161,7 @@ def test_floor_cuts_intervals_of_non_negative_quantities():
     rng = np.random.default_rng(4)
     a = rng.normal(5.0, 1.0, size=(6, 3))
     first = layer_values(run_tables({"q_proj": a}), "q_proj")
-    second = layer_values(run_tables({"q_proj": a + rng.normal(0, 1.0, size=a.shape)}),
-                          "q_proj")
+    second = layer_values(run_tables({"q_proj": a + rng.normal(0, 1.0, size=a.shape)}), "q_proj")
     free = bootstrap([[first, second]], mean_relative_difference, n_boot=500)
     assert free.low < 0  # the basic interval of a near-zero, upward-biased statistic
     cut = bootstrap([[first, second]], mean_relative_difference, n_boot=500, floor=0)

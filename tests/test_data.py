@@ -18,13 +18,21 @@ from gradspec.data import load_examples
 from gradspec.errors import DataError, GradspecError
 
 CHAT = [
-    {"messages": [{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "What is 2+3?"},
-                  {"role": "assistant", "content": "2+3 = 5."}]},
-    {"messages": [{"role": "user", "content": "Name a prime."},
-                  {"role": "assistant", "content": "Seven."},
-                  {"role": "user", "content": "Another?"},
-                  {"role": "assistant", "content": "Eleven is prime."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "2+3 = 5."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Name a prime."},
+            {"role": "assistant", "content": "Seven."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "Eleven is prime."},
+        ]
+    },
 ]
 
 
@@ -54,8 +62,10 @@ def test_plain_template_with_input_field(tokenizer):
 def test_chat_template_uses_last_assistant_turn(tokenizer):
     ids, labels = gradspec.encode(tokenizer, CHAT[1], template="chat")
     text = tokenizer.decode(ids)
-    assert text == ("<s><|user|>Name a prime.<|end|>\n<|assistant|>Seven.<|end|>\n"
-                    "<|user|>Another?<|end|>\n<|assistant|>Eleven is prime.<|end|>\n")
+    assert text == (
+        "<s><|user|>Name a prime.<|end|>\n<|assistant|>Seven.<|end|>\n"
+        "<|user|>Another?<|end|>\n<|assistant|>Eleven is prime.<|end|>\n"
+    )
     assert tokenizer.decode([t for t in labels if t != -100]) == "Eleven is prime.<|end|>\n"
 
 
@@ -80,26 +90,50 @@ def test_formats_directory_and_glob(tmp_path):
     assert [e.kind for e in by_dir] == ["alpaca", "alpaca", "alpaca", "chat", "chat"]
     assert [e.index for e in by_dir] == list(range(5))
     assert [(Path(e.source).name, e.line) for e in by_dir] == [
-        ("a.json", 2), ("a.json", 7), ("b.jsonl", 1), ("b.jsonl", 2), ("b.jsonl", 3)]
+        ("a.json", 2),
+        ("a.json", 7),
+        ("b.jsonl", 1),
+        ("b.jsonl", 2),
+        ("b.jsonl", 3),
+    ]
     assert json.loads(by_dir[1].raw) == records[1]
-    assert [e.example_id for e in load_examples(tmp_path / "*.json*")] == \
-        [e.example_id for e in by_dir]
+    assert [e.example_id for e in load_examples(tmp_path / "*.json*")] == [
+        e.example_id for e in by_dir
+    ]
     assert by_dir[3].response == "2+3 = 5."
 
 
-@pytest.mark.parametrize(("text", "line", "message"), [
-    ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]', 3,
-     "malformed JSON"),
-    ('[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "c", "output": "d"}\n]', 3,
-     "expected ','"),
-    ('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]', 3,
-     "field 'output'"),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": 5, "output": "d"}\n', 2,
-     "field 'instruction'"),
-    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n', 3,
-     "malformed JSON"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', 1, "no assistant turn"),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (
+            '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]',
+            3,
+            "malformed JSON",
+        ),
+        (
+            '[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "c", "output": "d"}\n]',
+            3,
+            "expected ','",
+        ),
+        (
+            '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]',
+            3,
+            "field 'output'",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": 5, "output": "d"}\n',
+            2,
+            "field 'instruction'",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n',
+            3,
+            "malformed JSON",
+        ),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', 1, "no assistant turn"),
+    ],
+)
 def test_bad_input_names_file_line_and_field(tmp_path, text, line, message):
     path = tmp_path / ("data.json" if text.startswith("[") else "data.jsonl")
     path.write_text(text)
@@ -122,10 +156,13 @@ def test_empty_and_truncated_responses_are_recorded_as_skipped(tiny_model, tmp_p
     assert list(tables.examples["status"]) == ["ok", "skipped:empty_response", "ok"]
     assert sorted(set(tables.spectra["example_index"])) == [0, 2]
     n_prompt = int(tables.examples["n_prompt_tokens"].min())
-    cut = gradspec.profile(tiny_model("llama"), data, tmp_path / "cut", device="cpu",
-                           max_length=n_prompt)
-    assert set(cut.examples["status"]) == {"skipped:response_truncated_away",
-                                           "skipped:empty_response"}
+    cut = gradspec.profile(
+        tiny_model("llama"), data, tmp_path / "cut", device="cpu", max_length=n_prompt
+    )
+    assert set(cut.examples["status"]) == {
+        "skipped:response_truncated_away",
+        "skipped:empty_response",
+    }
     assert cut.examples["truncated"].sum() >= 1 and cut.spectra.empty
 
 
@@ -143,19 +180,37 @@ def test_nonfinite_gradients_are_flagged_not_written(tiny_model, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradspec", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gradspec", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_profile_writes_tables_any_parquet_reader_can_load(tiny_model, tmp_path):
     out = tmp_path / "run"
-    result = _cli("profile", "--model", str(tiny_model("gpt2")), "--data", str(GSM8K),
-                  "--out", str(out), "--limit", "3", "--top-k", "2", "--device", "cpu")
+    result = _cli(
+        "profile",
+        "--model",
+        str(tiny_model("gpt2")),
+        "--data",
+        str(GSM8K),
+        "--out",
+        str(out),
+        "--limit",
+        "3",
+        "--top-k",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     assert "3 ok" in result.stderr
     spectra = pq.read_table(out / "spectra").to_pandas()
     assert len(spectra) == 3 * 2 * 4 and set(spectra["module"]) == {
-        "qkv_proj", "o_proj", "fc_in", "fc_out"}
+        "qkv_proj",
+        "o_proj",
+        "fc_in",
+        "fc_out",
+    }
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["top_k"] == 2 and manifest["data"]["n_examples"] == 3
     assert {"torch", "transformers"} <= set(manifest["versions"])
@@ -164,10 +219,24 @@ def test_cli_profile_writes_tables_any_parquet_reader_can_load(tiny_model, tmp_p
 def test_cli_user_errors_have_no_traceback(tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
-    result = _cli("profile", "--model", str(tiny_model("llama")), "--data", str(bad),
-                  "--out", str(tmp_path / "run"))
+    result = _cli(
+        "profile",
+        "--model",
+        str(tiny_model("llama")),
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.returncode == 2
     assert f"{bad}:2: field 'output'" in result.stderr and "Traceback" not in result.stderr
-    missing = _cli("profile", "--model", str(tmp_path / "nowhere"), "--data", str(bad),
-                   "--out", str(tmp_path / "run"))
+    missing = _cli(
+        "profile",
+        "--model",
+        str(tmp_path / "nowhere"),
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert missing.returncode == 2 and "not a local checkpoint" in missing.stderr

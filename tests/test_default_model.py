@@ -37,13 +37,29 @@ from gradspec.demo import style_summary, summary_table
 from gradspec.errors import GradspecError
 from gradspec.store import RunTables, load_run
 
-TINY_FILES = ("reasoning_cot/correct/gsm8k_with_cot.json",
-              "wiki_knowledge/correct/long_tail_wikipedia.json")
+TINY_FILES = (
+    "reasoning_cot/correct/gsm8k_with_cot.json",
+    "wiki_knowledge/correct/long_tail_wikipedia.json",
+)
 RECORDS_PER_FILE = 140  # 100 held out, 40 trained on
-TINY = Recipe(files=TINY_FILES, eval_per_file=4, vocab_size=400, hidden_size=32, num_layers=2,
-              num_heads=4, num_kv_heads=2, intermediate_size=64, max_positions=256,
-              max_length=256, steps=40, token_budget=1024, length_group=32,
-              learning_rate=1e-2, warmup_steps=4, threads=1)
+TINY = Recipe(
+    files=TINY_FILES,
+    eval_per_file=4,
+    vocab_size=400,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    max_positions=256,
+    max_length=256,
+    steps=40,
+    token_budget=1024,
+    length_group=32,
+    learning_rate=1e-2,
+    warmup_steps=4,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +85,15 @@ def keeps_a_response(tokenizer, record: dict) -> bool:
 
 def eval_records(tokenizer) -> list[dict]:
     """The held-out records that measure the held-out loss, read directly from the files."""
-    return [r for name in TINY_FILES for r in read_shared(SHARED_DATA / name, TINY.eval_per_file)
-            if keeps_a_response(tokenizer, r)]
+    return [
+        r
+        for name in TINY_FILES
+        for r in read_shared(SHARED_DATA / name, TINY.eval_per_file)
+        if keeps_a_response(tokenizer, r)
+    ]
 
 
-def unbatched_losses(model: torch.nn.Module, tokenizer, records: list[dict]
-                     ) -> tuple[float, float]:
+def unbatched_losses(model: torch.nn.Module, tokenizer, records: list[dict]) -> tuple[float, float]:
     """(per-token loss over all tokens, mean per-example response loss), one example at a
     time through the model's own loss, without padding."""
     total = count = 0.0
@@ -85,8 +104,9 @@ def unbatched_losses(model: torch.nn.Module, tokenizer, records: list[dict]
             ids_t = torch.tensor([ids])
             total += float(model(input_ids=ids_t, labels=ids_t).loss) * (len(ids) - 1)
             count += len(ids) - 1
-            response_losses.append(float(model(input_ids=ids_t,
-                                               labels=torch.tensor([labels])).loss))
+            response_losses.append(
+                float(model(input_ids=ids_t, labels=torch.tensor([labels])).loss)
+            )
     return total / count, sum(response_losses) / len(response_losses)
 
 
@@ -108,8 +128,9 @@ def test_training_lowers_the_held_out_loss(trained: TrainedModel) -> None:
     assert report["n_eval_examples"] == len(records) > len(TINY_FILES) * TINY.eval_per_file / 2
 
 
-def test_saved_model_loads_with_auto_classes_and_matches(trained: TrainedModel,
-                                                         tmp_path: Path) -> None:
+def test_saved_model_loads_with_auto_classes_and_matches(
+    trained: TrainedModel, tmp_path: Path
+) -> None:
     save_trained(trained, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
@@ -121,10 +142,15 @@ def test_saved_model_loads_with_auto_classes_and_matches(trained: TrainedModel,
         assert torch.equal(model(ids).logits, trained.model(ids).logits)
     assert json.loads((tmp_path / "training.json").read_text()) == trained.report
     config = json.loads((tmp_path / "config.json").read_text())
-    assert (config["model_type"], config["num_attention_heads"],
-            config["num_key_value_heads"]) == ("llama", 4, 2)
-    assert config["gradspec_recipe_sha256"] == hashlib.sha256(
-        json.dumps(TINY.as_json(), sort_keys=True).encode()).hexdigest()
+    assert (config["model_type"], config["num_attention_heads"], config["num_key_value_heads"]) == (
+        "llama",
+        4,
+        2,
+    )
+    assert (
+        config["gradspec_recipe_sha256"]
+        == hashlib.sha256(json.dumps(TINY.as_json(), sort_keys=True).encode()).hexdigest()
+    )
     assert config["gradspec_recipe_sha256"] != replace(TINY, steps=41).sha256()
 
 
@@ -143,38 +169,48 @@ def test_held_out_records_are_never_trained_on() -> None:
     assert len(DEFAULT_RECIPE.files) == 16
 
 
-def test_one_epoch_feeds_each_training_example_once(trained: TrainedModel,
-                                                    tiny_data: Path) -> None:
+def test_one_epoch_feeds_each_training_example_once(trained: TrainedModel, tiny_data: Path) -> None:
     tokenizer = trained.tokenizer
     expected = sorted(
         encode(tokenizer, r, "plain", TINY.max_length)[0]
-        for name in TINY_FILES for r in read_shared(tiny_data / name)[100:]
-        if keeps_a_response(tokenizer, r))
+        for name in TINY_FILES
+        for r in read_shared(tiny_data / name)[100:]
+        if keeps_a_response(tokenizer, r)
+    )
     assert len(expected) == trained.report["n_train_examples"] > 60
     fed: list[list[int]] = []
-    for batch in training_batches(encode_all(tokenizer, split_records(TINY, tiny_data)[0],
-                                             TINY.max_length), TINY, tokenizer.pad_token_id):
-        fed += [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids,
-                                                               batch.token_mask, strict=True)]
+    for batch in training_batches(
+        encode_all(tokenizer, split_records(TINY, tiny_data)[0], TINY.max_length),
+        TINY,
+        tokenizer.pad_token_id,
+    ):
+        fed += [
+            row[mask.bool()].tolist()
+            for row, mask in zip(batch.input_ids, batch.token_mask, strict=True)
+        ]
         if len(fed) >= len(expected):
             break
     assert sorted(fed) == expected
 
 
-def test_same_seed_same_weights_other_seed_other_weights(trained: TrainedModel,
-                                                         tiny_data: Path,
-                                                         tmp_path: Path) -> None:
+def test_same_seed_same_weights_other_seed_other_weights(
+    trained: TrainedModel, tiny_data: Path, tmp_path: Path
+) -> None:
     again = train_model(TINY, tiny_data)
     save_trained(trained, tmp_path / "a")
     save_trained(again, tmp_path / "b")
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == \
-        (tmp_path / "b" / "model.safetensors").read_bytes()
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == \
-        (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
     other = train_model(replace(TINY, seed=1, steps=2), tiny_data).model.state_dict()
     first = load_file(tmp_path / "a" / "model.safetensors")
-    assert not torch.equal(first["model.layers.0.self_attn.q_proj.weight"],
-                           other["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        first["model.layers.0.self_attn.q_proj.weight"],
+        other["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def fake_training(trained: TrainedModel, calls: list[Recipe]):
@@ -182,14 +218,16 @@ def fake_training(trained: TrainedModel, calls: list[Recipe]):
 
     def train(recipe: Recipe, data_dir: Path, progress=None) -> TrainedModel:
         calls.append(recipe)
-        return TrainedModel(trained.model, trained.tokenizer,
-                            {**trained.report, "recipe": recipe.as_json()})
+        return TrainedModel(
+            trained.model, trained.tokenizer, {**trained.report, "recipe": recipe.as_json()}
+        )
 
     return train
 
 
 def test_ensure_trains_once_and_retrains_for_another_recipe(
-        trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[Recipe] = []
     monkeypatch.setattr(default_model, "train_model", fake_training(trained, calls))
     path = ensure_default_model(TINY, cache_dir=tmp_path, data_dir=tmp_path)
@@ -206,8 +244,9 @@ def test_ensure_trains_once_and_retrains_for_another_recipe(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default-model", "default-model.lock"]
 
 
-def test_interrupted_save_leaves_no_model(trained: TrainedModel, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_save_leaves_no_model(
+    trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(default_model, "train_model", fake_training(trained, []))
 
     def killed(trained: TrainedModel, directory: Path) -> None:
@@ -224,8 +263,7 @@ def test_interrupted_save_leaves_no_model(trained: TrainedModel, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default-model", "default-model.lock"]
 
 
-def test_locations_follow_the_environment(tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_locations_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRADSPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(tmp_path / "missing"))
     assert default_model_dir() == tmp_path / "cache" / "default-model"
@@ -240,24 +278,35 @@ def test_locations_follow_the_environment(tmp_path: Path,
 def test_demo_summary_averages_over_layers_and_ok_examples() -> None:
     def run(norms: dict[str, list[float]], losses: list[float | None]) -> RunTables:
         spectra = pd.DataFrame(
-            [{"example_index": i, "layer": layer, "module": module, "nuclear_norm": value}
-             for module, values in norms.items()
-             for (i, layer), value in zip([(0, 0), (0, 1), (1, 0), (1, 1)], values,
-                                          strict=True)])
-        examples = pd.DataFrame({
-            "loss": losses, "n_response_tokens": [10, 30, 99][: len(losses)],
-            "status": ["ok", "ok", "skipped:empty_response"][: len(losses)]})
+            [
+                {"example_index": i, "layer": layer, "module": module, "nuclear_norm": value}
+                for module, values in norms.items()
+                for (i, layer), value in zip([(0, 0), (0, 1), (1, 0), (1, 1)], values, strict=True)
+            ]
+        )
+        examples = pd.DataFrame(
+            {
+                "loss": losses,
+                "n_response_tokens": [10, 30, 99][: len(losses)],
+                "status": ["ok", "ok", "skipped:empty_response"][: len(losses)],
+            }
+        )
         return RunTables({}, examples, spectra)
 
-    runs = {"A": run({"down_proj": [1, 2, 3, 4], "q_proj": [0, 0, 0, 8]}, [1.0, 2.0, None]),
-            "B": run({"down_proj": [5, 5, 5, 5], "q_proj": [1, 1, 1, 1]}, [4.0, 6.0])}
+    runs = {
+        "A": run({"down_proj": [1, 2, 3, 4], "q_proj": [0, 0, 0, 8]}, [1.0, 2.0, None]),
+        "B": run({"down_proj": [5, 5, 5, 5], "q_proj": [1, 1, 1, 1]}, [4.0, 6.0]),
+    }
     norms, facts = style_summary(runs)
     assert list(norms.index) == ["q_proj", "down_proj"]
-    assert norms.to_dict() == {"A": {"q_proj": 2.0, "down_proj": 2.5},
-                               "B": {"q_proj": 1.0, "down_proj": 5.0}}
+    assert norms.to_dict() == {
+        "A": {"q_proj": 2.0, "down_proj": 2.5},
+        "B": {"q_proj": 1.0, "down_proj": 5.0},
+    }
     assert facts.to_dict() == {
         "A": {"examples": 2, "mean loss": 1.5, "mean response tokens": 20.0},
-        "B": {"examples": 2, "mean loss": 5.0, "mean response tokens": 20.0}}
+        "B": {"examples": 2, "mean loss": 5.0, "mean response tokens": 20.0},
+    }
     console = Console(record=True, width=120)
     console.print(summary_table(norms, facts, "caption"))
     text = console.export_text()
@@ -265,7 +314,8 @@ def test_demo_summary_averages_over_layers_and_ok_examples() -> None:
 
 
 def test_demo_command_profiles_its_grid_reports_and_reuses_its_runs(
-        trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[Recipe] = []
     monkeypatch.setattr(default_model, "train_model", fake_training(trained, calls))
     monkeypatch.setattr(demo, "DEFAULT_RECIPE", TINY)

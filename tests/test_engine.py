@@ -20,14 +20,18 @@ WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank"]
 
 
-def explicit_gradient_statistics(model_dir: Path, records: list[dict], max_length: int | None
-                                 ) -> pd.DataFrame:
+def explicit_gradient_statistics(
+    model_dir: Path, records: list[dict], max_length: int | None
+) -> pd.DataFrame:
     """Per example: HF loss with labels, autograd weight gradients, float64 SVD of each."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     layers_name, _ = find_decoder_layers(model)
-    matrices = {name: p for name, p in model.named_parameters()
-                if name.startswith(layers_name + ".") and p.ndim == 2}
+    matrices = {
+        name: p
+        for name, p in model.named_parameters()
+        if name.startswith(layers_name + ".") and p.ndim == 2
+    }
     rows = []
     for index, record in enumerate(records):
         ids, labels = gradspec.encode(tokenizer, record, max_length=max_length)
@@ -39,33 +43,51 @@ def explicit_gradient_statistics(model_dir: Path, records: list[dict], max_lengt
             s = np.linalg.svd(grad, compute_uv=False)
             kept = s[s > s[0] * 1e-7]
             p = kept / kept.sum()
-            rows.append({"example_index": index, "param": name, "loss": loss.item(),
-                         "nuclear_norm": s.sum(), "spectral_norm": s[0],
-                         "frobenius_norm": np.linalg.norm(grad),
-                         "effective_rank": np.exp(-(p * np.log(p)).sum())})
+            rows.append(
+                {
+                    "example_index": index,
+                    "param": name,
+                    "loss": loss.item(),
+                    "nuclear_norm": s.sum(),
+                    "spectral_norm": s[0],
+                    "frobenius_norm": np.linalg.norm(grad),
+                    "effective_rank": np.exp(-(p * np.log(p)).sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def assert_statistics_close(ours: pd.DataFrame, expected: pd.DataFrame, rtol: float,
-                            rank_rtol: float) -> None:
-    merged = expected.merge(ours, on=["example_index", "param"], suffixes=("_x", ""),
-                            how="outer", indicator=True)
+def assert_statistics_close(
+    ours: pd.DataFrame, expected: pd.DataFrame, rtol: float, rank_rtol: float
+) -> None:
+    merged = expected.merge(
+        ours, on=["example_index", "param"], suffixes=("_x", ""), how="outer", indicator=True
+    )
     assert (merged["_merge"] == "both").all(), "the engine must cover exactly the 2-D matrices"
     for stat in STATS:
         tolerance = rank_rtol if stat == "effective_rank" else rtol
-        np.testing.assert_allclose(merged[stat], merged[stat + "_x"], rtol=tolerance,
-                                   err_msg=stat)
+        np.testing.assert_allclose(merged[stat], merged[stat + "_x"], rtol=tolerance, err_msg=stat)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma2", "mistral",
-                                  "phi", "gemma", "phi3"])
-@pytest.mark.parametrize(("data", "max_length"), [(WIKI, 40), (GSM8K, None)],
-                         ids=["factor-route", "full-route"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma2", "mistral", "phi", "gemma", "phi3"]
+)
+@pytest.mark.parametrize(
+    ("data", "max_length"), [(WIKI, 40), (GSM8K, None)], ids=["factor-route", "full-route"]
+)
 def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_model, tmp_path):
     # Short "Tell me about X." prompts cut at 40 tokens keep T below the 48-wide matrices.
     records = read_shared(data, 4)
-    tables = gradspec.profile(tiny_model(arch), data, tmp_path / "run", device="cpu",
-                              limit=4, batch_size=4, dtype="float64", max_length=max_length)
+    tables = gradspec.profile(
+        tiny_model(arch),
+        data,
+        tmp_path / "run",
+        device="cpu",
+        limit=4,
+        batch_size=4,
+        dtype="float64",
+        max_length=max_length,
+    )
     expected = explicit_gradient_statistics(tiny_model(arch), records, max_length)
     assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
     losses = expected.groupby("example_index")["loss"].first()
@@ -75,17 +97,25 @@ def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_mo
     assert (tables.examples["status"] == "ok").all()
 
 
-@pytest.mark.parametrize(("data", "max_length"), [(WIKI, 40), (GSM8K, None)],
-                         ids=["factor-route", "full-route"])
+@pytest.mark.parametrize(
+    ("data", "max_length"), [(WIKI, 40), (GSM8K, None)], ids=["factor-route", "full-route"]
+)
 @pytest.mark.parametrize("spectra_dtype", ["float32", "float64"])
-def test_float32_model_matches_float64_explicit_gradients(data, max_length, spectra_dtype,
-                                                          tiny_model, tmp_path):
-    tables = gradspec.profile(tiny_model("llama"), data, tmp_path / "run", device="cpu",
-                              limit=3, dtype="float32", spectra_dtype=spectra_dtype,
-                              max_length=max_length)
+def test_float32_model_matches_float64_explicit_gradients(
+    data, max_length, spectra_dtype, tiny_model, tmp_path
+):
+    tables = gradspec.profile(
+        tiny_model("llama"),
+        data,
+        tmp_path / "run",
+        device="cpu",
+        limit=3,
+        dtype="float32",
+        spectra_dtype=spectra_dtype,
+        max_length=max_length,
+    )
     assert tables.manifest["options"]["spectra_dtype"] == spectra_dtype
-    expected = explicit_gradient_statistics(tiny_model("llama"), read_shared(data, 3),
-                                            max_length)
+    expected = explicit_gradient_statistics(tiny_model("llama"), read_shared(data, 3), max_length)
     assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
 
 
@@ -110,8 +140,7 @@ def test_batch_size_and_padding_side_do_not_change_results(arch, tiny_model, tmp
 def test_reference_method_agrees_with_fast_method(tiny_model, tmp_path):
     model_dir = tiny_model("qwen2")
     fast = _profile_variant(model_dir, tmp_path / "fast", dtype="float64")
-    reference = _profile_variant(model_dir, tmp_path / "ref", dtype="float64",
-                                 method="reference")
+    reference = _profile_variant(model_dir, tmp_path / "ref", dtype="float64", method="reference")
     np.testing.assert_allclose(reference.to_numpy(), fast.to_numpy(), rtol=1e-8)
 
 
@@ -122,11 +151,11 @@ def test_module_subsets_equal_the_full_run(arch, tiny_model, tmp_path):
     model_dir = tiny_model(arch)
     full = _profile_variant(model_dir, tmp_path / "all", dtype="float64")
     for modules in ("mlp", r"layers\.1\.|h\.1\."):
-        subset = _profile_variant(model_dir, tmp_path / modules.replace("\\", ""),
-                                  dtype="float64", modules=modules)
+        subset = _profile_variant(
+            model_dir, tmp_path / modules.replace("\\", ""), dtype="float64", modules=modules
+        )
         assert 0 < len(subset) < len(full)
-        np.testing.assert_allclose(subset.to_numpy(), full.loc[subset.index].to_numpy(),
-                                   rtol=1e-10)
+        np.testing.assert_allclose(subset.to_numpy(), full.loc[subset.index].to_numpy(), rtol=1e-10)
 
 
 class WithoutLogitsToKeep(torch.nn.Module):
@@ -137,8 +166,12 @@ class WithoutLogitsToKeep(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=use_cache)
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+        )
 
 
 def test_response_logits_without_logits_to_keep(tiny_model):
@@ -155,14 +188,24 @@ def test_response_logits_without_logits_to_keep(tiny_model):
     assert kept.shape[1] == batch.input_ids.shape[1] - shortest_prompt
     torch.testing.assert_close(kept, every, rtol=1e-12, atol=1e-12)
     assert torch.equal(kept_targets, every_targets)
-    np.testing.assert_allclose(per_example_losses(kept, kept_targets),  # float32 losses
-                               per_example_losses(full[:, :-1], batch.labels[:, 1:]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        per_example_losses(kept, kept_targets),  # float32 losses
+        per_example_losses(full[:, :-1], batch.labels[:, 1:]),
+        rtol=1e-6,
+    )
 
 
 def test_top_k_and_module_selection(tiny_model, tmp_path):
-    tables = gradspec.profile(tiny_model("llama"), GSM8K, tmp_path / "run", device="cpu",
-                              limit=2, modules="mlp", top_k=3, dtype="float64")
+    tables = gradspec.profile(
+        tiny_model("llama"),
+        GSM8K,
+        tmp_path / "run",
+        device="cpu",
+        limit=2,
+        modules="mlp",
+        top_k=3,
+        dtype="float64",
+    )
     assert set(tables.spectra["module"]) == {"gate_proj", "up_proj", "down_proj"}
     assert set(tables.spectra["kind"]) == {"mlp"}
     for row in tables.spectra.itertuples():
@@ -170,16 +213,32 @@ def test_top_k_and_module_selection(tiny_model, tmp_path):
         assert len(top) == 3 and top == sorted(top, reverse=True)
         assert top[0] == pytest.approx(row.spectral_norm)
         assert sum(top) <= row.nuclear_norm * (1 + 1e-12)
-    regex = gradspec.profile(tiny_model("llama"), GSM8K, tmp_path / "regex", device="cpu",
-                             limit=1, modules=r"layers\.1\.self_attn\.(q|v)_proj")
-    assert sorted(regex.spectra["param"]) == ["model.layers.1.self_attn.q_proj.weight",
-                                              "model.layers.1.self_attn.v_proj.weight"]
+    regex = gradspec.profile(
+        tiny_model("llama"),
+        GSM8K,
+        tmp_path / "regex",
+        device="cpu",
+        limit=1,
+        modules=r"layers\.1\.self_attn\.(q|v)_proj",
+    )
+    assert sorted(regex.spectra["param"]) == [
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+    ]
 
 
 def test_ifd_is_conditioned_over_response_only_loss(tiny_model, tmp_path):
     model_dir = tiny_model("llama")
-    tables = gradspec.profile(model_dir, GSM8K, tmp_path / "run", device="cpu", limit=3,
-                              ifd=True, dtype="float64", batch_size=2)
+    tables = gradspec.profile(
+        model_dir,
+        GSM8K,
+        tmp_path / "run",
+        device="cpu",
+        limit=3,
+        ifd=True,
+        dtype="float64",
+        batch_size=2,
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for record, row in zip(read_shared(GSM8K, 3), tables.examples.itertuples(), strict=True):
@@ -201,6 +260,15 @@ def test_automatic_batches_respect_budget_and_padding():
         assert len(batch) == 1 or len(batch) * longest <= 400
         assert all(lengths[i] >= 0.9 * longest for i in batch)
     assert plan_batches(lengths, None, token_budget=4096) == [
-        [0], [1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11, 12]]
+        [0],
+        [1],
+        [2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11, 12],
+    ]
     assert plan_batches(lengths, 4, token_budget=1) == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+        [12],
+    ]

@@ -16,13 +16,16 @@ def reasoning_runs(fast_scale=10.0, slow_scale=2.0, slow_shift=0.6, task="gsm8k"
     """none/detailed x correct/irrelevant runs; irrelevant detailed curves are shifted."""
     runs = []
     for seed, (style, scale, wiggle, shift) in enumerate(
-            [("none", fast_scale, 0.5, 0.0), ("detailed", slow_scale, 0.1, slow_shift)]):
+        [("none", fast_scale, 0.5, 0.0), ("detailed", slow_scale, 0.1, slow_shift)]
+    ):
         for offset, correctness in enumerate(("correct", "irrelevant")):
             rng = np.random.default_rng([10 * seed + offset, len(task)])
-            values = study_like_values(rng, N, LAYERS, scale, wiggle,
-                                       shift if correctness == "irrelevant" else 0.0)
-            labels = normalize_labels(dict(model=model, task=task, style=style,
-                                           correctness=correctness), "test")
+            values = study_like_values(
+                rng, N, LAYERS, scale, wiggle, shift if correctness == "irrelevant" else 0.0
+            )
+            labels = normalize_labels(
+                dict(model=model, task=task, style=style, correctness=correctness), "test"
+            )
             runs.append(make_run(f"{task}-{style}-{correctness}", labels, values))
     return runs
 
@@ -32,10 +35,12 @@ def knowledge_runs(shift=0.02, model="m"):
     for length, scale in ((100, 4.0), (1000, 2.0)):
         for offset, correctness in enumerate(("correct", "irrelevant")):
             rng = np.random.default_rng(length + offset)
-            values = study_like_values(rng, N, LAYERS, scale, 0.2,
-                                       shift if correctness == "irrelevant" else 0.0)
-            labels = normalize_labels(dict(model=model, task="wiki", length=length,
-                                           correctness=correctness), "test")
+            values = study_like_values(
+                rng, N, LAYERS, scale, 0.2, shift if correctness == "irrelevant" else 0.0
+            )
+            labels = normalize_labels(
+                dict(model=model, task="wiki", length=length, correctness=correctness), "test"
+            )
             runs.append(make_run(f"wiki-{length}-{correctness}", labels, values))
     return runs
 
@@ -53,22 +58,31 @@ def test_all_three_findings_hold_when_built_to_hold():
         assert finding.summary() == "holds in 1 of 1"
         assert finding.status() == "holds"
 
-    none, detailed = select(runs, style="none", correctness="correct"), \
-        select(runs, style="detailed", correctness="correct")
+    none, detailed = (
+        select(runs, style="none", correctness="correct"),
+        select(runs, style="detailed", correctness="correct"),
+    )
     modules = none.modules()
     assert len(modules) == 7
     row = first.table.iloc[0]
     # norm: mean over modules and layers of the mean over examples = the grand mean here
     assert row["norm_none"] == pytest.approx(np.mean([run_matrix(none, m) for m in modules]))
-    expected_mad = np.mean([np.abs(np.diff(run_matrix(detailed, m).mean(0))).mean()
-                            for m in modules])
+    expected_mad = np.mean(
+        [np.abs(np.diff(run_matrix(detailed, m).mean(0))).mean() for m in modules]
+    )
     assert row["mad_detailed"] == pytest.approx(expected_mad)
     assert row["norm_diff_low"] > 0 and row["mad_diff_low"] > 0
 
     irrelevant = select(runs, style="detailed", correctness="irrelevant")
-    expected_rd = np.mean([
-        np.mean(np.abs(run_matrix(detailed, m).mean(0) - run_matrix(irrelevant, m).mean(0))
-                / run_matrix(detailed, m).mean(0)) for m in modules])
+    expected_rd = np.mean(
+        [
+            np.mean(
+                np.abs(run_matrix(detailed, m).mean(0) - run_matrix(irrelevant, m).mean(0))
+                / run_matrix(detailed, m).mean(0)
+            )
+            for m in modules
+        ]
+    )
     assert second.table.iloc[0]["rd_detailed"] == pytest.approx(expected_rd)
     assert second.table.iloc[0]["p_detailed"] < 0.01
     assert third.table.iloc[0]["rd_detailed_cot"] == pytest.approx(expected_rd)
@@ -87,8 +101,9 @@ def test_missing_runs_are_named():
     only_fast = [r for r in reasoning_runs() if r.labels["style"] == "none"]
     first, second, third = evaluate_findings(only_fast, n_boot=50)
     assert first.table.empty and first.status() == "not evaluable"
-    assert first.summary() == ("not evaluable: no run with model=m task=gsm8k "
-                               "style=detailed correctness=correct")
+    assert first.summary() == (
+        "not evaluable: no run with model=m task=gsm8k style=detailed correctness=correct"
+    )
     assert "style=detailed correctness=correct" in second.summary()
     assert third.summary().startswith("not evaluable: no runs with domain=knowledge")
     no_reference = evaluate_findings(knowledge_runs(), n_boot=50)[2]
@@ -102,27 +117,35 @@ def test_a_run_with_every_example_skipped_is_not_evaluable():
     runs[0] = make_run(fast.name, fast.labels, matrices, skipped=tuple(range(N)))
     first = evaluate_findings(runs, n_boot=50)[0]
     assert first.table.empty
-    assert first.summary() == ("not evaluable: runs gsm8k-none-correct, gsm8k-detailed-correct "
-                               "share no profiled module (every example skipped?)")
+    assert first.summary() == (
+        "not evaluable: runs gsm8k-none-correct, gsm8k-detailed-correct "
+        "share no profiled module (every example skipped?)"
+    )
 
 
 def test_findings_are_per_model_and_task():
-    runs = reasoning_runs(task="gsm8k") + reasoning_runs(task="aqua") + \
-        reasoning_runs(task="aqua", model="other")[:2]
+    runs = (
+        reasoning_runs(task="gsm8k")
+        + reasoning_runs(task="aqua")
+        + reasoning_runs(task="aqua", model="other")[:2]
+    )
     first = evaluate_findings(runs, n_boot=100)[0]
     assert sorted(zip(first.table["model"], first.table["task"], strict=True)) == [
-        ("m", "aqua"), ("m", "gsm8k")]
-    assert first.missing == ["no run with model=other task=aqua style=detailed "
-                             "correctness=correct"]
+        ("m", "aqua"),
+        ("m", "gsm8k"),
+    ]
+    assert first.missing == ["no run with model=other task=aqua style=detailed correctness=correct"]
     assert first.summary().startswith("holds in 2 of 2. not evaluable elsewhere")
 
 
 def test_labels_are_checked_and_completed():
     assert normalize_labels({"style": "none"}, "x")["domain"] == "reasoning"
     assert normalize_labels({"length": "500"}, "x") == {"length": 500, "domain": "knowledge"}
-    for bad, message in (({"style": "long"}, "style 'long' is not one of"),
-                         ({"colour": "red"}, "unknown label colour"),
-                         ({"length": "long"}, "not a whole number")):
+    for bad, message in (
+        ({"style": "long"}, "style 'long' is not one of"),
+        ({"colour": "red"}, "unknown label colour"),
+        ({"length": "long"}, "not a whole number"),
+    ):
         with pytest.raises(GradspecError, match=message):
             normalize_labels(bad, "x")
     runs = reasoning_runs()
@@ -132,9 +155,12 @@ def test_labels_are_checked_and_completed():
 
 def test_mixed_results_are_reported_as_mixed():
     runs = reasoning_runs(task="gsm8k") + reasoning_runs(
-        fast_scale=2.0, slow_scale=10.0, task="aqua")
+        fast_scale=2.0, slow_scale=10.0, task="aqua"
+    )
     first = evaluate_findings(runs, n_boot=100)[0]
     assert dict(zip(first.table["task"], first.table["verdict"], strict=True)) == {
-        "aqua": "does not hold", "gsm8k": "holds"}
+        "aqua": "does not hold",
+        "gsm8k": "holds",
+    }
     assert first.status() == "mixed"
     assert first.summary() == "holds in 1 of 2; does not hold in 1 of 2"

@@ -26,24 +26,48 @@ from gradspec.quality import (
 from gradspec.store import EXAMPLES_SCHEMA, SPECTRA_FIELDS, RunTables
 
 
-def synthetic_run(nuclear: dict[int, dict[tuple[int, str], float]], statuses: list[str],
-                  ranks: dict[int, list[float]] | None = None) -> RunTables:
+def synthetic_run(
+    nuclear: dict[int, dict[tuple[int, str], float]],
+    statuses: list[str],
+    ranks: dict[int, list[float]] | None = None,
+) -> RunTables:
     """A run with the given nuclear norms per example and (layer, module); kinds by name."""
-    examples = pd.DataFrame([
-        {"example_index": i, "example_id": f"id{i}", "source": "d.json", "source_line": i + 2,
-         "loss": 1.0 + i if status == "ok" else None, "n_prompt_tokens": 3,
-         "n_response_tokens": 4, "truncated": False, "status": status,
-         "response_only_loss": 2.0 + i if status == "ok" else None,
-         "ifd": (1.0 + i) / (2.0 + i) if status == "ok" else None}
-        for i, status in enumerate(statuses)], columns=EXAMPLES_SCHEMA.names)
+    examples = pd.DataFrame(
+        [
+            {
+                "example_index": i,
+                "example_id": f"id{i}",
+                "source": "d.json",
+                "source_line": i + 2,
+                "loss": 1.0 + i if status == "ok" else None,
+                "n_prompt_tokens": 3,
+                "n_response_tokens": 4,
+                "truncated": False,
+                "status": status,
+                "response_only_loss": 2.0 + i if status == "ok" else None,
+                "ifd": (1.0 + i) / (2.0 + i) if status == "ok" else None,
+            }
+            for i, status in enumerate(statuses)
+        ],
+        columns=EXAMPLES_SCHEMA.names,
+    )
     rows = []
     for index, values in nuclear.items():
         for position, ((layer, module), value) in enumerate(values.items()):
-            rows.append({"example_index": index, "example_id": f"id{index}",
-                         "param": f"layers.{layer}.{module}.weight", "layer": layer,
-                         "module": module, "kind": "attn" if module == "q_proj" else "mlp",
-                         "nuclear_norm": value, "spectral_norm": value, "frobenius_norm": value,
-                         "effective_rank": (ranks or {}).get(index, [1.0] * 9)[position]})
+            rows.append(
+                {
+                    "example_index": index,
+                    "example_id": f"id{index}",
+                    "param": f"layers.{layer}.{module}.weight",
+                    "layer": layer,
+                    "module": module,
+                    "kind": "attn" if module == "q_proj" else "mlp",
+                    "nuclear_norm": value,
+                    "spectral_norm": value,
+                    "frobenius_norm": value,
+                    "effective_rank": (ranks or {}).get(index, [1.0] * 9)[position],
+                }
+            )
     spectra = pd.DataFrame(rows, columns=[name for name, _ in SPECTRA_FIELDS])
     return RunTables({}, examples, spectra)
 
@@ -55,14 +79,33 @@ TWO_EXAMPLES = {
 
 
 def test_scores_equal_hand_computed_values():
-    run = synthetic_run(TWO_EXAMPLES, ["ok", "ok", "skipped:empty_response"],
-                        ranks={0: [1, 2, 3, 4], 1: [2, 2, 2, 2]})
+    run = synthetic_run(
+        TWO_EXAMPLES,
+        ["ok", "ok", "skipped:empty_response"],
+        ranks={0: [1, 2, 3, 4], 1: [2, 2, 2, 2]},
+    )
     scores = example_scores(run).set_index("example_index")
     # Example 0: attn 1 + 3, mlp 2 + 6; MAD: q |3-1| = 2, down |6-2| = 4 -> mean 3.
-    expected = {0: dict(nuclear_norm=12, nuclear_norm_attn=4, nuclear_norm_mlp=8,
-                        effective_rank=2.5, layer_mad=3, loss=1, ifd=0.5),
-                1: dict(nuclear_norm=7, nuclear_norm_attn=4, nuclear_norm_mlp=3,
-                        effective_rank=2, layer_mad=0.5, loss=2, ifd=2 / 3)}
+    expected = {
+        0: dict(
+            nuclear_norm=12,
+            nuclear_norm_attn=4,
+            nuclear_norm_mlp=8,
+            effective_rank=2.5,
+            layer_mad=3,
+            loss=1,
+            ifd=0.5,
+        ),
+        1: dict(
+            nuclear_norm=7,
+            nuclear_norm_attn=4,
+            nuclear_norm_mlp=3,
+            effective_rank=2,
+            layer_mad=0.5,
+            loss=2,
+            ifd=2 / 3,
+        ),
+    }
     for index, values in expected.items():
         for name, value in values.items():
             assert scores.loc[index, name] == pytest.approx(value), (index, name)
@@ -169,8 +212,9 @@ def test_logistic_fit_is_the_penalised_optimum_and_stays_finite_when_separable()
     p = 1 / (1 + np.exp(-x @ weights))
     gradient = x.T @ (p - y) + np.r_[0.0, weights[1:]]  # d/dw of log loss + |w|^2 / 2
     assert np.abs(gradient).max() < 1e-6
-    separable = fit_logistic(np.array([[-2.0], [-1.0], [1.0], [2.0]]), np.array([0, 0, 1, 1.0]),
-                             l2=1.0)
+    separable = fit_logistic(
+        np.array([[-2.0], [-1.0], [1.0], [2.0]]), np.array([0, 0, 1, 1.0]), l2=1.0
+    )
     assert np.isfinite(separable).all() and separable[1] > 0
 
 
@@ -210,10 +254,8 @@ def test_cli_score_and_flag_write_their_tables(tiny_run_dir, tmp_path):
     assert written["example_id"].tolist() == expected["example_id"].tolist()
     assert np.allclose(written["flag"], expected["flag"])
     flags_path = tmp_path / "flags.parquet"
-    result = runner.invoke(app, ["flag", str(tiny_run_dir), "--top", "2", "--out",
-                                 str(flags_path)])
+    result = runner.invoke(app, ["flag", str(tiny_run_dir), "--top", "2", "--out", str(flags_path)])
     assert result.exit_code == 0, result.output
     assert pd.read_parquet(flags_path)["rank"].tolist() == list(range(1, 8))
-    result = runner.invoke(app, ["flag", str(tiny_run_dir), "--labels",
-                                 str(tmp_path / "none.csv")])
+    result = runner.invoke(app, ["flag", str(tiny_run_dir), "--labels", str(tmp_path / "none.csv")])
     assert result.exit_code == 2 and "cannot read it as CSV" in result.output

@@ -17,9 +17,16 @@ from gradspec.cli import app
 from gradspec.report import write_report
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 N, LAYERS = 16, 6
 
 
@@ -31,15 +38,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, dict]:
     for i, (style, scale, wiggle) in enumerate([("none", 10.0, 0.5), ("detailed", 2.0, 0.1)]):
         for j, correctness in enumerate(("correct", "irrelevant")):
             rng = np.random.default_rng([i, j])
-            values = study_like_values(rng, N, LAYERS, scale, wiggle,
-                                       0.5 if (style, correctness) == ("detailed", "irrelevant")
-                                       else 0.0)
+            values = study_like_values(
+                rng,
+                N,
+                LAYERS,
+                scale,
+                wiggle,
+                0.5 if (style, correctness) == ("detailed", "irrelevant") else 0.0,
+            )
             if (i, j) == (0, 0):
                 values["q_proj"][3, 2] = np.nan  # dropped and counted
-            run = write_run_dir(root / f"{style}-{correctness}", values,
-                                skipped=(5,) if (i, j) == (1, 1) else ())
-            labelled[run] = {"model": "synthetic", "task": "gsm8k", "style": style,
-                             "correctness": correctness}
+            run = write_run_dir(
+                root / f"{style}-{correctness}", values, skipped=(5,) if (i, j) == (1, 1) else ()
+            )
+            labelled[run] = {
+                "model": "synthetic",
+                "task": "gsm8k",
+                "style": style,
+                "correctness": correctness,
+            }
     return labelled
 
 
@@ -56,14 +73,20 @@ def table(report: Path, name: str) -> pd.DataFrame:
 def nuclear_curve(run: Path, module: str, leave_out: tuple[int, ...] = ()) -> np.ndarray:
     """Mean nuclear norm per layer, read straight from the Parquet parts."""
     spectra = pd.read_parquet(run / "spectra")
-    wide = spectra[spectra["module"] == module].pivot(
-        index="example_index", columns="layer", values="nuclear_norm").dropna()
+    wide = (
+        spectra[spectra["module"] == module]
+        .pivot(index="example_index", columns="layer", values="nuclear_norm")
+        .dropna()
+    )
     return wide.drop(index=list(leave_out)).to_numpy().mean(axis=0)
 
 
 def test_report_tables_match_independent_computations(report: Path, runs: dict[Path, dict]):
-    fast = next(r for r, labels in runs.items() if labels["style"] == "none"
-                and labels["correctness"] == "correct")
+    fast = next(
+        r
+        for r, labels in runs.items()
+        if labels["style"] == "none" and labels["correctness"] == "correct"
+    )
     curve = nuclear_curve(fast, "q_proj")
     mad = table(report, "mad").query("run == 'none-correct' and module == 'q_proj'")
     by_segment = dict(zip(mad["segment"], mad["mad"], strict=True))
@@ -73,13 +96,23 @@ def test_report_tables_match_independent_computations(report: Path, runs: dict[P
     assert curves["mean"].to_numpy() == pytest.approx(curve)
     assert (curves["mean_low"] <= curves["mean_high"]).all()
 
-    slow_c, slow_i = (nuclear_curve(next(r for r, labels in runs.items()
-                                         if labels["style"] == "detailed"
-                                         and labels["correctness"] == c), "down_proj",
-                                    leave_out=(5,) if c == "correct" else ())
-                      for c in ("correct", "irrelevant"))
-    rd = table(report, "relative_difference").query(
-        "correct == 'detailed-correct' and module == 'down_proj'").iloc[0]
+    slow_c, slow_i = (
+        nuclear_curve(
+            next(
+                r
+                for r, labels in runs.items()
+                if labels["style"] == "detailed" and labels["correctness"] == c
+            ),
+            "down_proj",
+            leave_out=(5,) if c == "correct" else (),
+        )
+        for c in ("correct", "irrelevant")
+    )
+    rd = (
+        table(report, "relative_difference")
+        .query("correct == 'detailed-correct' and module == 'down_proj'")
+        .iloc[0]
+    )
     # the skipped example 5 of the irrelevant run is left out of the correct run too
     assert rd["examples"] == N - 1
     assert rd["rd"] == pytest.approx(np.mean(np.abs(slow_c - slow_i) / slow_c))
@@ -90,7 +123,8 @@ def test_report_tables_match_independent_computations(report: Path, runs: dict[P
     assert counts.loc["detailed-irrelevant", "skipped"] == 1
     skipped = table(report, "skipped")
     assert skipped[["run", "example_index", "line", "reason"]].values.tolist() == [
-        ["detailed-irrelevant", 5, 6, "empty_response"]]
+        ["detailed-irrelevant", 5, 6, "empty_response"]
+    ]
     assert set(table(report, "runs")["data_sha256"]) == {"cd" * 32}
     assert table(report, "finding_1")["verdict"].tolist() == ["holds"]
     assert table(report, "finding_2")["verdict"].tolist() == ["holds"]
@@ -100,8 +134,15 @@ def test_report_html_and_markdown_are_complete_and_offline(report: Path):
     page = report.read_text()
     assert "<script src" not in page and "<link" not in page  # nothing fetched on load
     assert page.count("Plotly.newPlot") == 1  # one figure: one (model, task) group
-    for heading in ("Findings of the study", "MAD across layers", "Relative differences",
-                    "Skipped examples", "Runs", "Method", "synthetic study"):
+    for heading in (
+        "Findings of the study",
+        "MAD across layers",
+        "Relative differences",
+        "Skipped examples",
+        "Runs",
+        "Method",
+        "synthetic study",
+    ):
         assert heading in page
     markdown = report.with_suffix(".md").read_text()
     assert "holds in 1 of 1" in markdown
@@ -120,12 +161,15 @@ def test_report_cli_labels_runs(runs: dict[Path, dict], tmp_path: Path):
     counts = pd.read_csv(tmp_path / "r_tables" / "examples.csv")
     assert "fast" in counts["run"].tolist()
 
-    bad = CliRunner().invoke(app, ["report", str(first), "--out", str(tmp_path / "b.html"),
-                                   "--label", f"{first}=style:slow"])
+    bad = CliRunner().invoke(
+        app,
+        ["report", str(first), "--out", str(tmp_path / "b.html"), "--label", f"{first}=style:slow"],
+    )
     assert bad.exit_code == 2
     assert "style 'slow' is not one of none, simplified, detailed" in bad.output
-    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope"), "--out",
-                                       str(tmp_path / "c.html")])
+    missing = CliRunner().invoke(
+        app, ["report", str(tmp_path / "nope"), "--out", str(tmp_path / "c.html")]
+    )
     assert missing.exit_code == 2 and "not a gradspec run directory" in missing.output
 
 

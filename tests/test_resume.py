@@ -21,10 +21,13 @@ OPTIONS = dict(limit=40, chunk_size=4, batch_size=2)
 
 
 def _run_in_subprocess(model_dir: Path, out: Path) -> subprocess.Popen:
-    code = ("import sys, gradspec; gradspec.profile(sys.argv[1], sys.argv[2], sys.argv[3], "
-            f"device='cpu', **{OPTIONS!r})")
-    return subprocess.Popen([sys.executable, "-c", code, str(model_dir), str(LONG), str(out)],
-                            stderr=subprocess.DEVNULL)
+    code = (
+        "import sys, gradspec; gradspec.profile(sys.argv[1], sys.argv[2], sys.argv[3], "
+        f"device='cpu', **{OPTIONS!r})"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(model_dir), str(LONG), str(out)], stderr=subprocess.DEVNULL
+    )
 
 
 def _kill_after_first_chunk(process: subprocess.Popen, out: Path) -> int:
@@ -50,8 +53,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
 
     resumed = gradspec.profile(model_dir, LONG, killed, device="cpu", **OPTIONS)
     straight = gradspec.profile(model_dir, LONG, tmp_path / "straight", device="cpu", **OPTIONS)
-    pd.testing.assert_frame_equal(resumed.examples.drop(columns="source"),
-                                  straight.examples.drop(columns="source"))
+    pd.testing.assert_frame_equal(
+        resumed.examples.drop(columns="source"), straight.examples.drop(columns="source")
+    )
     pd.testing.assert_frame_equal(resumed.spectra, straight.spectra)
     assert len(resumed.examples) == 40
     assert not list(killed.rglob("*.tmp"))
@@ -72,16 +76,20 @@ def test_rerun_skips_finished_chunks_and_extends_with_a_larger_limit(tiny_model,
     assert untouched.stat().st_mtime_ns == mtimes[untouched]
     # The partial chunk 4..5 was superseded by the full chunk 4..7.
     assert not (out / "examples" / "part-000000004-000000005.parquet").exists()
-    fresh = gradspec.profile(model_dir, LONG, tmp_path / "fresh", device="cpu", limit=10,
-                             chunk_size=4)
+    fresh = gradspec.profile(
+        model_dir, LONG, tmp_path / "fresh", device="cpu", limit=10, chunk_size=4
+    )
     pd.testing.assert_frame_equal(longer.spectra, fresh.spectra)
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    (dict(modules="mlp"), "modules"),
-    (dict(template="chat"), "template"),
-    (dict(dtype="float64"), "dtype"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (dict(modules="mlp"), "modules"),
+        (dict(template="chat"), "template"),
+        (dict(dtype="float64"), "dtype"),
+    ],
+)
 def test_rerun_with_other_options_is_refused(change, field, tiny_model, tmp_path):
     model_dir, out = tiny_model("llama"), tmp_path / "run"
     gradspec.profile(model_dir, LONG, out, device="cpu", limit=2)
@@ -98,5 +106,6 @@ def test_rerun_with_another_model_or_data_is_refused(tiny_model, tmp_path):
     with pytest.raises(GradspecError, match="model: was"):
         gradspec.profile(tiny_model("qwen2"), LONG, out, device="cpu", limit=2)
     with pytest.raises(GradspecError, match="data_sha256: was"):
-        gradspec.profile(tiny_model("llama"), LONG.with_name("gsm8k_no_cot.json"), out,
-                         device="cpu", limit=2)
+        gradspec.profile(
+            tiny_model("llama"), LONG.with_name("gsm8k_no_cot.json"), out, device="cpu", limit=2
+        )

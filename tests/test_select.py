@@ -35,16 +35,25 @@ def alpaca_array(path: Path, records: list[dict]) -> Path:
 
 def alpaca_jsonl(path: Path, records: list[dict]) -> Path:
     """Unicode kept as is and unusual spacing, so re-serialising could not reproduce it."""
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, separators=(" ,", ":  ")) + "\n"
-                            for r in records))
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False, separators=(" ,", ":  ")) + "\n" for r in records)
+    )
     return path
 
 
 def chat_jsonl(path: Path, records: list[dict]) -> Path:
     """Chat messages, CRLF line ends, no newline after the last line."""
-    lines = [json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
-                                      {"role": "assistant", "content": r["output"]}]})
-             for r in records]
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": r["instruction"]},
+                    {"role": "assistant", "content": r["output"]},
+                ]
+            }
+        )
+        for r in records
+    ]
     path.write_bytes("\r\n".join(lines).encode())
     return path
 
@@ -136,7 +145,8 @@ def test_unscored_examples_are_dropped_with_their_reason(tiny_model, tmp_path):
         "dropped: no ifd score (profile with --ifd to record it)",
         "dropped: the profile skipped it (empty_response)",
         "dropped: no ifd score (profile with --ifd to record it)",
-        "dropped: not profiled in this run (beyond its --limit, or the run is unfinished)"]
+        "dropped: not profiled in this run (beyond its --limit, or the run is unfinished)",
+    ]
     assert (tmp_path / "out.json").read_text() == "[]"
     report = select(run, data, tmp_path / "out.json", keep="5", by="loss").report
     assert report["kept"].tolist() == [True, False, True, False]
@@ -172,8 +182,9 @@ def test_empty_and_one_example_runs(tiny_model, tmp_path):
 
 def test_diverse_selection_keeps_n_from_the_quality_pool(profiled, tmp_path):
     data, run = profiled["chat.jsonl"]
-    report = select(run, data, tmp_path / "out.jsonl", keep="2", by="loss", diverse=True,
-                    pool=2.0).report
+    report = select(
+        run, data, tmp_path / "out.jsonl", keep="2", by="loss", diverse=True, pool=2.0
+    ).report
     kept = report[report["kept"]]
     assert len(kept) == 2 and kept["rank"].max() <= 4
     in_pool = report[(report["rank"] <= 4) & ~report["kept"]]
@@ -181,9 +192,18 @@ def test_diverse_selection_keeps_n_from_the_quality_pool(profiled, tmp_path):
     assert report.loc[report["rank"] > 4, "reason"].str.contains("outside the best 4").all()
 
 
-@pytest.mark.parametrize(("keep", "n", "expected"), [
-    ("3", 10, 3), ("30", 10, 10), ("0.25", 10, 3), ("0.2", 10, 2), ("1.0", 7, 7),
-    ("0.5", 0, 0), ("1", 5, 1)])
+@pytest.mark.parametrize(
+    ("keep", "n", "expected"),
+    [
+        ("3", 10, 3),
+        ("30", 10, 10),
+        ("0.25", 10, 3),
+        ("0.2", 10, 2),
+        ("1.0", 7, 7),
+        ("0.5", 0, 0),
+        ("1", 5, 1),
+    ],
+)
 def test_parse_keep(keep, n, expected):
     assert parse_keep(keep, n) == expected
 
@@ -227,25 +247,53 @@ def test_json_array_layout_of_every_shared_file_round_trips():
     for path in sorted(SHARED_DATA.rglob("*.json")):
         text = path.read_text(encoding="utf-8")
         records = json.loads(text)
-        layouts = [dict(indent=indent, ensure_ascii=ascii_only)
-                   for indent in (2, 4) for ascii_only in (True, False)
-                   if json.dumps(records, indent=indent, ensure_ascii=ascii_only) == text]
+        layouts = [
+            dict(indent=indent, ensure_ascii=ascii_only)
+            for indent in (2, 4)
+            for ascii_only in (True, False)
+            if json.dumps(records, indent=indent, ensure_ascii=ascii_only) == text
+        ]
         assert layouts, path
         raws = [ex.raw for ex in gradspec.load_examples(path)]
         assert render_json_array(text, raws, raws) == text, path
         picked = [1, 4, len(raws) - 1]
         assert render_json_array(text, raws, [raws[i] for i in picked]) == json.dumps(
-            [records[i] for i in picked], **layouts[0]), path
+            [records[i] for i in picked], **layouts[0]
+        ), path
 
 
 def test_cli_select(profiled, tmp_path):
     data, run = profiled["alpaca.json"]
-    result = CliRunner().invoke(app, ["select", str(run), "--data", str(data), "--keep", "4",
-                                      "--by", "nuclear_norm", "--out", str(tmp_path / "k.json"),
-                                      "--diverse"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "select",
+            str(run),
+            "--data",
+            str(data),
+            "--keep",
+            "4",
+            "--by",
+            "nuclear_norm",
+            "--out",
+            str(tmp_path / "k.json"),
+            "--diverse",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(json.loads((tmp_path / "k.json").read_text())) == 4
     assert "kept 4 of 8" in result.output
-    result = CliRunner().invoke(app, ["select", str(run), "--data", str(GSM8K), "--keep", "4",
-                                      "--out", str(tmp_path / "k.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "select",
+            str(run),
+            "--data",
+            str(GSM8K),
+            "--keep",
+            "4",
+            "--out",
+            str(tmp_path / "k.json"),
+        ],
+    )
     assert result.exit_code == 2 and "not the data this run profiled" in result.output

@@ -19,20 +19,27 @@ def explicit_statistics(gradient: np.ndarray) -> dict[str, float]:
     s = np.linalg.svd(gradient, compute_uv=False)
     kept = s[s > s[0] * 1e-7]
     p = kept / kept.sum()
-    return {"nuclear_norm": s.sum(), "spectral_norm": s.max(),
-            "frobenius_norm": np.linalg.norm(gradient, "fro"),
-            "effective_rank": np.exp(-(p * np.log(p)).sum())}
+    return {
+        "nuclear_norm": s.sum(),
+        "spectral_norm": s.max(),
+        "frobenius_norm": np.linalg.norm(gradient, "fro"),
+        "effective_rank": np.exp(-(p * np.log(p)).sum()),
+    }
 
 
-@pytest.mark.parametrize(("tokens", "d_out", "d_in", "full"), [
-    (7, 40, 30, False),    # factor route, T < both dims
-    (25, 30, 64, False),   # factor route, d_out < d_in
-    (200, 30, 64, True),   # full route, T far above both dims
-    (300, 64, 16, True),   # full route, wide gradient (taken in its tall orientation)
-    (1, 16, 16, False),    # a single token: rank one
-])
-def test_singular_values_match_explicit_gradient(tokens: int, d_out: int, d_in: int,
-                                                 full: bool) -> None:
+@pytest.mark.parametrize(
+    ("tokens", "d_out", "d_in", "full"),
+    [
+        (7, 40, 30, False),  # factor route, T < both dims
+        (25, 30, 64, False),  # factor route, d_out < d_in
+        (200, 30, 64, True),  # full route, T far above both dims
+        (300, 64, 16, True),  # full route, wide gradient (taken in its tall orientation)
+        (1, 16, 16, False),  # a single token: rank one
+    ],
+)
+def test_singular_values_match_explicit_gradient(
+    tokens: int, d_out: int, d_in: int, full: bool
+) -> None:
     generator = torch.Generator().manual_seed(tokens + d_out)
     g = torch.randn(tokens, d_out, generator=generator, dtype=torch.float64)
     x = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64)
@@ -62,8 +69,9 @@ def test_rank_deficient_gradient_counts_only_nonzero_singular_values() -> None:
     x_rows = torch.randn(2, 20, dtype=torch.float64)
     g_rows = torch.randn(2, 24, dtype=torch.float64)
     x = x_rows[[0, 1, 0, 1, 0, 1]]
-    g = g_rows[[0, 1, 0, 1, 0, 1]] * torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]],
-                                                     dtype=torch.float64)
+    g = g_rows[[0, 1, 0, 1, 0, 1]] * torch.tensor(
+        [[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]], dtype=torch.float64
+    )
     full = (g.T @ x).numpy()
     s = np.linalg.svd(full, compute_uv=False)[:2]
     p = s / s.sum()
@@ -84,5 +92,9 @@ def test_statistics_of_known_spectrum_and_top_k() -> None:
 
 def test_zero_gradient_has_zero_statistics() -> None:
     stats = spectrum_statistics(np.zeros(5))
-    assert stats == {"nuclear_norm": 0.0, "spectral_norm": 0.0, "frobenius_norm": 0.0,
-                     "effective_rank": 0.0}
+    assert stats == {
+        "nuclear_norm": 0.0,
+        "spectral_norm": 0.0,
+        "frobenius_norm": 0.0,
+        "effective_rank": 0.0,
+    }

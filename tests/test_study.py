@@ -36,13 +36,13 @@ label = "tiny"
 path = "{model}"
 
 [[datasets]]
-path = "{REASONING / 'correct' / 'gsm8k_no_cot.json'}"
+path = "{REASONING / "correct" / "gsm8k_no_cot.json"}"
 task = "gsm8k"
 style = "none"
 correctness = "correct"
 
 [[datasets]]
-path = "{REASONING / 'correct' / 'gsm8k_with_cot_gpt4o.json'}"
+path = "{REASONING / "correct" / "gsm8k_with_cot_gpt4o.json"}"
 task = "gsm8k"
 style = "detailed"
 correctness = "correct"
@@ -56,7 +56,8 @@ def part_times(run: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_interrupted_study_resumes_without_recomputing(
-        tiny_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    tiny_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     spec = load_study(write_study(tmp_path / "study.toml", tiny_model("llama")))
     real_profile = study_module.profile
     calls: list[Path] = []
@@ -72,18 +73,26 @@ def test_interrupted_study_resumes_without_recomputing(
     with pytest.raises(KeyboardInterrupt):
         run_study(spec, out)
     record = json.loads((out / "study.json").read_text())["cells"]
-    assert [cell["name"] for cell in record] == ["tiny/gsm8k-none-correct",
-                                                 "tiny/gsm8k-detailed-correct"]
+    assert [cell["name"] for cell in record] == [
+        "tiny/gsm8k-none-correct",
+        "tiny/gsm8k-detailed-correct",
+    ]
     assert record[0]["inputs"] is not None and record[1]["inputs"] is None
-    assert record[1]["labels"] == {"name": "tiny/gsm8k-detailed-correct", "model": "tiny",
-                                   "task": "gsm8k", "style": "detailed",
-                                   "correctness": "correct", "domain": "reasoning"}
+    assert record[1]["labels"] == {
+        "name": "tiny/gsm8k-detailed-correct",
+        "model": "tiny",
+        "task": "gsm8k",
+        "style": "detailed",
+        "correctness": "correct",
+        "domain": "reasoning",
+    }
     first = out / "runs" / "tiny" / "gsm8k-none-correct"
     before = part_times(first)
 
     calls.clear()
-    result = CliRunner().invoke(app, ["study", str(tmp_path / "study.toml"), "--out", str(out),
-                                      "--bootstrap", "50"])
+    result = CliRunner().invoke(
+        app, ["study", str(tmp_path / "study.toml"), "--out", str(out), "--bootstrap", "50"]
+    )
     assert result.exit_code == 0, result.output
     assert "1 cells; 1 already done" in result.output
     assert calls == [out / "runs" / "tiny" / "gsm8k-detailed-correct"]
@@ -106,33 +115,41 @@ def test_interrupted_study_resumes_without_recomputing(
 
 
 BAD_STUDIES = [
-    ("[modles]", "unknown key modles (allowed: title, data_dir, profile, models, "
-     "datasets)"),
-    ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyel = 'none'", "datasets[2]: unknown key "
-     "styel"),
-    ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyle = 'slow'", "datasets[2]: style 'slow' "
-     "is not one of none, simplified, detailed"),
-    ("[[datasets]]\npath = '/no/such/file.json'\ntask = 'x'", "datasets[2]: data path "
-     "/no/such/file.json does not exist"),
-    ("[[datasets]]\npath = '{data}'\nstyle = 'none'", "datasets[2]: 'task' must be a "
-     "non-empty string"),
-    ("[[datasets]]\npath = '{data}'\ntask = 'gsm8k'\nstyle = 'none'\ncorrectness = 'correct'",
-     "dataset label gsm8k-none-correct is used twice"),
-    ("[[models]]\nlabel = 'other'\npath = '/no/model'", "models[1]: model 'other': /no/model "
-     "is not a local checkpoint directory"),
+    ("[modles]", "unknown key modles (allowed: title, data_dir, profile, models, datasets)"),
+    ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyel = 'none'", "datasets[2]: unknown key styel"),
+    (
+        "[[datasets]]\npath = '{data}'\ntask = 'x'\nstyle = 'slow'",
+        "datasets[2]: style 'slow' is not one of none, simplified, detailed",
+    ),
+    (
+        "[[datasets]]\npath = '/no/such/file.json'\ntask = 'x'",
+        "datasets[2]: data path /no/such/file.json does not exist",
+    ),
+    (
+        "[[datasets]]\npath = '{data}'\nstyle = 'none'",
+        "datasets[2]: 'task' must be a non-empty string",
+    ),
+    (
+        "[[datasets]]\npath = '{data}'\ntask = 'gsm8k'\nstyle = 'none'\ncorrectness = 'correct'",
+        "dataset label gsm8k-none-correct is used twice",
+    ),
+    (
+        "[[models]]\nlabel = 'other'\npath = '/no/model'",
+        "models[1]: model 'other': /no/model is not a local checkpoint directory",
+    ),
     ("[[models]]\nlabel = 'a b'\npath = '{model}'", "label 'a b' may hold only letters"),
-    ("[[models]]\nlabel = 'c'\npath = '{model}'\ntemplate = 'alpaca'", "template 'alpaca' "
-     "is not plain or chat"),
+    (
+        "[[models]]\nlabel = 'c'\npath = '{model}'\ntemplate = 'alpaca'",
+        "template 'alpaca' is not plain or chat",
+    ),
 ]
 
 
 @pytest.mark.parametrize("extra,message", BAD_STUDIES)
-def test_bad_study_files_give_clear_errors(tiny_model, tmp_path: Path, extra: str,
-                                           message: str):
+def test_bad_study_files_give_clear_errors(tiny_model, tmp_path: Path, extra: str, message: str):
     model = tiny_model("llama")
     data = REASONING / "correct" / "aqua_no_cot.json"
-    path = write_study(tmp_path / "study.toml", model,
-                       extra.format(data=data, model=model))
+    path = write_study(tmp_path / "study.toml", model, extra.format(data=data, model=model))
     with pytest.raises(GradspecError) as caught:
         load_study(path)
     assert message in str(caught.value)
@@ -147,7 +164,7 @@ def test_dataset_paths_are_relative_to_data_dir(tiny_model, tmp_path: Path):
 data_dir = "{relative}"
 [[models]]
 label = "tiny"
-path = "{tiny_model('llama')}"
+path = "{tiny_model("llama")}"
 [[datasets]]
 path = "reasoning_cot/correct/gsm8k_no_cot.json"
 task = "gsm8k"
@@ -187,8 +204,11 @@ def test_study_out_must_be_empty_or_a_study(tiny_model, tmp_path: Path):
 
 
 def test_shipped_fast_slow_study_covers_the_published_design(tiny_model):
-    spec = load_study(REPO / "studies" / "fast_slow.toml",
-                      models={"tiny": str(tiny_model("llama"))}, data_dir=SHARED_DATA)
+    spec = load_study(
+        REPO / "studies" / "fast_slow.toml",
+        models={"tiny": str(tiny_model("llama"))},
+        data_dir=SHARED_DATA,
+    )
     assert [m.label for m in spec.models] == ["tiny"]
     assert spec.profile["limit"] == 50
     labels = pd.DataFrame([d.labels for d in spec.datasets])

@@ -15,5 +15,12 @@ from .engine import profile
 from .errors import DataError, GradspecError
 from .store import load_run
 
-__all__ = ["DataError", "GradspecError", "__version__", "encode", "load_examples", "load_run",
-           "profile"]
+__all__ = [
+    "DataError",
+    "GradspecError",
+    "__version__",
+    "encode",
+    "load_examples",
+    "load_run",
+    "profile",
+]

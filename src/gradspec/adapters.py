@@ -22,18 +22,33 @@ MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "fc_in", "fc
 
 # Leaf names used by transformers' architectures, mapped to canonical names.
 CANONICAL_NAMES = {
-    "q_proj": "q_proj", "query": "q_proj",
-    "k_proj": "k_proj", "key": "k_proj",
-    "v_proj": "v_proj", "value": "v_proj",
-    "o_proj": "o_proj", "out_proj": "o_proj",
-    "qkv_proj": "qkv_proj", "c_attn": "qkv_proj", "query_key_value": "qkv_proj",
-    "Wqkv": "qkv_proj", "W_pack": "qkv_proj",
-    "gate_proj": "gate_proj", "w1": "gate_proj",
-    "up_proj": "up_proj", "w3": "up_proj",
+    "q_proj": "q_proj",
+    "query": "q_proj",
+    "k_proj": "k_proj",
+    "key": "k_proj",
+    "v_proj": "v_proj",
+    "value": "v_proj",
+    "o_proj": "o_proj",
+    "out_proj": "o_proj",
+    "qkv_proj": "qkv_proj",
+    "c_attn": "qkv_proj",
+    "query_key_value": "qkv_proj",
+    "Wqkv": "qkv_proj",
+    "W_pack": "qkv_proj",
+    "gate_proj": "gate_proj",
+    "w1": "gate_proj",
+    "up_proj": "up_proj",
+    "w3": "up_proj",
     "gate_up_proj": "gate_up_proj",
-    "down_proj": "down_proj", "w2": "down_proj",
-    "c_fc": "fc_in", "fc1": "fc_in", "fc_in": "fc_in", "dense_h_to_4h": "fc_in",
-    "fc2": "fc_out", "fc_out": "fc_out", "dense_4h_to_h": "fc_out",
+    "down_proj": "down_proj",
+    "w2": "down_proj",
+    "c_fc": "fc_in",
+    "fc1": "fc_in",
+    "fc_in": "fc_in",
+    "dense_h_to_4h": "fc_in",
+    "fc2": "fc_out",
+    "fc_out": "fc_out",
+    "dense_4h_to_h": "fc_out",
 }
 # Leaf names that mean the attention output in an attention block, the MLP output elsewhere.
 OUTPUT_NAMES = {"c_proj", "dense"}
@@ -54,8 +69,9 @@ class Target:
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The (name, ModuleList) of decoder layers: one entry per hidden layer of the config."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
     n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     for name, modules in lists:
@@ -65,8 +81,10 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         uniform = [(n, m) for n, m in lists if len({type(x) for x in m}) == 1]
         if uniform:
             return max(uniform, key=lambda item: len(item[1]))
-    raise GradspecError(f"could not find the decoder layers of {type(model).__name__}: "
-                        "no ModuleList with one block per hidden layer")
+    raise GradspecError(
+        f"could not find the decoder layers of {type(model).__name__}: "
+        "no ModuleList with one block per hidden layer"
+    )
 
 
 def canonical_module_name(relative_name: str) -> str:
@@ -109,13 +127,21 @@ def find_targets(model: nn.Module, modules: str = "all") -> list[Target]:
                 continue
             name = canonical_module_name(relative)
             param = f"{layers_name}.{layer_index}.{relative}.weight"
-            target = Target(param, layer_index, name, module_kind(name, relative), module,
-                            gradient_shape(module))
+            target = Target(
+                param,
+                layer_index,
+                name,
+                module_kind(name, relative),
+                module,
+                gradient_shape(module),
+            )
             if _selected(target, modules):
                 targets.append(target)
     if not targets:
-        raise GradspecError(f"--modules '{modules}' selects no weight matrix in the decoder "
-                            f"layers of {type(model).__name__}")
+        raise GradspecError(
+            f"--modules '{modules}' selects no weight matrix in the decoder "
+            f"layers of {type(model).__name__}"
+        )
     return targets
 
 
@@ -127,5 +153,6 @@ def _selected(target: Target, modules: str) -> bool:
     try:
         return re.search(modules, target.param) is not None
     except re.error as exc:
-        raise GradspecError(f"--modules '{modules}' is not a valid regular expression: {exc}"
-                            ) from None
+        raise GradspecError(
+            f"--modules '{modules}' is not a valid regular expression: {exc}"
+        ) from None

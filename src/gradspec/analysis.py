@@ -84,30 +84,35 @@ def statistic_values(tables: RunTables, statistic: str) -> pd.Series:
         if statistic == "spectral_ratio":
             return spectra["spectral_norm"] / spectra["nuclear_norm"]
         if statistic == "nuclear_per_loss":
-            loss = spectra["example_index"].map(
-                tables.examples.set_index("example_index")["loss"])
+            loss = spectra["example_index"].map(tables.examples.set_index("example_index")["loss"])
             return spectra["nuclear_norm"] / loss.astype(float)
     raise GradspecError(f"unknown statistic '{statistic}' (use one of {', '.join(STATISTICS)})")
 
 
-def layer_values(tables: RunTables, module: str, statistic: str = "nuclear_norm"
-                 ) -> LayerValues:
+def layer_values(tables: RunTables, module: str, statistic: str = "nuclear_norm") -> LayerValues:
     """Examples x layers matrix of ``statistic`` for ``module``, without non-finite rows."""
     rows = tables.spectra["module"] == module
-    frame = pd.DataFrame({"example_index": tables.spectra.loc[rows, "example_index"],
-                          "layer": tables.spectra.loc[rows, "layer"],
-                          "value": statistic_values(tables, statistic)[rows]})
+    frame = pd.DataFrame(
+        {
+            "example_index": tables.spectra.loc[rows, "example_index"],
+            "layer": tables.spectra.loc[rows, "layer"],
+            "value": statistic_values(tables, statistic)[rows],
+        }
+    )
     if frame.empty:
         raise GradspecError(f"module '{module}' has no spectra in this run")
     try:
         wide = frame.pivot(index="example_index", columns="layer", values="value")
     except ValueError:
-        raise GradspecError(f"module '{module}' has several matrices per layer; "
-                            "profile with --modules selecting one of them") from None
+        raise GradspecError(
+            f"module '{module}' has several matrices per layer; "
+            "profile with --modules selecting one of them"
+        ) from None
     matrix = wide.to_numpy(dtype=float)
     finite = np.isfinite(matrix).all(axis=1)
-    return LayerValues(matrix[finite], wide.index.to_numpy()[finite], wide.columns.to_numpy(),
-                       int((~finite).sum()))
+    return LayerValues(
+        matrix[finite], wide.index.to_numpy()[finite], wide.columns.to_numpy(), int((~finite).sum())
+    )
 
 
 def paired(values: Sequence[LayerValues]) -> list[LayerValues]:
@@ -135,8 +140,9 @@ def layer_split(n_layers: int, rule: str = "thirds") -> tuple[int, int]:
     try:
         b1, b2 = (int(part) for part in rule.split(","))
     except ValueError:
-        raise GradspecError(f"layer split '{rule}': use thirds, study, or two layer numbers "
-                            "'b1,b2'") from None
+        raise GradspecError(
+            f"layer split '{rule}': use thirds, study, or two layer numbers 'b1,b2'"
+        ) from None
     if not 0 < b1 < b2 < n_layers:
         raise GradspecError(f"layer split '{rule}': need 0 < b1 < b2 < {n_layers} layers")
     return b1, b2
@@ -145,8 +151,12 @@ def layer_split(n_layers: int, rule: str = "thirds") -> tuple[int, int]:
 def segment_slices(n_layers: int, rule: str = "thirds") -> dict[str, slice]:
     """Layer slices of the whole network and of its early, middle and late parts."""
     b1, b2 = layer_split(n_layers, rule)
-    return {"all": slice(0, n_layers), "early": slice(0, b1), "middle": slice(b1, b2),
-            "late": slice(b2, n_layers)}
+    return {
+        "all": slice(0, n_layers),
+        "early": slice(0, b1),
+        "middle": slice(b1, b2),
+        "late": slice(b2, n_layers),
+    }
 
 
 def mad(curve: np.ndarray) -> np.ndarray | float:
@@ -162,8 +172,9 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     return (np.abs(a - b) / denominator).mean(axis=-1)
 
 
-def largest_difference_layers(a: np.ndarray, b: np.ndarray, layers: np.ndarray,
-                              top: int = TOP_LAYERS) -> list[int]:
+def largest_difference_layers(
+    a: np.ndarray, b: np.ndarray, layers: np.ndarray, top: int = TOP_LAYERS
+) -> list[int]:
     """The layers where |a - b| / |a| is largest, largest first."""
     per_layer = np.abs(a - b) / np.where(a == 0, ZERO_DENOMINATOR, np.abs(a))
     return [int(layers[i]) for i in np.argsort(-per_layer, kind="stable")[:top]]
@@ -172,9 +183,14 @@ def largest_difference_layers(a: np.ndarray, b: np.ndarray, layers: np.ndarray,
 # ---------------------------------------------------------------- uncertainty
 
 
-def bootstrap(groups: Sequence[Sequence[LayerValues]], statistic: Callable[[Curves], object],
-              n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-              floor: float | Sequence[float] = -np.inf) -> Estimate:
+def bootstrap(
+    groups: Sequence[Sequence[LayerValues]],
+    statistic: Callable[[Curves], object],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    floor: float | Sequence[float] = -np.inf,
+) -> Estimate:
     """``statistic`` of the mean curves, with a basic (reverse-percentile) bootstrap interval.
 
     Each group holds runs on the same examples (see :func:`paired`); a replicate draws the
@@ -196,13 +212,13 @@ def bootstrap(groups: Sequence[Sequence[LayerValues]], statistic: Callable[[Curv
             raise GradspecError("no example left to bootstrap (all were skipped or dropped)")
         weights = resampling_weights(rng, n, n_boot)
         replicates.extend(weights @ run.values for run in group)
-    value = np.asarray(statistic([run.curve() for group in groups for run in group]),
-                       dtype=float)
+    value = np.asarray(statistic([run.curve() for group in groups for run in group]), dtype=float)
     tail = 100 * (1 - level) / 2
     with warnings.catch_warnings():  # a part without a MAD is NaN in every replicate
         warnings.simplefilter("ignore", RuntimeWarning)
-        upper, lower = np.nanpercentile(np.asarray(statistic(replicates), dtype=float),
-                                        [100 - tail, tail], axis=0)
+        upper, lower = np.nanpercentile(
+            np.asarray(statistic(replicates), dtype=float), [100 - tail, tail], axis=0
+        )
     low = np.maximum(2 * value - upper, floor)
     high = np.maximum(2 * value - lower, floor)
     return Estimate(value[()], low[()], high[()])
@@ -214,9 +230,13 @@ def resampling_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndar
     return np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n) / n
 
 
-def permutation_test(first: Sequence[LayerValues], second: Sequence[LayerValues],
-                     statistic: Callable[[Curves], object], n_perm: int = 2000,
-                     seed: int = 0) -> float:
+def permutation_test(
+    first: Sequence[LayerValues],
+    second: Sequence[LayerValues],
+    statistic: Callable[[Curves], object],
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> float:
     """p-value that paired runs differ: swap first[i] and second[i] for random examples.
 
     ``first`` and ``second`` are lists of paired runs (for instance one per module) on the
@@ -244,5 +264,7 @@ def module_mean(per_module: Callable[[np.ndarray], object]) -> Callable[[Curves]
 def mean_relative_difference(curves: Curves) -> object:
     """Module-averaged relative difference: curves are [a_1..a_m, b_1..b_m]."""
     half = len(curves) // 2
-    return np.mean([relative_difference(a, b)
-                    for a, b in zip(curves[:half], curves[half:], strict=True)], axis=0)
+    return np.mean(
+        [relative_difference(a, b) for a, b in zip(curves[:half], curves[half:], strict=True)],
+        axis=0,
+    )

@@ -68,18 +68,23 @@ class SpectraCapture:
         examples = self.token_mask.shape[0]
         empty = (torch.zeros(examples, 1), torch.ones(examples, dtype=torch.bool))
         self.input_factors.clear()
-        return [TargetResult(*(t.detach().cpu().numpy() for t in self.results.get(i, empty)))
-                for i in range(len(self.targets))]
+        return [
+            TargetResult(*(t.detach().cpu().numpy() for t in self.results.get(i, empty)))
+            for i in range(len(self.targets))
+        ]
 
-    def _keep_input(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
-                    ) -> torch.Tensor | None:
+    def _keep_input(
+        self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
         """Keep X; make the output a point the backward reaches (the first targets' outputs
         become its leaves, so nothing upstream of them is differentiated)."""
         if not torch.is_grad_enabled():  # a forward-only pass, such as the IFD denominator
             return None
         if index in self.inputs:
-            raise RuntimeError(f"{self.targets[index].param} ran twice in one forward pass; "
-                               "weight sharing inside a layer is not supported")
+            raise RuntimeError(
+                f"{self.targets[index].param} ran twice in one forward pass; "
+                "weight sharing inside a layer is not supported"
+            )
         self.inputs[index] = inputs[0].detach()
         if not output.requires_grad:
             output = output.requires_grad_(True)
@@ -109,4 +114,3 @@ class SpectraCapture:
         if key not in self.input_factors:
             self.input_factors[key] = (x, token_factor(xs))
         return self.input_factors[key][1]
-

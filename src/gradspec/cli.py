@@ -26,8 +26,11 @@ from rich.text import Text
 
 from .errors import GradspecError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Per-example, per-layer gradient spectra of causal LMs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Per-example, per-layer gradient spectra of causal LMs.",
+)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,9 +44,12 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option(
-        "--version", callback=_show_version, is_eager=True, help="Show the version.")] = False
-         ) -> None:
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
     """Per-example, per-layer gradient spectra of causal LMs."""
 
 
@@ -73,8 +79,15 @@ class RateColumn(ProgressColumn):
 @contextmanager
 def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, int], None]]:
     """A Rich progress bar; yields a ``progress(done, total)`` callback for the engine."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(description, total=None, unit=unit)
 
@@ -93,45 +106,72 @@ def profile(
     template: Annotated[str, typer.Option(help="plain or chat.")] = "plain",
     modules: Annotated[str, typer.Option(help="all, attn, mlp, or a regex on names.")] = "all",
     limit: Annotated[int | None, typer.Option(help="Profile the first N examples.")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        help="Examples per batch; default: as many of similar length (padding <= 10%) "
-             "as fit --token-budget.")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Examples per batch; default: as many of similar length (padding <= 10%) "
+            "as fit --token-budget."
+        ),
+    ] = None,
     token_budget: Annotated[int, typer.Option(help="Padded tokens per batch.")] = 4096,
     max_length: Annotated[int | None, typer.Option(help="Truncate examples to L tokens.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        help="Model dtype: auto, float32, bfloat16, float16, float64.")] = "auto",
-    spectra_dtype: Annotated[str, typer.Option(
-        help="Spectra precision: auto (float32; float64 for float64 models), float32, float64."
-    )] = "auto",
-    method: Annotated[str, typer.Option(
-        help="fast, or reference (the published per-example full-SVD algorithm).")] = "fast",
+    dtype: Annotated[
+        str, typer.Option(help="Model dtype: auto, float32, bfloat16, float16, float64.")
+    ] = "auto",
+    spectra_dtype: Annotated[
+        str,
+        typer.Option(
+            help="Spectra precision: auto (float32; float64 for float64 models), float32, float64."
+        ),
+    ] = "auto",
+    method: Annotated[
+        str, typer.Option(help="fast, or reference (the published per-example full-SVD algorithm).")
+    ] = "fast",
     top_k: Annotated[int, typer.Option(help="Also store the K largest singular values.")] = 0,
-    ifd: Annotated[bool, typer.Option(
-        help="Also record the response-only loss and IFD (one extra forward).")] = False,
+    ifd: Annotated[
+        bool, typer.Option(help="Also record the response-only loss and IFD (one extra forward).")
+    ] = False,
     padding_side: Annotated[str, typer.Option(help="left or right.")] = "right",
 ) -> None:
     """Profile per-example gradient spectra of every decoder-layer matrix into RUN_DIR."""
     from .engine import profile as run_profile
 
     with progress_bar("profiling") as update:
-        tables = run_profile(model, data, out, device=device, progress=update,
-                             template=template, modules=modules, limit=limit,
-                             batch_size=batch_size, token_budget=token_budget,
-                             max_length=max_length, dtype=dtype, spectra_dtype=spectra_dtype,
-                             method=method, top_k=top_k, ifd=ifd, padding_side=padding_side)
+        tables = run_profile(
+            model,
+            data,
+            out,
+            device=device,
+            progress=update,
+            template=template,
+            modules=modules,
+            limit=limit,
+            batch_size=batch_size,
+            token_budget=token_budget,
+            max_length=max_length,
+            dtype=dtype,
+            spectra_dtype=spectra_dtype,
+            method=method,
+            top_k=top_k,
+            ifd=ifd,
+            padding_side=padding_side,
+        )
     statuses = tables.examples["status"].value_counts().to_dict()
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
-    console.print(f"[green]done:[/] {summary or 'no examples'}; "
-                  f"{len(tables.spectra)} spectra rows in {out}")
+    console.print(
+        f"[green]done:[/] {summary or 'no examples'}; {len(tables.spectra)} spectra rows in {out}"
+    )
 
 
 @app.command()
 @user_errors_exit_cleanly
 def score(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
-    out: Annotated[Path | None, typer.Option(
-        help="Scores table, .parquet or .csv; default RUN_DIR/scores.parquet.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Scores table, .parquet or .csv; default RUN_DIR/scores.parquet."),
+    ] = None,
 ) -> None:
     """Score every example: nuclear norms, effective rank, layer MAD, loss, IFD and flag."""
     from .quality import SCORES, example_scores, save_table
@@ -142,7 +182,7 @@ def score(
     table = Table("score", "scored", "median", "10%", "90%", title="per-example scores")
     for name in SCORES:
         values = scores[name].dropna()
-        quantiles = [f"{values.quantile(q):.4g}" if len(values) else "-" for q in (.5, .1, .9)]
+        quantiles = [f"{values.quantile(q):.4g}" if len(values) else "-" for q in (0.5, 0.1, 0.9)]
         table.add_row(name, str(len(values)), *quantiles)
     console.print(table)
     console.print(f"[green]done:[/] {len(scores)} examples scored into {path}")
@@ -152,11 +192,17 @@ def score(
 @user_errors_exit_cleanly
 def flag(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
-    labels: Annotated[Path | None, typer.Option(
-        help="CSV of example_id (or example_index) and label (1 = does not answer its "
-             "instruction, 0 = good) to calibrate a probability.")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="Full ranking, .parquet or .csv; default RUN_DIR/flags.parquet.")] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of example_id (or example_index) and label (1 = does not answer its "
+            "instruction, 0 = good) to calibrate a probability."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Full ranking, .parquet or .csv; default RUN_DIR/flags.parquet."),
+    ] = None,
     top: Annotated[int, typer.Option(help="Show the N most suspect examples.")] = 20,
 ) -> None:
     """Rank the examples whose responses most likely do not answer their instruction."""
@@ -166,13 +212,25 @@ def flag(
     scores = example_scores(load_run(run_dir))
     ranking = flag_ranking(scores, read_labels(labels, scores) if labels else None)
     path = save_table(ranking, out or run_dir / "flags.parquet")
-    table = Table("rank", "example", "source:line", "flag", "percentile", "probability",
-                  title="most suspect examples")
+    table = Table(
+        "rank",
+        "example",
+        "source:line",
+        "flag",
+        "percentile",
+        "probability",
+        title="most suspect examples",
+    )
     for row in ranking.head(top).itertuples():
         probability = "-" if math.isnan(row.probability) else f"{row.probability:.3f}"
-        table.add_row(str(row.rank), str(row.example_index),
-                      f"{Path(row.source).name}:{row.source_line}", f"{row.flag:+.3f}",
-                      f"{row.flag_pct:.3f}", probability)
+        table.add_row(
+            str(row.rank),
+            str(row.example_index),
+            f"{Path(row.source).name}:{row.source_line}",
+            f"{row.flag:+.3f}",
+            f"{row.flag_pct:.3f}",
+            probability,
+        )
     console.print(table)
     console.print(f"[green]done:[/] {len(ranking)} examples ranked into {path}")
 
@@ -183,28 +241,42 @@ def select(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
     data: Annotated[str, typer.Option(help="The data the run profiled (file, directory, glob).")],
     keep: Annotated[str, typer.Option(help="A count N, or a fraction in (0, 1].")],
-    out: Annotated[Path, typer.Option(
-        help="Output file in the input's format; a directory for several input files.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output file in the input's format; a directory for several input files."
+        ),
+    ],
     by: Annotated[str, typer.Option(help="Score to rank by (see `gradspec score`).")] = "flag",
-    prefer: Annotated[str | None, typer.Option(
-        help="Keep the low or high end; default: the less suspect end of the score.")] = None,
-    diverse: Annotated[bool, typer.Option(
-        help="Pick a covering subset of the best by greedy facility location.")] = False,
-    pool: Annotated[float, typer.Option(
-        help="With --diverse: choose among the best POOL x N examples.")] = 2.0,
-    sidecar: Annotated[Path | None, typer.Option(
-        help="Why each example was kept or dropped (.csv or .parquet); default beside --out."
-    )] = None,
+    prefer: Annotated[
+        str | None,
+        typer.Option(help="Keep the low or high end; default: the less suspect end of the score."),
+    ] = None,
+    diverse: Annotated[
+        bool, typer.Option(help="Pick a covering subset of the best by greedy facility location.")
+    ] = False,
+    pool: Annotated[
+        float, typer.Option(help="With --diverse: choose among the best POOL x N examples.")
+    ] = 2.0,
+    sidecar: Annotated[
+        Path | None,
+        typer.Option(
+            help="Why each example was kept or dropped (.csv or .parquet); default beside --out."
+        ),
+    ] = None,
 ) -> None:
     """Write the best examples by a score back out in the input's own format."""
     from .selection import select as run_select
 
-    selection = run_select(run_dir, data, out, keep, by=by, prefer=prefer, diverse=diverse,
-                           pool=pool, sidecar=sidecar)
+    selection = run_select(
+        run_dir, data, out, keep, by=by, prefer=prefer, diverse=diverse, pool=pool, sidecar=sidecar
+    )
     kept = int(selection.report["kept"].sum())
     written = ", ".join(str(p) for p in selection.outputs)
-    console.print(f"[green]done:[/] kept {kept} of {len(selection.report)} examples in "
-                  f"{written}; reasons in {selection.sidecar}")
+    console.print(
+        f"[green]done:[/] kept {kept} of {len(selection.report)} examples in "
+        f"{written}; reasons in {selection.sidecar}"
+    )
 
 
 def parse_pairs(values: list[str], option: str) -> dict[str, str]:
@@ -231,12 +303,20 @@ def parse_run_labels(value: str) -> dict[str, str]:
     return labels
 
 
-ReportStatistic = Annotated[str, typer.Option(
-    help="Curves and MAD of: nuclear_norm, spectral_norm, frobenius_norm, effective_rank, "
-         "spectral_ratio (spectral/nuclear) or nuclear_per_loss.")]
-ReportSplit = Annotated[str, typer.Option(
-    help="Early/middle/late boundaries: thirds, study (the study's cuts for 26/28/32/42 "
-         "layers, else thirds) or 'b1,b2'.")]
+ReportStatistic = Annotated[
+    str,
+    typer.Option(
+        help="Curves and MAD of: nuclear_norm, spectral_norm, frobenius_norm, effective_rank, "
+        "spectral_ratio (spectral/nuclear) or nuclear_per_loss."
+    ),
+]
+ReportSplit = Annotated[
+    str,
+    typer.Option(
+        help="Early/middle/late boundaries: thirds, study (the study's cuts for 26/28/32/42 "
+        "layers, else thirds) or 'b1,b2'."
+    ),
+]
 ReportBootstrap = Annotated[int, typer.Option(help="Bootstrap replicates and permutations.")]
 
 
@@ -245,13 +325,19 @@ ReportBootstrap = Annotated[int, typer.Option(help="Bootstrap replicates and per
 def study(
     study_file: Annotated[Path, typer.Argument(help="A study TOML file (see studies/).")],
     out: Annotated[Path, typer.Option(help="Study folder; rerun the command to resume.")],
-    model: Annotated[list[str] | None, typer.Option(
-        help="LABEL=PATH: use this model instead of the file's models (repeatable).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(
-        help="Folder the datasets' paths are relative to, instead of the file's data_dir."
-    )] = None,
-    device: Annotated[str | None, typer.Option(
-        help="Override the study's device: cpu, cuda, cuda:N or auto.")] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="LABEL=PATH: use this model instead of the file's models (repeatable)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder the datasets' paths are relative to, instead of the file's data_dir."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Override the study's device: cpu, cuda, cuda:N or auto.")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Override the study's limit.")] = None,
     statistic: ReportStatistic = "nuclear_norm",
     split: ReportSplit = "thirds",
@@ -262,12 +348,19 @@ def study(
     from .study import load_study, run_study
 
     spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
-    cells = run_study(spec, out, device=device, limit=limit,
-                      progress=lambda cell: progress_bar(cell.name))
+    cells = run_study(
+        spec, out, device=device, limit=limit, progress=lambda cell: progress_bar(cell.name)
+    )
     ran = sum(1 for _, was_run in cells if was_run)
     console.print(f"[green]profiled:[/] {ran} cells; {len(cells) - ran} already done")
-    path = write_report([out], out / "report.html", statistic=statistic, split=split,
-                        n_boot=bootstrap, title=spec.title)
+    path = write_report(
+        [out],
+        out / "report.html",
+        statistic=statistic,
+        split=split,
+        n_boot=bootstrap,
+        title=spec.title,
+    )
     console.print(f"[green]report:[/] {path}")
 
 
@@ -276,9 +369,13 @@ def study(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories and/or study folders.")],
     out: Annotated[Path, typer.Option(help="The HTML file; .md and _tables/*.csv go beside.")],
-    label: Annotated[list[str] | None, typer.Option(
-        help="RUN_DIR=NAME, or RUN_DIR=key:value,... with keys name, model, task, domain, "
-             "style, correctness, length (repeatable).")] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="RUN_DIR=NAME, or RUN_DIR=key:value,... with keys name, model, task, domain, "
+            "style, correctness, length (repeatable)."
+        ),
+    ] = None,
     statistic: ReportStatistic = "nuclear_norm",
     split: ReportSplit = "thirds",
     bootstrap: ReportBootstrap = 2000,
@@ -287,10 +384,12 @@ def report(
     """Write one self-contained HTML report (curves, MAD, differences, findings) of runs."""
     from .report import write_report
 
-    labels = {run: parse_run_labels(value)
-              for run, value in parse_pairs(label or [], "--label").items()}
-    path = write_report(runs, out, labels, statistic=statistic, split=split, n_boot=bootstrap,
-                        title=title)
+    labels = {
+        run: parse_run_labels(value) for run, value in parse_pairs(label or [], "--label").items()
+    }
+    path = write_report(
+        runs, out, labels, statistic=statistic, split=split, n_boot=bootstrap, title=title
+    )
     console.print(f"[green]report:[/] {path}")
 
 

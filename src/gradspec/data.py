@@ -83,8 +83,10 @@ def resolve_data_files(data: str | os.PathLike) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(data), recursive=True) if Path(p).is_file())
     if not files:
-        raise GradspecError(f"no data files found at '{data}' (give a .json/.jsonl file, a "
-                            "directory of them, or a glob)")
+        raise GradspecError(
+            f"no data files found at '{data}' (give a .json/.jsonl file, a "
+            "directory of them, or a glob)"
+        )
     return files
 
 
@@ -119,8 +121,9 @@ def _read_records(path: Path) -> list[tuple[int, Any, str]]:
         try:
             records.append((line_no, json.loads(line), line))
         except json.JSONDecodeError as exc:
-            raise DataError(str(path), line_no, f"malformed JSON: {exc.msg} (column {exc.colno})"
-                            ) from None
+            raise DataError(
+                str(path), line_no, f"malformed JSON: {exc.msg} (column {exc.colno})"
+            ) from None
     return records
 
 
@@ -166,12 +169,18 @@ def _validate(record: Any, path: str, line: int) -> str:
         return _validate_chat(record["messages"], path, line)
     for name in ("instruction", "output"):
         if name not in record:
-            raise DataError(path, line, "missing (an Alpaca record needs 'instruction' and "
-                            "'output'; a chat record needs 'messages')", field=name)
+            raise DataError(
+                path,
+                line,
+                "missing (an Alpaca record needs 'instruction' and "
+                "'output'; a chat record needs 'messages')",
+                field=name,
+            )
     for name in ("instruction", "input", "output"):
         if name in record and not isinstance(record[name], str):
-            raise DataError(path, line, f"expected a string, found {type(record[name]).__name__}",
-                            field=name)
+            raise DataError(
+                path, line, f"expected a string, found {type(record[name]).__name__}", field=name
+            )
     return "alpaca"
 
 
@@ -179,11 +188,15 @@ def _validate_chat(messages: Any, path: str, line: int) -> str:
     if not isinstance(messages, list) or not messages:
         raise DataError(path, line, "expected a non-empty list of messages", field="messages")
     for i, message in enumerate(messages):
-        ok = isinstance(message, dict) and isinstance(message.get("role"), str) \
+        ok = (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
             and isinstance(message.get("content"), str)
+        )
         if not ok:
-            raise DataError(path, line, f"message {i} needs string 'role' and 'content'",
-                            field="messages")
+            raise DataError(
+                path, line, f"message {i} needs string 'role' and 'content'", field="messages"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(path, line, "no assistant turn to use as the response", field="messages")
     return "chat"
@@ -197,15 +210,20 @@ def _alpaca_prompt_body(record: dict[str, Any]) -> str:
     return f"{instruction}\n{extra}" if extra else instruction
 
 
-def encode(tokenizer: Any, example: Example | dict[str, Any], template: str = "plain",
-           max_length: int | None = None) -> tuple[list[int], list[int]]:
+def encode(
+    tokenizer: Any,
+    example: Example | dict[str, Any],
+    template: str = "plain",
+    max_length: int | None = None,
+) -> tuple[list[int], list[int]]:
     """The exact ``(input_ids, labels)`` the engine trains on; prompt labels are -100."""
     encoded = encode_example(tokenizer, _as_example(example), template, max_length)
     return encoded.input_ids, encoded.labels
 
 
-def encode_example(tokenizer: Any, example: Example, template: str = "plain",
-                   max_length: int | None = None) -> Encoded:
+def encode_example(
+    tokenizer: Any, example: Example, template: str = "plain", max_length: int | None = None
+) -> Encoded:
     """Template and tokenize one example, truncating from the right to ``max_length``.
 
     ``plain``: instruction, then "\\n" and input if non-empty, then "\\n", then the response
@@ -225,8 +243,9 @@ def encode_example(tokenizer: Any, example: Example, template: str = "plain",
     return encoded
 
 
-def encode_response_only(tokenizer: Any, example: Example,
-                         max_length: int | None = None) -> Encoded:
+def encode_response_only(
+    tokenizer: Any, example: Example, max_length: int | None = None
+) -> Encoded:
     """The response alone (after BOS where the tokenizer adds one), for the IFD denominator."""
     return _split_encode(tokenizer, "", example.response, True, max_length)
 
@@ -251,14 +270,19 @@ def _chat_texts(tokenizer: Any, example: Example) -> tuple[str, str]:
     return prompt, full
 
 
-def _split_encode(tokenizer: Any, prompt: str, full: str, add_special_tokens: bool,
-                  max_length: int | None) -> Encoded:
+def _split_encode(
+    tokenizer: Any, prompt: str, full: str, add_special_tokens: bool, max_length: int | None
+) -> Encoded:
     """Tokenize the full text once; tokens that start inside the prompt get label -100."""
     enc = tokenizer(full, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     is_response = [start >= len(prompt) and end > start for start, end in enc["offset_mapping"]]
-    if add_special_tokens and tokenizer.eos_token_id is not None and full != prompt \
-            and (not ids or ids[-1] != tokenizer.eos_token_id):
+    if (
+        add_special_tokens
+        and tokenizer.eos_token_id is not None
+        and full != prompt
+        and (not ids or ids[-1] != tokenizer.eos_token_id)
+    ):
         ids.append(tokenizer.eos_token_id)
         is_response.append(True)
     labels = [tok if resp else IGNORE_INDEX for tok, resp in zip(ids, is_response, strict=True)]

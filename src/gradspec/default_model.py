@@ -53,11 +53,18 @@ TRAINING_REPORT = "training.json"
 
 REASONING_TASKS = ("gsm8k", "aqua", "ecqa", "strategyqa")
 RESPONSE_STYLES = ("no_cot", "with_cot", "with_cot_gpt4o")
-WIKI_FILES = ("long_tail_wikipedia", "popular_wikipedia_100", "popular_wikipedia_500",
-              "popular_wikipedia_1000")
+WIKI_FILES = (
+    "long_tail_wikipedia",
+    "popular_wikipedia_100",
+    "popular_wikipedia_500",
+    "popular_wikipedia_1000",
+)
 TRAINING_FILES = (
-    *(f"reasoning_cot/correct/{task}_{style}.json"
-      for task in REASONING_TASKS for style in RESPONSE_STYLES),
+    *(
+        f"reasoning_cot/correct/{task}_{style}.json"
+        for task in REASONING_TASKS
+        for style in RESPONSE_STYLES
+    ),
     *(f"wiki_knowledge/correct/{name}.json" for name in WIKI_FILES),
 )
 
@@ -140,9 +147,11 @@ def shared_data_dir() -> Path:
     """The shared data: $GRADSPEC_SHARED_DATA, else ``../shared/data`` beside the project."""
     path = Path(os.environ.get(SHARED_DATA_ENV) or project_root().parent / "shared" / "data")
     if not path.is_dir():
-        raise GradspecError(f"shared data not found at {path}: the default model is trained "
-                            f"from it; set {SHARED_DATA_ENV} to the folder that holds "
-                            "reasoning_cot/ and wiki_knowledge/")
+        raise GradspecError(
+            f"shared data not found at {path}: the default model is trained "
+            f"from it; set {SHARED_DATA_ENV} to the folder that holds "
+            "reasoning_cot/ and wiki_knowledge/"
+        )
     return path
 
 
@@ -156,7 +165,7 @@ def split_records(recipe: Recipe, data_dir: Path) -> tuple[list[Example], list[E
     for name in recipe.files:
         examples = load_examples(data_dir / name)
         held_out += examples[: recipe.held_out_per_file]
-        train += examples[recipe.held_out_per_file:]
+        train += examples[recipe.held_out_per_file :]
     return train, held_out
 
 
@@ -173,8 +182,9 @@ def tokenizer_texts(examples: list[Example]) -> Iterator[str]:
         yield example.response
 
 
-def encode_all(tokenizer: PreTrainedTokenizerFast, examples: list[Example], max_length: int
-               ) -> list[Encoded]:
+def encode_all(
+    tokenizer: PreTrainedTokenizerFast, examples: list[Example], max_length: int
+) -> list[Encoded]:
     """The examples as profiling encodes them (plain template), minus unusable ones."""
     encoded = [encode_example(tokenizer, ex, "plain", max_length) for ex in examples]
     return [enc for enc in encoded if enc.skip_reason is None]
@@ -192,11 +202,12 @@ def training_batches(encoded: list[Encoded], recipe: Recipe, pad_id: int) -> Ite
         order = torch.randperm(len(encoded), generator=generator).tolist()
         batches = []
         for start in range(0, len(order), recipe.length_group):
-            group = order[start: start + recipe.length_group]
+            group = order[start : start + recipe.length_group]
             lengths = [len(encoded[i].input_ids) for i in group]
-            batches += [[group[m] for m in members]
-                        for members in plan_batches(lengths, None, recipe.token_budget,
-                                                    max_padding=1.0)]  # full batches
+            batches += [
+                [group[m] for m in members]
+                for members in plan_batches(lengths, None, recipe.token_budget, max_padding=1.0)
+            ]  # full batches
         for k in torch.randperm(len(batches), generator=generator).tolist():
             yield collate(batches[k], encoded, pad_id, "right", cpu)
 
@@ -215,13 +226,20 @@ def llama_config(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> LlamaCon
     It records the recipe's fingerprint: run directories identify a model by its config
     (not by hashing its weights), so a model retrained from another recipe must differ there.
     """
-    return LlamaConfig(gradspec_recipe_sha256=recipe.sha256(),
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size, num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads, num_key_value_heads=recipe.num_kv_heads,
-        max_position_embeddings=recipe.max_positions, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(
+        gradspec_recipe_sha256=recipe.sha256(),
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 @contextmanager
@@ -235,21 +253,20 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def train_model(recipe: Recipe, data_dir: Path, progress: Progress | None = None
-                ) -> TrainedModel:
+def train_model(recipe: Recipe, data_dir: Path, progress: Progress | None = None) -> TrainedModel:
     """Train the tokenizer and the model of ``recipe`` on ``data_dir``; report the losses."""
     report = progress or (lambda done, total: None)
     train_examples, held_out = split_records(recipe, data_dir)
     with torch_threads(recipe.threads):
         tokenizer = train_tokenizer(tokenizer_texts(train_examples), recipe.vocab_size)
         encoded = encode_all(tokenizer, train_examples, recipe.max_length)
-        evaluation = encode_all(tokenizer, evaluation_examples(recipe, held_out),
-                                recipe.max_length)
+        evaluation = encode_all(tokenizer, evaluation_examples(recipe, held_out), recipe.max_length)
         torch.manual_seed(recipe.seed)
         model = LlamaForCausalLM(llama_config(recipe, tokenizer))
         initial = held_out_losses(model, evaluation, recipe, tokenizer.pad_token_id)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate,
-                                      weight_decay=recipe.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+        )
         schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
         model.train()
         report(0, recipe.steps)
@@ -257,9 +274,13 @@ def train_model(recipe: Recipe, data_dir: Path, progress: Progress | None = None
         losses = []
         batches = training_batches(encoded, recipe, tokenizer.pad_token_id)
         for step, batch in enumerate(itertools.islice(batches, recipe.steps), start=1):
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.position_ids, labels=all_token_labels(batch),
-                         use_cache=False).loss
+            loss = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                labels=all_token_labels(batch),
+                use_cache=False,
+            ).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             optimizer.step()
@@ -270,25 +291,30 @@ def train_model(recipe: Recipe, data_dir: Path, progress: Progress | None = None
         seconds = time.perf_counter() - started
         model.eval()
         final = held_out_losses(model, evaluation, recipe, tokenizer.pad_token_id)
-    tail = losses[-max(1, len(losses) // 10):]
-    return TrainedModel(model, tokenizer, {
-        "recipe": recipe.as_json(),
-        "n_train_examples": len(encoded),
-        "n_train_tokens_per_epoch": sum(len(enc.input_ids) for enc in encoded),
-        "n_eval_examples": len(evaluation),
-        "initial_heldout_loss": initial["loss"],
-        "initial_heldout_response_loss": initial["response_loss"],
-        "final_train_loss": sum(tail) / len(tail),
-        "heldout_loss": final["loss"],
-        "heldout_response_loss": final["response_loss"],
-        "train_seconds": round(seconds, 1),
-        "seconds_per_step": round(seconds / max(1, recipe.steps), 3),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-    })
+    tail = losses[-max(1, len(losses) // 10) :]
+    return TrainedModel(
+        model,
+        tokenizer,
+        {
+            "recipe": recipe.as_json(),
+            "n_train_examples": len(encoded),
+            "n_train_tokens_per_epoch": sum(len(enc.input_ids) for enc in encoded),
+            "n_eval_examples": len(evaluation),
+            "initial_heldout_loss": initial["loss"],
+            "initial_heldout_response_loss": initial["response_loss"],
+            "final_train_loss": sum(tail) / len(tail),
+            "heldout_loss": final["loss"],
+            "heldout_response_loss": final["response_loss"],
+            "train_seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / max(1, recipe.steps), 3),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        },
+    )
 
 
-def held_out_losses(model: LlamaForCausalLM, encoded: list[Encoded], recipe: Recipe,
-                    pad_id: int) -> dict[str, float]:
+def held_out_losses(
+    model: LlamaForCausalLM, encoded: list[Encoded], recipe: Recipe, pad_id: int
+) -> dict[str, float]:
     """Held-out losses: per token over all tokens (the training objective), and the mean
     per-example response loss (the ``loss`` column of a profile)."""
     total, count, response_losses = 0.0, 0, []
@@ -297,16 +323,27 @@ def held_out_losses(model: LlamaForCausalLM, encoded: list[Encoded], recipe: Rec
     with torch.no_grad():
         for members in plan_batches(lengths, None, recipe.token_budget):
             batch = collate(members, encoded, pad_id, "right", cpu)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).logits
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
             labels = all_token_labels(batch)[:, 1:]
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
+            total += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1),
+                labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
             count += int((labels != IGNORE_INDEX).sum())
             response_losses += per_example_losses(logits[:, :-1], batch.labels[:, 1:]).tolist()
-    return {"loss": total / count if count else math.nan,
-            "response_loss": sum(response_losses) / len(response_losses)
-            if response_losses else math.nan}
+    return {
+        "loss": total / count if count else math.nan,
+        "response_loss": sum(response_losses) / len(response_losses)
+        if response_losses
+        else math.nan,
+    }
 
 
 def save_trained(trained: TrainedModel, directory: Path) -> None:
@@ -332,9 +369,12 @@ def _no_transformers_progress_bars() -> Iterator[None]:
 # ---------------------------------------------------------------- the cache
 
 
-def ensure_default_model(recipe: Recipe = DEFAULT_RECIPE, cache_dir: Path | None = None,
-                         data_dir: Path | None = None, progress: Progress | None = None
-                         ) -> Path:
+def ensure_default_model(
+    recipe: Recipe = DEFAULT_RECIPE,
+    cache_dir: Path | None = None,
+    data_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> Path:
     """The default model's directory, training it first if it is missing or stale.
 
     Stale means trained from another recipe. Concurrent callers wait on a lock instead of

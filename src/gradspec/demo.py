@@ -56,25 +56,35 @@ class RunSpec:
 
 
 def _reasoning(style: str, suffix: str, title: str) -> list[RunSpec]:
-    return [RunSpec(f"gsm8k-{style}-{correctness}",
-                    f"reasoning_cot/{correctness}/gsm8k_{suffix}.json",
-                    (("task", "gsm8k"), ("style", style), ("correctness", correctness)),
-                    title if correctness == "correct" else "")
-            for correctness in ("correct", "irrelevant")]
+    return [
+        RunSpec(
+            f"gsm8k-{style}-{correctness}",
+            f"reasoning_cot/{correctness}/gsm8k_{suffix}.json",
+            (("task", "gsm8k"), ("style", style), ("correctness", correctness)),
+            title if correctness == "correct" else "",
+        )
+        for correctness in ("correct", "irrelevant")
+    ]
 
 
 def _knowledge(length: int) -> list[RunSpec]:
-    return [RunSpec(f"wiki-{length}-{correctness}",
-                    f"wiki_knowledge/{correctness}/popular_wikipedia_{length}.json",
-                    (("task", "wiki_popular"), ("length", length),
-                     ("correctness", correctness)))
-            for correctness in ("correct", "irrelevant")]
+    return [
+        RunSpec(
+            f"wiki-{length}-{correctness}",
+            f"wiki_knowledge/{correctness}/popular_wikipedia_{length}.json",
+            (("task", "wiki_popular"), ("length", length), ("correctness", correctness)),
+        )
+        for correctness in ("correct", "irrelevant")
+    ]
 
 
-DEMO_RUNS = (*_reasoning("none", "no_cot", "None CoT"),
-             *_reasoning("simplified", "with_cot", "Simplified CoT"),
-             *_reasoning("detailed", "with_cot_gpt4o", "Detailed CoT"),
-             *_knowledge(100), *_knowledge(1000))
+DEMO_RUNS = (
+    *_reasoning("none", "no_cot", "None CoT"),
+    *_reasoning("simplified", "with_cot", "Simplified CoT"),
+    *_reasoning("detailed", "with_cot_gpt4o", "Detailed CoT"),
+    *_knowledge(100),
+    *_knowledge(1000),
+)
 
 
 def demo_root() -> Path:
@@ -85,11 +95,19 @@ def demo_root() -> Path:
 def demo_study(model_dir: Path, limit: int) -> Study:
     """The demo grid as a study: the default model on every :data:`DEMO_RUNS` data file."""
     data_dir = shared_data_dir()
-    datasets = [DatasetSpec(spec.label, data_dir / spec.data,
-                            normalize_labels(dict(spec.labels), spec.label))
-                for spec in DEMO_RUNS]
-    return Study(data_dir, "gradspec demo: fast vs slow thinking on the default model",
-                 [ModelSpec(MODEL_LABEL, model_dir)], datasets, {"limit": limit})
+    datasets = [
+        DatasetSpec(
+            spec.label, data_dir / spec.data, normalize_labels(dict(spec.labels), spec.label)
+        )
+        for spec in DEMO_RUNS
+    ]
+    return Study(
+        data_dir,
+        "gradspec demo: fast vs slow thinking on the default model",
+        [ModelSpec(MODEL_LABEL, model_dir)],
+        datasets,
+        {"limit": limit},
+    )
 
 
 def run_demo_study(progress_bar: ProgressBar, limit: int = DEMO_LIMIT) -> dict[RunSpec, Path]:
@@ -122,29 +140,45 @@ def trained_default_model(progress_bar: ProgressBar) -> Path:
         with progress_bar("training the default model", unit="step") as update:
             ensure_default_model(DEFAULT_RECIPE, progress=update)
     report = json.loads((model_dir / TRAINING_REPORT).read_text())
-    stderr.print(f"default model: {model_dir} (held-out loss {report['heldout_loss']:.3f}, "
-                 f"trained in {report['train_seconds']:.0f} s)", highlight=False)
+    stderr.print(
+        f"default model: {model_dir} (held-out loss {report['heldout_loss']:.3f}, "
+        f"trained in {report['train_seconds']:.0f} s)",
+        highlight=False,
+    )
     return model_dir
 
 
 def style_summary(runs: dict[str, RunTables]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(mean nuclear norm per module, averaged over layers and profiled examples; mean loss
     and response tokens of the profiled examples), one column per run."""
-    norms = pd.DataFrame({title: tables.spectra.groupby("module")["nuclear_norm"].mean()
-                          for title, tables in runs.items()})
+    norms = pd.DataFrame(
+        {
+            title: tables.spectra.groupby("module")["nuclear_norm"].mean()
+            for title, tables in runs.items()
+        }
+    )
     norms = norms.loc[study_order(norms.index)]
-    ok = {title: tables.examples[tables.examples["status"] == "ok"]
-          for title, tables in runs.items()}
-    facts = pd.DataFrame({title: {"examples": len(rows), "mean loss": rows["loss"].mean(),
-                                  "mean response tokens": rows["n_response_tokens"].mean()}
-                          for title, rows in ok.items()})
+    ok = {
+        title: tables.examples[tables.examples["status"] == "ok"] for title, tables in runs.items()
+    }
+    facts = pd.DataFrame(
+        {
+            title: {
+                "examples": len(rows),
+                "mean loss": rows["loss"].mean(),
+                "mean response tokens": rows["n_response_tokens"].mean(),
+            }
+            for title, rows in ok.items()
+        }
+    )
     return norms, facts
 
 
 def summary_table(norms: pd.DataFrame, facts: pd.DataFrame, caption: str) -> Table:
     """A Rich table: nuclear norms per module, then the per-run facts."""
-    table = Table(title="Mean gradient nuclear norm per module (over layers and examples)",
-                  caption=caption)
+    table = Table(
+        title="Mean gradient nuclear norm per module (over layers and examples)", caption=caption
+    )
     table.add_column("module")
     for title in norms.columns:
         table.add_column(title, justify="right")
@@ -163,7 +197,13 @@ def run_demo(progress_bar: ProgressBar, limit: int = DEMO_LIMIT) -> None:
     norms, facts = style_summary(summarised)
     caption = f"gsm8k, correct responses, first {limit} examples per style"
     Console().print(summary_table(norms, facts, caption))
-    report = write_report([demo_root()], demo_root() / "report.html",
-                          title=f"gradspec demo: fast vs slow thinking ({limit} examples a run)")
-    stderr.print(f"[green]report:[/] {report}  (tables beside it: "
-                 f"{report.with_suffix('.md').name}, {report.stem}_tables/)", highlight=False)
+    report = write_report(
+        [demo_root()],
+        demo_root() / "report.html",
+        title=f"gradspec demo: fast vs slow thinking ({limit} examples a run)",
+    )
+    stderr.print(
+        f"[green]report:[/] {report}  (tables beside it: "
+        f"{report.with_suffix('.md').name}, {report.stem}_tables/)",
+        highlight=False,
+    )

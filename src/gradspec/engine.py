@@ -105,9 +105,15 @@ class Batch:
 # ---------------------------------------------------------------- public entry point
 
 
-def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-            *, device: str = "auto", progress: Callable[[int, int], None] | None = None,
-            **options: Any) -> RunTables:
+def profile(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> RunTables:
     """Profile every example of ``data`` on the local checkpoint ``model`` into ``out``.
 
     Options are those of :class:`ProfileOptions`. Finished chunks already in ``out`` are
@@ -122,14 +128,18 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
     torch_device = resolve_device(device)
     dtype = resolve_dtype(opts.dtype, torch_device, model_dir)
     spectra_dtype = resolve_spectra_dtype(opts.spectra_dtype, dtype)
-    resolved = {**asdict(opts), "dtype": str(dtype).removeprefix("torch."),
-                "spectra_dtype": str(spectra_dtype).removeprefix("torch.")}
+    resolved = {
+        **asdict(opts),
+        "dtype": str(dtype).removeprefix("torch."),
+        "spectra_dtype": str(spectra_dtype).removeprefix("torch."),
+    }
     signature, data_hash = model_signature(model_dir), data_sha256(files)
     fingerprint = {k: v for k, v in resolved.items() if k != "limit"}
     fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
     store = RunStore(out, fingerprint, opts.top_k)
-    store.open(_manifest(model_dir, signature, files, data_hash, len(examples), resolved,
-                         torch_device))
+    store.open(
+        _manifest(model_dir, signature, files, data_hash, len(examples), resolved, torch_device)
+    )
 
     finished = store.finished_chunks()
     todo = [r for r in chunk_ranges(len(examples), opts.chunk_size) if r not in finished]
@@ -137,16 +147,18 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
     report = progress or (lambda done, total: None)
     report(done, len(examples))
     if todo:
-        net, tokenizer = load_model_and_tokenizer(model_dir, dtype, torch_device,
-                                                  eager_attention=opts.padding_side == "left")
+        net, tokenizer = load_model_and_tokenizer(
+            model_dir, dtype, torch_device, eager_attention=opts.padding_side == "left"
+        )
         targets = find_targets(net, opts.modules)
         capture = SpectraCapture(net, targets, spectra_dtype)
         runner = ChunkRunner(net, tokenizer, targets, opts, torch_device, capture)
         with capture if opts.method == "fast" else nullcontext():
             for first, last in todo:
-                chunk = examples[first: last + 1]
+                chunk = examples[first : last + 1]
                 spectra_rows, example_rows = runner.run(
-                    chunk, functools.partial(_report_within_chunk, report, done, len(examples)))
+                    chunk, functools.partial(_report_within_chunk, report, done, len(examples))
+                )
                 store.write_chunk(first, last, spectra_rows, example_rows)
                 done += len(chunk)
                 report(done, len(examples))
@@ -154,29 +166,45 @@ def profile(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pat
     return load_run(out)
 
 
-def _report_within_chunk(report: Callable[[int, int], None], done_before: int, total: int,
-                         done_in_chunk: int) -> None:
+def _report_within_chunk(
+    report: Callable[[int, int], None], done_before: int, total: int, done_in_chunk: int
+) -> None:
     report(done_before + done_in_chunk, total)
 
 
 def chunk_ranges(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
     """Inclusive (first, last) example indices of each chunk."""
-    return [(start, min(start + chunk_size, n_examples) - 1)
-            for start in range(0, n_examples, chunk_size)]
+    return [
+        (start, min(start + chunk_size, n_examples) - 1)
+        for start in range(0, n_examples, chunk_size)
+    ]
 
 
-def _manifest(model_dir: Path, signature: dict[str, Any], files: list[Path], data_hash: str,
-              n_examples: int, options: dict[str, Any], device: torch.device
-              ) -> dict[str, Any]:
+def _manifest(
+    model_dir: Path,
+    signature: dict[str, Any],
+    files: list[Path],
+    data_hash: str,
+    n_examples: int,
+    options: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
     return {
         "gradspec_version": __version__,
         "model": {"path": str(model_dir.resolve()), **signature},
-        "data": {"paths": [str(f.resolve()) for f in files], "sha256": data_hash,
-                 "n_examples": n_examples},
+        "data": {
+            "paths": [str(f.resolve()) for f in files],
+            "sha256": data_hash,
+            "n_examples": n_examples,
+        },
         "options": options,
         "device": str(device),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+        },
     }
 
 
@@ -186,23 +214,34 @@ def _manifest(model_dir: Path, signature: dict[str, Any], files: list[Path], dat
 class ChunkRunner:
     """Turns a chunk of examples into spectra rows and example rows."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, targets: list[Target],
-                 opts: ProfileOptions, device: torch.device, capture: SpectraCapture):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        targets: list[Target],
+        opts: ProfileOptions,
+        device: torch.device,
+        capture: SpectraCapture,
+    ):
         self.model, self.tokenizer, self.targets = model, tokenizer, targets
         self.opts, self.device, self.capture = opts, device, capture
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
-    def run(self, chunk: list[Example], on_progress: Callable[[int], None]
-            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        encoded = [encode_example(self.tokenizer, ex, self.opts.template, self.opts.max_length)
-                   for ex in chunk]
+    def run(
+        self, chunk: list[Example], on_progress: Callable[[int], None]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        encoded = [
+            encode_example(self.tokenizer, ex, self.opts.template, self.opts.max_length)
+            for ex in chunk
+        ]
         example_rows = [_example_row(ex, enc) for ex, enc in zip(chunk, encoded, strict=True)]
         spectra: dict[int, list[dict[str, Any]]] = {}
         todo = [i for i, enc in enumerate(encoded) if enc.skip_reason is None]
         finished = len(chunk) - len(todo)
-        for members in plan_batches([len(encoded[i].input_ids) for i in todo],
-                                    self.opts.batch_size, self.opts.token_budget):
+        for members in plan_batches(
+            [len(encoded[i].input_ids) for i in todo], self.opts.batch_size, self.opts.token_budget
+        ):
             batch_members = [todo[m] for m in members]
             for member, loss, values in self._profile(batch_members, encoded):
                 self._record(chunk[member], example_rows[member], spectra, member, loss, values)
@@ -213,13 +252,16 @@ class ChunkRunner:
         rows = [row for i in sorted(spectra) for row in spectra[i]]
         return rows, example_rows
 
-    def _profile(self, members: list[int], encoded: list[Encoded]
-                 ) -> Iterator[tuple[int, float, list[np.ndarray | None]]]:
+    def _profile(
+        self, members: list[int], encoded: list[Encoded]
+    ) -> Iterator[tuple[int, float, list[np.ndarray | None]]]:
         """(member, loss, singular values per target, None where not finite)."""
         if self.opts.method == "reference":
             for member in members:
-                yield member, *reference_spectra(self.model, self.targets, encoded[member],
-                                                 self.device)
+                yield (
+                    member,
+                    *reference_spectra(self.model, self.targets, encoded[member], self.device),
+                )
             return
         batch = collate(members, encoded, self.pad_id, self.opts.padding_side, self.device)
         losses = fast_spectra(self.model, self.capture, batch)
@@ -228,29 +270,46 @@ class ChunkRunner:
             values = [r.values[position] if r.finite[position] else None for r in results]
             yield member, losses[position], values
 
-    def _record(self, example: Example, example_row: dict[str, Any],
-                spectra: dict[int, list[dict[str, Any]]], member: int, loss: float,
-                values: list[np.ndarray | None]) -> None:
+    def _record(
+        self,
+        example: Example,
+        example_row: dict[str, Any],
+        spectra: dict[int, list[dict[str, Any]]],
+        member: int,
+        loss: float,
+        values: list[np.ndarray | None],
+    ) -> None:
         if not np.isfinite(loss) or any(v is None for v in values):
             example_row["status"] = "skipped:nonfinite_gradient"
             return
         example_row["loss"] = loss
         spectra[member] = [
-            {"example_index": example.index, "example_id": example.example_id,
-             "param": target.param, "layer": target.layer, "module": target.module_name,
-             "kind": target.kind, **spectrum_statistics(v, self.opts.top_k)}
+            {
+                "example_index": example.index,
+                "example_id": example.example_id,
+                "param": target.param,
+                "layer": target.layer,
+                "module": target.module_name,
+                "kind": target.kind,
+                **spectrum_statistics(v, self.opts.top_k),
+            }
             for target, v in zip(self.targets, values, strict=True)
         ]
 
     def _record_ifd(self, chunk: list[Example], example_rows: list[dict[str, Any]]) -> None:
         """Loss of the response alone, and IFD = conditioned loss / response-only loss."""
         alone = [encode_response_only(self.tokenizer, ex, self.opts.max_length) for ex in chunk]
-        todo = [i for i, row in enumerate(example_rows)
-                if row["status"] == "ok" and alone[i].skip_reason is None]
-        for members in plan_batches([len(alone[i].input_ids) for i in todo],
-                                    self.opts.batch_size, self.opts.token_budget):
-            batch = collate([todo[m] for m in members], alone, self.pad_id,
-                            self.opts.padding_side, self.device)
+        todo = [
+            i
+            for i, row in enumerate(example_rows)
+            if row["status"] == "ok" and alone[i].skip_reason is None
+        ]
+        for members in plan_batches(
+            [len(alone[i].input_ids) for i in todo], self.opts.batch_size, self.opts.token_budget
+        ):
+            batch = collate(
+                [todo[m] for m in members], alone, self.pad_id, self.opts.padding_side, self.device
+            )
             with torch.no_grad():
                 losses = per_example_losses(*response_logits(self.model, batch))
             for member, loss in zip(batch.members, losses.tolist(), strict=True):
@@ -261,18 +320,27 @@ class ChunkRunner:
 
 def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:
     status = f"skipped:{encoded.skip_reason}" if encoded.skip_reason else "ok"
-    return {"example_index": example.index, "example_id": example.example_id,
-            "source": example.source, "source_line": example.line, "loss": None,
-            "n_prompt_tokens": encoded.n_prompt_tokens,
-            "n_response_tokens": encoded.n_response_tokens, "truncated": encoded.truncated,
-            "status": status, "response_only_loss": None, "ifd": None}
+    return {
+        "example_index": example.index,
+        "example_id": example.example_id,
+        "source": example.source,
+        "source_line": example.line,
+        "loss": None,
+        "n_prompt_tokens": encoded.n_prompt_tokens,
+        "n_response_tokens": encoded.n_response_tokens,
+        "truncated": encoded.truncated,
+        "status": status,
+        "response_only_loss": None,
+        "ifd": None,
+    }
 
 
 # ---------------------------------------------------------------- batches and losses
 
 
-def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int,
-                 max_padding: float = MAX_PADDING) -> list[list[int]]:
+def plan_batches(
+    lengths: list[int], batch_size: int | None, token_budget: int, max_padding: float = MAX_PADDING
+) -> list[list[int]]:
     """Group positions into batches, longest first, so padding stays small.
 
     A fixed ``batch_size`` takes that many per batch; otherwise a batch grows while its
@@ -287,9 +355,11 @@ def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int,
         current = batches[-1] if batches else None
         longest = lengths[current[0]] if current else 0
         fits = current is not None and (
-            len(current) < batch_size if batch_size
+            len(current) < batch_size
+            if batch_size
             else (len(current) + 1) * longest <= token_budget
-            and lengths[i] >= (1 - max_padding) * longest)
+            and lengths[i] >= (1 - max_padding) * longest
+        )
         if fits:
             current.append(i)
         else:
@@ -297,8 +367,9 @@ def plan_batches(lengths: list[int], batch_size: int | None, token_budget: int,
     return batches
 
 
-def collate(members: list[int], encoded: list[Encoded], pad_id: int, padding_side: str,
-            device: torch.device) -> Batch:
+def collate(
+    members: list[int], encoded: list[Encoded], pad_id: int, padding_side: str, device: torch.device
+) -> Batch:
     """Pad a batch; position ids count real tokens only, so padding changes nothing."""
     width = max(len(encoded[m].input_ids) for m in members)
     ids = torch.full((len(members), width), pad_id, dtype=torch.long)
@@ -313,8 +384,14 @@ def collate(members: list[int], encoded: list[Encoded], pad_id: int, padding_sid
         mask[row, span] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     mask = mask.to(device)
-    return Batch(members, ids.to(device), mask, mask if padding_side == "left" else None,
-                 positions.to(device), labels.to(device))
+    return Batch(
+        members,
+        ids.to(device),
+        mask,
+        mask if padding_side == "left" else None,
+        positions.to(device),
+        labels.to(device),
+    )
 
 
 def response_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,8 +403,12 @@ def response_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor,
     """
     targets = batch.labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              "position_ids": batch.position_ids, "use_cache": False}
+    inputs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+    }
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
@@ -343,8 +424,9 @@ def per_example_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """
     losses = []
     for row_logits, row_targets in zip(logits, targets, strict=True):
-        token_losses = F.cross_entropy(row_logits.float(), row_targets,
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+        token_losses = F.cross_entropy(
+            row_logits.float(), row_targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         losses.append(token_losses / (row_targets != IGNORE_INDEX).sum())
     return torch.stack(losses)
 
@@ -362,8 +444,9 @@ def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) 
     return losses.detach().cpu().tolist()
 
 
-def reference_spectra(model: torch.nn.Module, targets: list[Target], encoded: Encoded,
-                      device: torch.device) -> tuple[float, list[np.ndarray | None]]:
+def reference_spectra(
+    model: torch.nn.Module, targets: list[Target], encoded: Encoded, device: torch.device
+) -> tuple[float, list[np.ndarray | None]]:
     """The published algorithm: per example, full weight gradients and their full SVD.
 
     As in arXiv:2410.23743's code, ``torch.linalg.svd`` of each gradient as stored (U and V

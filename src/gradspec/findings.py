@@ -45,19 +45,22 @@ def normalize_labels(labels: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Checked labels; ``domain`` defaults to reasoning with a style, knowledge with a length."""
     unknown = sorted(set(labels) - set(LABEL_KEYS))
     if unknown:
-        raise GradspecError(f"{where}: unknown label {', '.join(unknown)} "
-                            f"(labels are {', '.join(LABEL_KEYS)})")
+        raise GradspecError(
+            f"{where}: unknown label {', '.join(unknown)} (labels are {', '.join(LABEL_KEYS)})"
+        )
     result = {key: value for key, value in labels.items() if value not in (None, "")}
     for key, allowed in (("style", STYLES), ("correctness", CORRECTNESS), ("domain", DOMAINS)):
         if key in result and result[key] not in allowed:
-            raise GradspecError(f"{where}: {key} '{result[key]}' is not one of "
-                                f"{', '.join(allowed)}")
+            raise GradspecError(
+                f"{where}: {key} '{result[key]}' is not one of {', '.join(allowed)}"
+            )
     if "length" in result:
         try:
             result["length"] = int(result["length"])
         except (TypeError, ValueError):
-            raise GradspecError(f"{where}: length '{result['length']}' is not a whole number"
-                                ) from None
+            raise GradspecError(
+                f"{where}: length '{result['length']}' is not a whole number"
+            ) from None
     if "domain" not in result and ("style" in result or "length" in result):
         result["domain"] = "reasoning" if "style" in result else "knowledge"
     return result
@@ -92,16 +95,19 @@ class Run:
 def study_order(modules: Iterable[str]) -> list[str]:
     """Distinct module names, the study's seven first, then the others as they come."""
     present = list(dict.fromkeys(modules))
-    return [m for m in STUDY_MODULES if m in present] + \
-        [m for m in present if m not in STUDY_MODULES]
+    return [m for m in STUDY_MODULES if m in present] + [
+        m for m in present if m not in STUDY_MODULES
+    ]
 
 
 def select(runs: Sequence[Run], **labels: Any) -> Run | None:
     """The one run whose labels include ``labels``, or None."""
     matches = [r for r in runs if all(r.labels.get(k) == v for k, v in labels.items())]
     if len(matches) > 1:
-        raise GradspecError(f"runs {', '.join(r.name for r in matches)} all have the labels "
-                            f"{describe(labels)}; give each run distinct labels")
+        raise GradspecError(
+            f"runs {', '.join(r.name for r in matches)} all have the labels "
+            f"{describe(labels)}; give each run distinct labels"
+        )
     return matches[0] if matches else None
 
 
@@ -134,12 +140,17 @@ class Finding:
         parts = []
         if not self.table.empty:
             counts = self.table["verdict"].value_counts()
-            parts.append("; ".join(f"{verdict} in {counts[verdict]} of {len(self.table)}"
-                                   for verdict in ("holds", "does not hold", "inconclusive")
-                                   if verdict in counts))
+            parts.append(
+                "; ".join(
+                    f"{verdict} in {counts[verdict]} of {len(self.table)}"
+                    for verdict in ("holds", "does not hold", "inconclusive")
+                    if verdict in counts
+                )
+            )
         if self.missing:
-            parts.append("not evaluable" + (" elsewhere" if parts else "") + ": "
-                         + "; ".join(self.missing))
+            parts.append(
+                "not evaluable" + (" elsewhere" if parts else "") + ": " + "; ".join(self.missing)
+            )
         return ". ".join(parts)
 
 
@@ -176,8 +187,11 @@ def estimate_columns(names: Sequence[str], estimate: Estimate) -> dict[str, floa
 
 def model_tasks(runs: Sequence[Run], domain: str) -> list[tuple[Any, Any]]:
     """Sorted distinct (model, task) pairs among the runs of ``domain``."""
-    pairs = {(r.labels.get("model"), r.labels.get("task")) for r in runs
-             if r.labels.get("domain") == domain}
+    pairs = {
+        (r.labels.get("model"), r.labels.get("task"))
+        for r in runs
+        if r.labels.get("domain") == domain
+    }
     return sorted(pairs, key=str)
 
 
@@ -188,8 +202,11 @@ class NotEvaluable(GradspecError):
 def find_all(runs: Sequence[Run], needs: Sequence[Mapping[str, Any]]) -> list[Run]:
     """The run with each set of labels; NotEvaluable names those missing."""
     found = [select(runs, **need) for need in needs]
-    missing = [f"no run with {describe(need)}" for need, run in zip(needs, found, strict=True)
-               if run is None]
+    missing = [
+        f"no run with {describe(need)}"
+        for need, run in zip(needs, found, strict=True)
+        if run is None
+    ]
     if missing:
         raise NotEvaluable("; ".join(missing))
     return [r for r in found if r is not None]
@@ -206,8 +223,9 @@ def module_values(runs: Sequence[Run], modules: Sequence[str]) -> list[LayerValu
     return values
 
 
-def gather(runs: Sequence[Run], needs: Sequence[Mapping[str, Any]]
-           ) -> tuple[list[LayerValues], int]:
+def gather(
+    runs: Sequence[Run], needs: Sequence[Mapping[str, Any]]
+) -> tuple[list[LayerValues], int]:
     """Paired values of the runs with these labels (run-major) and the number of modules."""
     found = find_all(runs, needs)
     modules = comparison_modules(found)
@@ -219,12 +237,21 @@ def gather(runs: Sequence[Run], needs: Sequence[Mapping[str, Any]]
 
 def evaluate_findings(runs: Sequence[Run], n_boot: int = 2000, seed: int = 0) -> list[Finding]:
     """The study's three findings on these runs."""
-    return [finding_norms(runs, n_boot, seed), finding_correctness(runs, n_boot, seed),
-            finding_knowledge_length(runs, n_boot, seed)]
+    return [
+        finding_norms(runs, n_boot, seed),
+        finding_correctness(runs, n_boot, seed),
+        finding_knowledge_length(runs, n_boot, seed),
+    ]
 
 
-def _finding(number: int, claim: str, method: str, needs: str, pairs: list[tuple[Any, Any]],
-             compare: Callable[[Any, Any], dict[str, Any]]) -> Finding:
+def _finding(
+    number: int,
+    claim: str,
+    method: str,
+    needs: str,
+    pairs: list[tuple[Any, Any]],
+    compare: Callable[[Any, Any], dict[str, Any]],
+) -> Finding:
     """A row per (model, task) that ``compare`` can evaluate, and why the others cannot."""
     rows, missing = [], []
     for model, task in pairs:
@@ -233,110 +260,167 @@ def _finding(number: int, claim: str, method: str, needs: str, pairs: list[tuple
             rows.append({"model": model, "task": task, "verdict": row.pop("verdict"), **row})
         except NotEvaluable as exc:
             missing.append(str(exc))
-    return Finding(number, claim, method, pd.DataFrame(rows),
-                   missing if rows or missing else [f"no runs with {needs}"])
+    return Finding(
+        number,
+        claim,
+        method,
+        pd.DataFrame(rows),
+        missing if rows or missing else [f"no runs with {needs}"],
+    )
 
 
 def finding_norms(runs: Sequence[Run], n_boot: int, seed: int) -> Finding:
     """1. Detailed CoT gives smaller nuclear norms and smaller MAD than no CoT."""
 
     def compare(model: Any, task: Any) -> dict[str, Any]:
-        values, k = gather(runs, [dict(model=model, task=task, style=s, correctness="correct")
-                                  for s in ("none", "detailed")])
+        values, k = gather(
+            runs,
+            [
+                dict(model=model, task=task, style=s, correctness="correct")
+                for s in ("none", "detailed")
+            ],
+        )
 
         def statistic(c: Curves) -> Any:
             fast, slow = c[:k], c[k:]
-            return np.stack([level(fast), level(slow), level(fast) - level(slow),
-                             mean_mad(fast), mean_mad(slow), mean_mad(fast) - mean_mad(slow)],
-                            axis=-1)
+            return np.stack(
+                [
+                    level(fast),
+                    level(slow),
+                    level(fast) - level(slow),
+                    mean_mad(fast),
+                    mean_mad(slow),
+                    mean_mad(fast) - mean_mad(slow),
+                ],
+                axis=-1,
+            )
 
-        estimate = bootstrap([values], statistic, n_boot, seed,
-                             floor=[0, 0, -np.inf, 0, 0, -np.inf])
-        names = ["norm_none", "norm_detailed", "norm_diff", "mad_none", "mad_detailed",
-                 "mad_diff"]
-        return {"examples": len(values[0].example_index), **estimate_columns(names, estimate),
-                "p_differ": permutation_test(values[:k], values[k:], mean_relative_difference,
-                                             n_boot, seed),
-                "verdict": verdict(estimate, [2, 5])}
+        estimate = bootstrap(
+            [values], statistic, n_boot, seed, floor=[0, 0, -np.inf, 0, 0, -np.inf]
+        )
+        names = ["norm_none", "norm_detailed", "norm_diff", "mad_none", "mad_detailed", "mad_diff"]
+        return {
+            "examples": len(values[0].example_index),
+            **estimate_columns(names, estimate),
+            "p_differ": permutation_test(
+                values[:k], values[k:], mean_relative_difference, n_boot, seed
+            ),
+            "verdict": verdict(estimate, [2, 5]),
+        }
 
     return _finding(
-        1, "Detailed CoT (slow thinking) gives smaller nuclear norms and a smaller MAD across "
+        1,
+        "Detailed CoT (slow thinking) gives smaller nuclear norms and a smaller MAD across "
         "layers than no CoT (fast thinking).",
         "On correct responses: norm = mean over modules and layers of the mean nuclear norm; "
         "mad = mean over modules of the MAD over all layers; *_diff = none − detailed, "
         "which should be > 0. p_differ: paired permutation test of the relative difference.",
         "domain=reasoning style=none and style=detailed correctness=correct",
-        model_tasks(runs, "reasoning"), compare)
+        model_tasks(runs, "reasoning"),
+        compare,
+    )
 
 
 def finding_correctness(runs: Sequence[Run], n_boot: int, seed: int) -> Finding:
     """2. With detailed CoT correct and irrelevant responses differ clearly; without, hardly."""
 
     def compare(model: Any, task: Any) -> dict[str, Any]:
-        values, k = gather(runs, [dict(model=model, task=task, style=s, correctness=c)
-                                  for s in ("detailed", "none") for c in CORRECTNESS])
+        values, k = gather(
+            runs,
+            [
+                dict(model=model, task=task, style=s, correctness=c)
+                for s in ("detailed", "none")
+                for c in CORRECTNESS
+            ],
+        )
 
         def statistic(c: Curves) -> Any:
-            slow, fast = mean_relative_difference(c[:2 * k]), mean_relative_difference(c[2 * k:])
+            slow, fast = mean_relative_difference(c[: 2 * k]), mean_relative_difference(c[2 * k :])
             return np.stack([slow, fast, slow - fast], axis=-1)
 
         estimate = bootstrap([values], statistic, n_boot, seed, floor=[0, 0, -np.inf])
-        return {"examples": len(values[0].example_index),
-                **estimate_columns(["rd_detailed", "rd_none", "rd_diff"], estimate),
-                "p_detailed": permutation_test(values[:k], values[k:2 * k],
-                                               mean_relative_difference, n_boot, seed),
-                "p_none": permutation_test(values[2 * k:3 * k], values[3 * k:],
-                                           mean_relative_difference, n_boot, seed),
-                "verdict": verdict(estimate, [2])}
+        return {
+            "examples": len(values[0].example_index),
+            **estimate_columns(["rd_detailed", "rd_none", "rd_diff"], estimate),
+            "p_detailed": permutation_test(
+                values[:k], values[k : 2 * k], mean_relative_difference, n_boot, seed
+            ),
+            "p_none": permutation_test(
+                values[2 * k : 3 * k], values[3 * k :], mean_relative_difference, n_boot, seed
+            ),
+            "verdict": verdict(estimate, [2]),
+        }
 
     return _finding(
-        2, "With detailed CoT, correct and irrelevant responses give clearly different "
+        2,
+        "With detailed CoT, correct and irrelevant responses give clearly different "
         "gradients (large relative difference); without CoT, hardly.",
         "rd = relative difference of the irrelevant from the correct run's nuclear-norm "
         "curves, averaged over modules, paired by example_index; rd_diff = rd_detailed − "
         "rd_none, which should be > 0. p_*: paired permutation tests that the correct and "
         "irrelevant runs differ.",
         "domain=reasoning style=detailed and style=none, correctness=correct and irrelevant",
-        model_tasks(runs, "reasoning"), compare)
+        model_tasks(runs, "reasoning"),
+        compare,
+    )
 
 
 def finding_knowledge_length(runs: Sequence[Run], n_boot: int, seed: int) -> Finding:
     """3. For knowledge data, longer responses do not behave like slow thinking."""
 
     def compare(model: Any, task: Any) -> dict[str, Any]:
-        lengths = sorted({r.labels["length"] for r in runs if r.labels.get("model") == model
-                          and r.labels.get("task") == task and "length" in r.labels})
+        lengths = sorted(
+            {
+                r.labels["length"]
+                for r in runs
+                if r.labels.get("model") == model
+                and r.labels.get("task") == task
+                and "length" in r.labels
+            }
+        )
         references = detailed_cot_pairs(runs, model)
         if not references:
-            raise NotEvaluable("no runs with " + describe(dict(model=model, domain="reasoning",
-                                                                style="detailed"))
-                               + " correctness=correct and irrelevant (the slow-thinking "
-                               "reference)")
-        knowledge = [find_all(runs, [dict(model=model, task=task, length=length, correctness=c)
-                                     for c in CORRECTNESS])
-                     for length in (lengths[-1], lengths[0])]
+            raise NotEvaluable(
+                "no runs with "
+                + describe(dict(model=model, domain="reasoning", style="detailed"))
+                + " correctness=correct and irrelevant (the slow-thinking "
+                "reference)"
+            )
+        knowledge = [
+            find_all(
+                runs,
+                [dict(model=model, task=task, length=length, correctness=c) for c in CORRECTNESS],
+            )
+            for length in (lengths[-1], lengths[0])
+        ]
         groups = [*references, *knowledge]
         modules = comparison_modules([r for group in groups for r in group])
         values = [module_values(group, modules) for group in groups]
         k, n_ref = len(modules), len(references)
 
         def statistic(c: Curves) -> Any:
-            rds = [mean_relative_difference(c[i * 2 * k:(i + 1) * 2 * k])
-                   for i in range(len(groups))]
+            rds = [
+                mean_relative_difference(c[i * 2 * k : (i + 1) * 2 * k]) for i in range(len(groups))
+            ]
             reference, longest, shortest = np.mean(rds[:n_ref], axis=0), rds[-2], rds[-1]
-            return np.stack([reference, longest, shortest, reference - longest,
-                             longest - shortest], axis=-1)
+            return np.stack(
+                [reference, longest, shortest, reference - longest, longest - shortest], axis=-1
+            )
 
-        estimate = bootstrap(values, statistic, n_boot, seed,
-                             floor=[0, 0, 0, -np.inf, -np.inf])
+        estimate = bootstrap(values, statistic, n_boot, seed, floor=[0, 0, 0, -np.inf, -np.inf])
         names = ["rd_detailed_cot", "rd_longest", "rd_shortest", "rd_gap", "rd_growth"]
-        return {"longest": lengths[-1], "shortest": lengths[0],
-                "examples": len(values[-2][0].example_index),
-                **estimate_columns(names, estimate), "verdict": verdict(estimate, [3])}
+        return {
+            "longest": lengths[-1],
+            "shortest": lengths[0],
+            "examples": len(values[-2][0].example_index),
+            **estimate_columns(names, estimate),
+            "verdict": verdict(estimate, [3]),
+        }
 
     with_lengths = [r for r in runs if "length" in r.labels]
     return _finding(
-        3, "For knowledge data, longer responses do not behave like slow thinking: even the "
+        3,
+        "For knowledge data, longer responses do not behave like slow thinking: even the "
         "longest responses do not separate correct from irrelevant as detailed CoT does.",
         "rd_* = relative difference of irrelevant from correct nuclear-norm curves (module "
         "mean); rd_detailed_cot = mean over the model's reasoning tasks with detailed CoT; "
@@ -344,18 +428,33 @@ def finding_knowledge_length(runs: Sequence[Run], n_boot: int, seed: int) -> Fin
         "rd_longest − rd_shortest (slow-thinking-like behaviour would make it large).",
         "domain=knowledge with lengths, correctness=correct and irrelevant, and "
         "detailed-CoT reasoning runs",
-        model_tasks(with_lengths, "knowledge"), compare)
+        model_tasks(with_lengths, "knowledge"),
+        compare,
+    )
 
 
 def detailed_cot_pairs(runs: Sequence[Run], model: Any) -> list[list[Run]]:
     """[correct, irrelevant] detailed-CoT runs of ``model``, one pair per reasoning task."""
-    tasks = sorted({r.labels.get("task") for r in runs if r.labels.get("domain") == "reasoning"
-                    and r.labels.get("model") == model}, key=str)
+    tasks = sorted(
+        {
+            r.labels.get("task")
+            for r in runs
+            if r.labels.get("domain") == "reasoning" and r.labels.get("model") == model
+        },
+        key=str,
+    )
     pairs = []
     for task in tasks:
         try:
-            pairs.append(find_all(runs, [dict(model=model, task=task, style="detailed",
-                                              correctness=c) for c in CORRECTNESS]))
+            pairs.append(
+                find_all(
+                    runs,
+                    [
+                        dict(model=model, task=task, style="detailed", correctness=c)
+                        for c in CORRECTNESS
+                    ],
+                )
+            )
         except NotEvaluable:
             continue
     return pairs

@@ -13,10 +13,21 @@ from transformers.utils import logging as transformers_logging
 
 from .errors import GradspecError
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
@@ -57,13 +68,16 @@ def check_model_dir(model: str | os.PathLike) -> Path:
     """A local checkpoint directory with a config.json; gradspec never downloads from a hub."""
     path = Path(model)
     if not (path / "config.json").is_file():
-        raise GradspecError(f"--model {model}: not a local checkpoint directory with a "
-                            "config.json (gradspec loads local paths only)")
+        raise GradspecError(
+            f"--model {model}: not a local checkpoint directory with a "
+            "config.json (gradspec loads local paths only)"
+        )
     return path
 
 
-def load_model_and_tokenizer(model_dir: Path, dtype: torch.dtype, device: torch.device,
-                             eager_attention: bool = False) -> tuple[torch.nn.Module, Any]:
+def load_model_and_tokenizer(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, eager_attention: bool = False
+) -> tuple[torch.nn.Module, Any]:
     """The model in eval mode (no dropout) with frozen weights, and its tokenizer.
 
     ``eager_attention`` is for left padding: SDPA turns attention rows that see only
@@ -88,7 +102,8 @@ def model_signature(model_dir: Path) -> dict[str, Any]:
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             digest.update(name.encode() + (model_dir / name).read_bytes())
-    weights = sorted((p.name, p.stat().st_size) for p in model_dir.iterdir()
-                     if p.suffix in WEIGHT_SUFFIXES)
+    weights = sorted(
+        (p.name, p.stat().st_size) for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES
+    )
     digest.update(repr(weights).encode())
     return {"config_and_tokenizer_sha256": digest.hexdigest(), "weight_files": len(weights)}

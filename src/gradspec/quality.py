@@ -80,10 +80,15 @@ def example_scores(tables: RunTables) -> pd.DataFrame:
 def gradient_scores(spectra: pd.DataFrame) -> pd.DataFrame:
     """Nuclear norms (total and per kind), mean effective rank and layer MAD per example."""
     by_example = spectra.groupby("example_index")
-    scores = pd.DataFrame({"nuclear_norm": by_example["nuclear_norm"].sum(),
-                           "effective_rank": by_example["effective_rank"].mean()})
-    per_kind = spectra.pivot_table(index="example_index", columns="kind",
-                                   values="nuclear_norm", aggfunc="sum")
+    scores = pd.DataFrame(
+        {
+            "nuclear_norm": by_example["nuclear_norm"].sum(),
+            "effective_rank": by_example["effective_rank"].mean(),
+        }
+    )
+    per_kind = spectra.pivot_table(
+        index="example_index", columns="kind", values="nuclear_norm", aggfunc="sum"
+    )
     for kind in KINDS:
         scores[f"nuclear_norm_{kind}"] = per_kind.get(kind, np.nan)
     scores["layer_mad"] = layer_mad(spectra)
@@ -92,8 +97,9 @@ def gradient_scores(spectra: pd.DataFrame) -> pd.DataFrame:
 
 def layer_mad(spectra: pd.DataFrame) -> pd.Series:
     """The study's MAD of each module's own nuclear-norm curve, averaged over modules."""
-    curves = spectra.pivot_table(index=["example_index", "module"], columns="layer",
-                                 values="nuclear_norm", aggfunc="sum")
+    curves = spectra.pivot_table(
+        index=["example_index", "module"], columns="layer", values="nuclear_norm", aggfunc="sum"
+    )
     per_module = pd.Series(mad(curves.to_numpy()), index=curves.index, dtype="float64")
     return per_module.groupby(level="example_index").mean()
 
@@ -108,8 +114,9 @@ def percentile_within(values: pd.Series) -> pd.Series:
 
 def gradient_signature(spectra: pd.DataFrame) -> pd.DataFrame:
     """Examples x matrices table of log nuclear norms: the per-example gradient fingerprint."""
-    table = spectra.pivot_table(index="example_index", columns="param", values="nuclear_norm",
-                                aggfunc="sum")
+    table = spectra.pivot_table(
+        index="example_index", columns="param", values="nuclear_norm", aggfunc="sum"
+    )
     return np.log(table.clip(lower=np.finfo(np.float64).tiny))
 
 
@@ -153,8 +160,10 @@ def calibrated_probability(ranked: pd.DataFrame) -> np.ndarray:
     labelled = ranked["label"].notna().to_numpy()
     y = ranked.loc[labelled, "label"].to_numpy(dtype=np.float64)
     if len(set(y)) < 2:
-        raise GradspecError("calibration needs labelled examples of both kinds (label 1 for a "
-                            "response that does not answer its instruction, 0 for a good one)")
+        raise GradspecError(
+            "calibration needs labelled examples of both kinds (label 1 for a "
+            "response that does not answer its instruction, 0 for a good one)"
+        )
     weights = fit_logistic(features[labelled], y, CALIBRATION_L2)
     return logistic(np.column_stack([np.ones(len(features)), features]) @ weights)
 
@@ -163,8 +172,7 @@ def logistic(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def fit_logistic(features: np.ndarray, y: np.ndarray, l2: float, steps: int = 100
-                 ) -> np.ndarray:
+def fit_logistic(features: np.ndarray, y: np.ndarray, l2: float, steps: int = 100) -> np.ndarray:
     """Weights (intercept first) minimising the log loss + l2/2 * |w|^2, by Newton's method.
 
     The penalty (not applied to the intercept) keeps the weights finite when a handful of
@@ -192,17 +200,24 @@ def read_labels(path: str | os.PathLike, scores: pd.DataFrame) -> pd.DataFrame:
         raise GradspecError(f"--labels {path}: cannot read it as CSV ({exc})") from None
     key = next((c for c in ("example_id", "example_index") if c in table), None)
     if key is None or "label" not in table:
-        raise GradspecError(f"--labels {path}: needs a 'label' column (1 = does not answer its "
-                            "instruction, 0 = good) and 'example_id' or 'example_index'")
+        raise GradspecError(
+            f"--labels {path}: needs a 'label' column (1 = does not answer its "
+            "instruction, 0 = good) and 'example_id' or 'example_index'"
+        )
     if not table["label"].isin([0, 1]).all():
         raise GradspecError(f"--labels {path}: 'label' must be 0 or 1")
     known = pd.Series(scores["example_index"].to_numpy(), index=scores[key])
     unknown = table.loc[~table[key].isin(known.index), key].tolist()
     if unknown:
-        raise GradspecError(f"--labels {path}: {len(unknown)} {key}s not in the run, e.g. "
-                            f"{unknown[0]!r}")
-    return pd.DataFrame({"example_index": known.loc[table[key]].to_numpy(),
-                         "label": table["label"].astype("int64").to_numpy()})
+        raise GradspecError(
+            f"--labels {path}: {len(unknown)} {key}s not in the run, e.g. {unknown[0]!r}"
+        )
+    return pd.DataFrame(
+        {
+            "example_index": known.loc[table[key]].to_numpy(),
+            "label": table["label"].astype("int64").to_numpy(),
+        }
+    )
 
 
 # ---------------------------------------------------------------- evaluation and output

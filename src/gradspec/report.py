@@ -52,10 +52,17 @@ LABEL_COLUMNS = ("model", "task", "style", "length", "correctness")
 SKIPPED_SHOWN = 200  # rows of the skipped-examples table shown in the HTML; the CSV has all
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathLike,
-                 labels: Mapping[str | os.PathLike, Mapping[str, Any]] | None = None, *,
-                 statistic: str = "nuclear_norm", split: str = "thirds", n_boot: int = 2000,
-                 seed: int = 0, title: str = "gradspec report") -> Path:
+def write_report(
+    run_dirs: Sequence[str | os.PathLike],
+    out_html: str | os.PathLike,
+    labels: Mapping[str | os.PathLike, Mapping[str, Any]] | None = None,
+    *,
+    statistic: str = "nuclear_norm",
+    split: str = "thirds",
+    n_boot: int = 2000,
+    seed: int = 0,
+    title: str = "gradspec report",
+) -> Path:
     """Write the HTML report, its Markdown twin and CSV tables; returns the HTML path.
 
     ``run_dirs`` are run directories or study output folders (whose cells bring their
@@ -83,8 +90,10 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_html: str | os.PathL
 # ---------------------------------------------------------------- loading runs
 
 
-def load_runs(run_dirs: Sequence[str | os.PathLike],
-              labels: Mapping[str | os.PathLike, Mapping[str, Any]] | None = None) -> list[Run]:
+def load_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    labels: Mapping[str | os.PathLike, Mapping[str, Any]] | None = None,
+) -> list[Run]:
     """Runs with their labels; a study folder stands for its started cells."""
     extra = {Path(k).resolve(): dict(v) for k, v in (labels or {}).items()}
     found: list[tuple[Path, dict[str, Any]]] = []
@@ -94,8 +103,7 @@ def load_runs(run_dirs: Sequence[str | os.PathLike],
         raise GradspecError("no runs to report (a study folder with no started cell?)")
     runs, names = [], set()
     for path, own in found:
-        merged = normalize_labels({**own, **extra.get(path.resolve(), {})},
-                                  f"labels of {path}")
+        merged = normalize_labels({**own, **extra.get(path.resolve(), {})}, f"labels of {path}")
         name = str(merged.get("name") or path.name)
         while name in names:
             name = f"{path.parent.name}/{name}"
@@ -107,15 +115,18 @@ def load_runs(run_dirs: Sequence[str | os.PathLike],
 # ---------------------------------------------------------------- tables
 
 
-def build_tables(runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
-                 ) -> dict[str, pd.DataFrame]:
+def build_tables(
+    runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
+) -> dict[str, pd.DataFrame]:
     """Every table of the report but the findings, as tidy DataFrames."""
-    return {"curves": curve_table(runs, statistic, n_boot, seed),
-            "mad": mad_table(runs, statistic, split, n_boot, seed),
-            "relative_difference": relative_difference_table(runs, statistic, n_boot, seed),
-            "examples": count_table(runs, statistic),
-            "skipped": skipped_table(runs),
-            "runs": manifest_table(runs)}
+    return {
+        "curves": curve_table(runs, statistic, n_boot, seed),
+        "mad": mad_table(runs, statistic, split, n_boot, seed),
+        "relative_difference": relative_difference_table(runs, statistic, n_boot, seed),
+        "examples": count_table(runs, statistic),
+        "skipped": skipped_table(runs),
+        "runs": manifest_table(runs),
+    }
 
 
 def curve_table(runs: Sequence[Run], statistic: str, n_boot: int, seed: int) -> pd.DataFrame:
@@ -124,33 +135,53 @@ def curve_table(runs: Sequence[Run], statistic: str, n_boot: int, seed: int) -> 
     for run, module, values in profiled_values(runs, statistic):
         # every statistic (norms, effective rank, their ratios) is non-negative
         estimate = bootstrap([[values]], lambda c: c[0], n_boot, seed, floor=0)
-        frames.append(pd.DataFrame({
-            "run": run.name, "module": module, "layer": values.layers,
-            "mean": estimate.value, "mean_low": estimate.low, "mean_high": estimate.high,
-            "examples": len(values.example_index)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run": run.name,
+                    "module": module,
+                    "layer": values.layers,
+                    "mean": estimate.value,
+                    "mean_low": estimate.low,
+                    "mean_high": estimate.high,
+                    "examples": len(values.example_index),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def mad_table(runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
-              ) -> pd.DataFrame:
+def mad_table(
+    runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
+) -> pd.DataFrame:
     """MAD of each run's curves over all layers and the early, middle and late parts."""
     rows = []
     for run, module, values in profiled_values(runs, statistic):
         parts = segment_slices(len(values.layers), split)
         estimate = bootstrap(
-            [[values]], lambda c, parts=parts: np.stack(
-                [mad(c[0][..., parts[s]]) for s in SEGMENTS], axis=-1), n_boot, seed, floor=0)
+            [[values]],
+            lambda c, parts=parts: np.stack([mad(c[0][..., parts[s]]) for s in SEGMENTS], axis=-1),
+            n_boot,
+            seed,
+            floor=0,
+        )
         for i, segment in enumerate(SEGMENTS):
             layers = values.layers[parts[segment]]
-            rows.append({"run": run.name, "module": module, "segment": segment,
-                         "layers": f"{layers[0]}-{layers[-1]}" if len(layers) else "",
-                         "mad": estimate.value[i], "mad_low": estimate.low[i],
-                         "mad_high": estimate.high[i]})
+            rows.append(
+                {
+                    "run": run.name,
+                    "module": module,
+                    "segment": segment,
+                    "layers": f"{layers[0]}-{layers[-1]}" if len(layers) else "",
+                    "mad": estimate.value[i],
+                    "mad_low": estimate.low[i],
+                    "mad_high": estimate.high[i],
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def profiled_values(runs: Sequence[Run], statistic: str
-                    ) -> Iterator[tuple[Run, str, LayerValues]]:
+def profiled_values(runs: Sequence[Run], statistic: str) -> Iterator[tuple[Run, str, LayerValues]]:
     """(run, module, values) for every module with at least one kept example."""
     for run in runs:
         for module in run.modules():
@@ -162,44 +193,62 @@ def profiled_values(runs: Sequence[Run], statistic: str
 def correctness_pairs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
     """(correct, irrelevant) runs whose other labels are all equal."""
 
-    irrelevant = {_twin_key(r): r for r in runs
-                  if r.labels.get("correctness") == CORRECTNESS[1]}
-    return [(r, irrelevant[_twin_key(r)]) for r in runs
-            if r.labels.get("correctness") == CORRECTNESS[0] and _twin_key(r) in irrelevant]
+    irrelevant = {_twin_key(r): r for r in runs if r.labels.get("correctness") == CORRECTNESS[1]}
+    return [
+        (r, irrelevant[_twin_key(r)])
+        for r in runs
+        if r.labels.get("correctness") == CORRECTNESS[0] and _twin_key(r) in irrelevant
+    ]
 
 
 def _twin_key(run: Run) -> tuple:
     """A run's labels but name and correctness: equal for a correct run and its twin."""
     if "correctness" not in run.labels:
         return ("name", run.name)
-    return tuple(sorted((k, str(v)) for k, v in run.labels.items()
-                        if k not in ("name", "correctness")))
+    return tuple(
+        sorted((k, str(v)) for k, v in run.labels.items() if k not in ("name", "correctness"))
+    )
 
 
-def relative_difference_table(runs: Sequence[Run], statistic: str, n_boot: int, seed: int
-                              ) -> pd.DataFrame:
+def relative_difference_table(
+    runs: Sequence[Run], statistic: str, n_boot: int, seed: int
+) -> pd.DataFrame:
     """Relative difference of each irrelevant run from its correct twin, per module and mean."""
     rows = []
     for correct, irrelevant in correctness_pairs(runs):
         modules = [m for m in correct.modules() if m in irrelevant.modules()]
-        values = paired([run.values(m, statistic) for run in (correct, irrelevant)
-                         for m in modules]) if modules else []
+        values = (
+            paired([run.values(m, statistic) for run in (correct, irrelevant) for m in modules])
+            if modules
+            else []
+        )
         if not values or not len(values[0].example_index):
             continue  # nothing profiled in both; the examples table shows why
         k = len(modules)
         for i, module in enumerate([*modules, "mean"]):
             chosen = slice(i, i + 1) if module != "mean" else slice(0, k)
             first, second = values[:k][chosen], values[k:][chosen]
-            estimate = bootstrap([first + second], mean_relative_difference, n_boot, seed,
-                                 floor=0)
-            top = largest_difference_layers(first[0].curve(), second[0].curve(),
-                                            first[0].layers) if module != "mean" else []
-            rows.append({"correct": correct.name, "irrelevant": irrelevant.name,
-                         "module": module, "examples": len(first[0].example_index),
-                         "rd": estimate.value, "rd_low": estimate.low, "rd_high": estimate.high,
-                         "p_value": permutation_test(first, second, mean_relative_difference,
-                                                     n_boot, seed),
-                         "top_layers": " ".join(map(str, top))})
+            estimate = bootstrap([first + second], mean_relative_difference, n_boot, seed, floor=0)
+            top = (
+                largest_difference_layers(first[0].curve(), second[0].curve(), first[0].layers)
+                if module != "mean"
+                else []
+            )
+            rows.append(
+                {
+                    "correct": correct.name,
+                    "irrelevant": irrelevant.name,
+                    "module": module,
+                    "examples": len(first[0].example_index),
+                    "rd": estimate.value,
+                    "rd_low": estimate.low,
+                    "rd_high": estimate.high,
+                    "p_value": permutation_test(
+                        first, second, mean_relative_difference, n_boot, seed
+                    ),
+                    "top_layers": " ".join(map(str, top)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -210,12 +259,19 @@ def count_table(runs: Sequence[Run], statistic: str) -> pd.DataFrame:
         examples = run.tables.examples
         ok = examples["status"] == "ok"
         dropped = max((run.values(m, statistic).n_dropped for m in run.modules()), default=0)
-        rows.append({"run": run.name, **{k: run.labels.get(k, "") for k in LABEL_COLUMNS},
-                     "examples": len(examples), "ok": int(ok.sum()),
-                     "skipped": int((~ok).sum()), "truncated": int(examples["truncated"].sum()),
-                     "dropped_nonfinite": dropped,
-                     "mean_response_tokens": float(examples.loc[ok, "n_response_tokens"].mean()),
-                     "mean_loss": float(examples.loc[ok, "loss"].mean())})
+        rows.append(
+            {
+                "run": run.name,
+                **{k: run.labels.get(k, "") for k in LABEL_COLUMNS},
+                "examples": len(examples),
+                "ok": int(ok.sum()),
+                "skipped": int((~ok).sum()),
+                "truncated": int(examples["truncated"].sum()),
+                "dropped_nonfinite": dropped,
+                "mean_response_tokens": float(examples.loc[ok, "n_response_tokens"].mean()),
+                "mean_loss": float(examples.loc[ok, "loss"].mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -225,10 +281,17 @@ def skipped_table(runs: Sequence[Run]) -> pd.DataFrame:
     for run in runs:
         examples = run.tables.examples
         skipped = examples[examples["status"] != "ok"]
-        frames.append(pd.DataFrame({
-            "run": run.name, "example_index": skipped["example_index"],
-            "source": skipped["source"], "line": skipped["source_line"],
-            "reason": skipped["status"].str.removeprefix("skipped:")}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run": run.name,
+                    "example_index": skipped["example_index"],
+                    "source": skipped["source"],
+                    "line": skipped["source_line"],
+                    "reason": skipped["status"].str.removeprefix("skipped:"),
+                }
+            )
+        )
     columns = ["run", "example_index", "source", "line", "reason"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
@@ -239,19 +302,36 @@ def manifest_table(runs: Sequence[Run]) -> pd.DataFrame:
     for run in runs:
         m = run.tables.manifest
         options = m.get("options", {})
-        rows.append({
-            "run": run.name, "directory": str(run.path),
-            "model": m.get("model", {}).get("path"),
-            "model_sha256": m.get("model", {}).get("config_and_tokenizer_sha256"),
-            "data": " ".join(m.get("data", {}).get("paths", [])),
-            "data_sha256": m.get("data", {}).get("sha256"),
-            "gradspec": m.get("gradspec_version"),
-            **{k: v for k, v in m.get("versions", {}).items()},
-            "device": m.get("device"),
-            **{k: options.get(k) for k in ("template", "modules", "limit", "method", "dtype",
-                                            "spectra_dtype", "max_length", "batch_size",
-                                            "top_k", "ifd")},
-            "created": m.get("created"), "sessions": len(m.get("sessions", []))})
+        rows.append(
+            {
+                "run": run.name,
+                "directory": str(run.path),
+                "model": m.get("model", {}).get("path"),
+                "model_sha256": m.get("model", {}).get("config_and_tokenizer_sha256"),
+                "data": " ".join(m.get("data", {}).get("paths", [])),
+                "data_sha256": m.get("data", {}).get("sha256"),
+                "gradspec": m.get("gradspec_version"),
+                **{k: v for k, v in m.get("versions", {}).items()},
+                "device": m.get("device"),
+                **{
+                    k: options.get(k)
+                    for k in (
+                        "template",
+                        "modules",
+                        "limit",
+                        "method",
+                        "dtype",
+                        "spectra_dtype",
+                        "max_length",
+                        "batch_size",
+                        "top_k",
+                        "ifd",
+                    )
+                },
+                "created": m.get("created"),
+                "sessions": len(m.get("sessions", [])),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -266,9 +346,12 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             continue
         values = table[column]
         if f"{column}_low" in table.columns:
-            shown[column] = [f"{format_number(v)} [{format_number(lo)}, {format_number(hi)}]"
-                             for v, lo, hi in zip(values, table[f"{column}_low"],
-                                                  table[f"{column}_high"], strict=True)]
+            shown[column] = [
+                f"{format_number(v)} [{format_number(lo)}, {format_number(hi)}]"
+                for v, lo, hi in zip(
+                    values, table[f"{column}_low"], table[f"{column}_high"], strict=True
+                )
+            ]
         elif pd.api.types.is_float_dtype(values):
             shown[column] = values.map(format_number)
         else:
@@ -294,8 +377,9 @@ def mad_display(mad: pd.DataFrame, segment: str) -> pd.DataFrame:
 class ReportContext:
     """What the report is about: title, runs and analysis settings."""
 
-    def __init__(self, title: str, runs: Sequence[Run], statistic: str, split: str,
-                 n_boot: int, seed: int):
+    def __init__(
+        self, title: str, runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
+    ):
         self.title, self.runs, self.statistic = title, list(runs), statistic
         self.split, self.n_boot, self.seed = split, n_boot, seed
         self.created = now_iso()
@@ -306,12 +390,22 @@ class ReportContext:
 
     def method_notes(self) -> list[str]:
         """Definitions, the layer split for each depth in the report, pairing and CIs."""
-        depths = sorted({int(run.tables.spectra["layer"].max()) + 1 for run in self.runs
-                         if not run.tables.spectra.empty})
+        depths = sorted(
+            {
+                int(run.tables.spectra["layer"].max()) + 1
+                for run in self.runs
+                if not run.tables.spectra.empty
+            }
+        )
         splits = "; ".join(
-            f"{d} layers: " + ", ".join(
-                f"{name} {s.start}–{s.stop - 1}" for name, s in segment_slices(d, self.split)
-                .items() if name != "all" and s.stop > s.start) for d in depths)
+            f"{d} layers: "
+            + ", ".join(
+                f"{name} {s.start}–{s.stop - 1}"
+                for name, s in segment_slices(d, self.split).items()
+                if name != "all" and s.stop > s.start
+            )
+            for d in depths
+        )
         return [
             f"Curves: mean over examples of the {self.statistic_name} at each layer; examples "
             "with a non-finite value are dropped and counted (examples table).",
@@ -335,8 +429,9 @@ class ReportContext:
         ]
 
 
-def curve_figures(runs: Sequence[Run], curves: pd.DataFrame, statistic_name: str
-                  ) -> list[tuple[str, go.Figure]]:
+def curve_figures(
+    runs: Sequence[Run], curves: pd.DataFrame, statistic_name: str
+) -> list[tuple[str, go.Figure]]:
     """One figure per (model, task): a panel per module, a line and CI band per run."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -347,8 +442,13 @@ def curve_figures(runs: Sequence[Run], curves: pd.DataFrame, statistic_name: str
         modules = study_order(m for run in members for m in run.modules())
         columns = min(4, len(modules))
         rows = -(-len(modules) // columns)
-        figure = make_subplots(rows=rows, cols=columns, subplot_titles=modules,
-                               horizontal_spacing=0.06, vertical_spacing=0.12)
+        figure = make_subplots(
+            rows=rows,
+            cols=columns,
+            subplot_titles=modules,
+            horizontal_spacing=0.06,
+            vertical_spacing=0.12,
+        )
         traces, rows_, cols_ = [], [], []
         twins: dict[tuple, int] = {}  # runs differing only in correctness share a colour
         for run in members:
@@ -359,23 +459,41 @@ def curve_figures(runs: Sequence[Run], curves: pd.DataFrame, statistic_name: str
                 data = curves[(curves["run"] == run.name) & (curves["module"] == module)]
                 if data.empty:
                     continue
-                traces += [go.Scatter(
-                    x=np.concatenate([data["layer"], data["layer"][::-1]]),
-                    y=np.concatenate([data["mean_high"], data["mean_low"][::-1]]),
-                    mode="lines", fill="toself", fillcolor=_transparent(color),
-                    line=dict(width=0),
-                    hoverinfo="skip", showlegend=False, legendgroup=run.name), go.Scatter(
-                    x=data["layer"], y=data["mean"], mode="lines", name=run.name,
-                    line=dict(color=color, dash=dash, width=2), legendgroup=run.name,
-                    showlegend=j == 0, customdata=data[["mean_low", "mean_high"]],
-                    hovertemplate=f"{html.escape(run.name)}<br>layer %{{x}}: %{{y:.4g}} "
-                                  "[%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>")]
+                traces += [
+                    go.Scatter(
+                        x=np.concatenate([data["layer"], data["layer"][::-1]]),
+                        y=np.concatenate([data["mean_high"], data["mean_low"][::-1]]),
+                        mode="lines",
+                        fill="toself",
+                        fillcolor=_transparent(color),
+                        line=dict(width=0),
+                        hoverinfo="skip",
+                        showlegend=False,
+                        legendgroup=run.name,
+                    ),
+                    go.Scatter(
+                        x=data["layer"],
+                        y=data["mean"],
+                        mode="lines",
+                        name=run.name,
+                        line=dict(color=color, dash=dash, width=2),
+                        legendgroup=run.name,
+                        showlegend=j == 0,
+                        customdata=data[["mean_low", "mean_high"]],
+                        hovertemplate=f"{html.escape(run.name)}<br>layer %{{x}}: %{{y:.4g}} "
+                        "[%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>",
+                    ),
+                ]
                 rows_ += [j // columns + 1] * 2
                 cols_ += [j % columns + 1] * 2
         figure.add_traces(traces, rows=rows_, cols=cols_)
-        figure.update_layout(height=260 * rows + 120, margin=dict(l=50, r=20, t=60, b=40),
-                             legend=dict(orientation="h", y=-0.08), template="plotly_white",
-                             title=dict(text=f"{statistic_name} per layer — {key}", x=0.01))
+        figure.update_layout(
+            height=260 * rows + 120,
+            margin=dict(l=50, r=20, t=60, b=40),
+            legend=dict(orientation="h", y=-0.08),
+            template="plotly_white",
+            title=dict(text=f"{statistic_name} per layer — {key}", x=0.01),
+        )
         depth = int(curves.loc[curves["run"].isin([r.name for r in members]), "layer"].max()) + 1
         figure.update_xaxes(title_text="layer", title_standoff=4, dtick=max(1, -(-depth // 8)))
         figures.append((key, figure))
@@ -383,7 +501,7 @@ def curve_figures(runs: Sequence[Run], curves: pd.DataFrame, statistic_name: str
 
 
 def _transparent(hex_color: str, alpha: float = 0.18) -> str:
-    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
 
 
@@ -410,74 +528,126 @@ def _html_table(table: pd.DataFrame) -> str:
     return display_table(table).to_html(index=False, border=0, escape=True)
 
 
-def render_html(context: ReportContext, tables: dict[str, pd.DataFrame],
-                findings: list[Finding]) -> str:
+def render_html(
+    context: ReportContext, tables: dict[str, pd.DataFrame], findings: list[Finding]
+) -> str:
     """The self-contained report page."""
     esc = html.escape
-    sections = [("findings", "Findings of the study"), ("curves", "Layer curves"),
-                ("mad", "MAD across layers"), ("rd", "Relative differences"),
-                ("examples", "Examples"), ("runs", "Runs"), ("method", "Method")]
-    body = [f"<h1>{esc(context.title)}</h1>",
-            f"<p class='meta'>{len(context.runs)} runs · curves of the "
-            f"{esc(context.statistic_name)} · generated {context.created} by gradspec "
-            f"{__version__}</p>",
-            "<nav>" + "".join(f"<a href='#{a}'>{t}</a>" for a, t in sections) + "</nav>"]
+    sections = [
+        ("findings", "Findings of the study"),
+        ("curves", "Layer curves"),
+        ("mad", "MAD across layers"),
+        ("rd", "Relative differences"),
+        ("examples", "Examples"),
+        ("runs", "Runs"),
+        ("method", "Method"),
+    ]
+    body = [
+        f"<h1>{esc(context.title)}</h1>",
+        f"<p class='meta'>{len(context.runs)} runs · curves of the "
+        f"{esc(context.statistic_name)} · generated {context.created} by gradspec "
+        f"{__version__}</p>",
+        "<nav>" + "".join(f"<a href='#{a}'>{t}</a>" for a, t in sections) + "</nav>",
+    ]
     body.append("<h2 id='findings'>Findings of the study (arXiv:2410.23743)</h2>")
     for finding in findings:
         css = {"holds": "holds", "does not hold": "not"}.get(finding.status(), "open")
-        body += [f"<h3>{finding.number}. {esc(finding.claim)}</h3>",
-                 f"<p class='verdict {css}'>{esc(finding.summary())}</p>",
-                 f"<p class='method'>{esc(finding.method)}</p>", _html_table(finding.table)]
-    body.append("<h2 id='curves'>Layer curves</h2><p class='method'>Lines: mean over examples; "
-                "bands: 95% bootstrap intervals; dotted: irrelevant responses. Click a legend "
-                "entry to hide a run.</p>")
+        body += [
+            f"<h3>{finding.number}. {esc(finding.claim)}</h3>",
+            f"<p class='verdict {css}'>{esc(finding.summary())}</p>",
+            f"<p class='method'>{esc(finding.method)}</p>",
+            _html_table(finding.table),
+        ]
+    body.append(
+        "<h2 id='curves'>Layer curves</h2><p class='method'>Lines: mean over examples; "
+        "bands: 95% bootstrap intervals; dotted: irrelevant responses. Click a legend "
+        "entry to hide a run.</p>"
+    )
     config = {"displaylogo": False, "responsive": True}
     for _, figure in curve_figures(context.runs, tables["curves"], context.statistic_name):
-        body.append("<div class='plot'>" + figure.to_html(
-            full_html=False, include_plotlyjs=False, config=config) + "</div>")
+        body.append(
+            "<div class='plot'>"
+            + figure.to_html(full_html=False, include_plotlyjs=False, config=config)
+            + "</div>"
+        )
     body.append("<h2 id='mad'>MAD across layers</h2>")
     for segment in SEGMENTS:
-        body += [f"<h3>{segment}</h3>", _html_table(mad_display(tables["mad"], segment))
-                 if not tables["mad"].empty else _html_table(tables["mad"])]
-    body += ["<h2 id='rd'>Relative differences (irrelevant vs correct)</h2>",
-             _html_table(tables["relative_difference"]) if not tables["relative_difference"]
-             .empty else "<p><em>No pair of runs differing only in correctness; label runs "
-             "correctness=correct / irrelevant to get one.</em></p>",
-             "<h2 id='examples'>Examples</h2>", _html_table(tables["examples"]),
-             "<h3>Skipped examples</h3>", _html_table(tables["skipped"].head(SKIPPED_SHOWN))]
+        body += [
+            f"<h3>{segment}</h3>",
+            _html_table(mad_display(tables["mad"], segment))
+            if not tables["mad"].empty
+            else _html_table(tables["mad"]),
+        ]
+    body += [
+        "<h2 id='rd'>Relative differences (irrelevant vs correct)</h2>",
+        _html_table(tables["relative_difference"])
+        if not tables["relative_difference"].empty
+        else "<p><em>No pair of runs differing only in correctness; label runs "
+        "correctness=correct / irrelevant to get one.</em></p>",
+        "<h2 id='examples'>Examples</h2>",
+        _html_table(tables["examples"]),
+        "<h3>Skipped examples</h3>",
+        _html_table(tables["skipped"].head(SKIPPED_SHOWN)),
+    ]
     if len(tables["skipped"]) > SKIPPED_SHOWN:
-        body.append(f"<p class='method'>First {SKIPPED_SHOWN} of {len(tables['skipped'])}; "
-                    "all are in skipped.csv.</p>")
-    body += ["<h2 id='runs'>Runs</h2>", _html_table(tables["runs"]),
-             "<h2 id='method'>Method</h2><ul class='method'>"
-             + "".join(f"<li>{esc(note)}</li>" for note in context.method_notes()) + "</ul>"]
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{esc(context.title)}</title><style>{CSS}</style>"
-            f"<script>{get_plotlyjs()}</script></head><body>" + "\n".join(body)
-            + "</body></html>\n")
+        body.append(
+            f"<p class='method'>First {SKIPPED_SHOWN} of {len(tables['skipped'])}; "
+            "all are in skipped.csv.</p>"
+        )
+    body += [
+        "<h2 id='runs'>Runs</h2>",
+        _html_table(tables["runs"]),
+        "<h2 id='method'>Method</h2><ul class='method'>"
+        + "".join(f"<li>{esc(note)}</li>" for note in context.method_notes())
+        + "</ul>",
+    ]
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{esc(context.title)}</title><style>{CSS}</style>"
+        f"<script>{get_plotlyjs()}</script></head><body>" + "\n".join(body) + "</body></html>\n"
+    )
 
 
-def render_markdown(context: ReportContext, tables: dict[str, pd.DataFrame],
-                    findings: list[Finding]) -> str:
+def render_markdown(
+    context: ReportContext, tables: dict[str, pd.DataFrame], findings: list[Finding]
+) -> str:
     """Every table of the report as Markdown."""
 
     def md(table: pd.DataFrame) -> str:
         return display_table(table).to_markdown(index=False) if not table.empty else "_none_"
 
-    parts = [f"# {context.title}", "",
-             f"{len(context.runs)} runs; {context.statistic_name}; generated {context.created} "
-             f"by gradspec {__version__}.", "", "## Findings of the study", ""]
+    parts = [
+        f"# {context.title}",
+        "",
+        f"{len(context.runs)} runs; {context.statistic_name}; generated {context.created} "
+        f"by gradspec {__version__}.",
+        "",
+        "## Findings of the study",
+        "",
+    ]
     for finding in findings:
-        parts += [f"### {finding.number}. {finding.claim}", "", f"**{finding.summary()}**", "",
-                  finding.method, "", md(finding.table), ""]
+        parts += [
+            f"### {finding.number}. {finding.claim}",
+            "",
+            f"**{finding.summary()}**",
+            "",
+            finding.method,
+            "",
+            md(finding.table),
+            "",
+        ]
     parts += ["## MAD across layers", ""]
     for segment in SEGMENTS:
-        mad_table_ = mad_display(tables["mad"], segment) if not tables["mad"].empty \
-            else tables["mad"]
+        mad_table_ = (
+            mad_display(tables["mad"], segment) if not tables["mad"].empty else tables["mad"]
+        )
         parts += [f"### {segment}", "", md(mad_table_), ""]
-    for name, heading in (("relative_difference", "Relative differences"),
-                          ("examples", "Examples"), ("skipped", "Skipped examples"),
-                          ("runs", "Runs")):
+    for name, heading in (
+        ("relative_difference", "Relative differences"),
+        ("examples", "Examples"),
+        ("skipped", "Skipped examples"),
+        ("runs", "Runs"),
+    ):
         parts += [f"## {heading}", "", md(tables[name]), ""]
     parts += ["## Method", "", *(f"- {note}" for note in context.method_notes()), ""]
     return "\n".join(parts)

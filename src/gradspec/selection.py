@@ -35,9 +35,17 @@ class Selection:
     sidecar: Path
 
 
-def select(run_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
-           keep: str, by: str = "flag", prefer: str | None = None, diverse: bool = False,
-           pool: float = 2.0, sidecar: str | os.PathLike | None = None) -> Selection:
+def select(
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    keep: str,
+    by: str = "flag",
+    prefer: str | None = None,
+    diverse: bool = False,
+    pool: float = 2.0,
+    sidecar: str | os.PathLike | None = None,
+) -> Selection:
     """Write the examples of ``data`` kept by score (and coverage) to ``out``.
 
     ``keep`` is a count N or a fraction in (0, 1] of the examples that have the score;
@@ -73,9 +81,11 @@ def check_data_unchanged(manifest: dict[str, Any], data: str | os.PathLike) -> l
     files = resolve_data_files(data)
     if data_sha256(files) != manifest.get("data", {}).get("sha256"):
         names = ", ".join(str(f) for f in files)
-        raise GradspecError(f"{names}: not the data this run profiled (its sha256 differs from "
-                            "the run's manifest); it changed since profiling, or is another "
-                            "file. Select from the run's own data, or profile this data again")
+        raise GradspecError(
+            f"{names}: not the data this run profiled (its sha256 differs from "
+            "the run's manifest); it changed since profiling, or is another "
+            "file. Select from the run's own data, or profile this data again"
+        )
     return files
 
 
@@ -84,8 +94,10 @@ def check_output(out: Path, files: list[Path]) -> Path:
     if any(out.resolve() == f.resolve() for f in files):
         raise GradspecError(f"--out {out} is an input data file; choose another path")
     if len(files) > 1 and out.is_file():
-        raise GradspecError(f"--out {out}: the data has {len(files)} files, so --out must be "
-                            "a directory (one output file per input file)")
+        raise GradspecError(
+            f"--out {out}: the data has {len(files)} files, so --out must be "
+            "a directory (one output file per input file)"
+        )
     return out
 
 
@@ -99,8 +111,9 @@ def parse_keep(keep: str, n_eligible: int) -> int:
         except ValueError:
             fraction = math.nan
         if not 0 < fraction <= 1:
-            raise GradspecError(f"--keep {keep}: give a count N >= 1 or a fraction in (0, 1]"
-                                ) from None
+            raise GradspecError(
+                f"--keep {keep}: give a count N >= 1 or a fraction in (0, 1]"
+            ) from None
         return min(n_eligible, math.floor(fraction * n_eligible + 0.5))
     if count < 1:
         raise GradspecError(f"--keep {keep}: give a count N >= 1 or a fraction in (0, 1]")
@@ -121,20 +134,23 @@ def rank_eligible(scores: pd.DataFrame, by: str, prefer: str) -> pd.Series:
 # ---------------------------------------------------------------- decisions
 
 
-def top_decisions(ranked: pd.Series, n_keep: int, by: str, prefer: str
-                  ) -> dict[int, Decision]:
+def top_decisions(ranked: pd.Series, n_keep: int, by: str, prefer: str) -> dict[int, Decision]:
     """Keep the first ``n_keep`` of the ranking."""
     n = len(ranked)
     decisions = {}
     for rank, index in enumerate(ranked.index, start=1):
         where = f"rank {rank} of {n} by {by} ({prefer}est first)"
-        decisions[index] = (True, f"kept: {where}") if rank <= n_keep else (
-            False, f"dropped: {where}; only the best {n_keep} are kept")
+        decisions[index] = (
+            (True, f"kept: {where}")
+            if rank <= n_keep
+            else (False, f"dropped: {where}; only the best {n_keep} are kept")
+        )
     return decisions
 
 
-def diverse_decisions(spectra: pd.DataFrame, ranked: pd.Series, n_keep: int, pool: float,
-                      by: str) -> dict[int, Decision]:
+def diverse_decisions(
+    spectra: pd.DataFrame, ranked: pd.Series, n_keep: int, pool: float, by: str
+) -> dict[int, Decision]:
     """Keep ``n_keep`` of the quality pool chosen by greedy facility location."""
     if pool < 1:
         raise GradspecError(f"--pool {pool}: must be at least 1 (a multiple of the kept count)")
@@ -147,21 +163,27 @@ def diverse_decisions(spectra: pd.DataFrame, ranked: pd.Series, n_keep: int, poo
     decisions = {}
     for rank, index in enumerate(ranked.index, start=1):
         where = f"rank {rank} of {n} by {by}"
-        decisions[index] = (False, f"dropped: {where}, outside the best {size} considered for "
-                            "coverage")
+        decisions[index] = (
+            False,
+            f"dropped: {where}, outside the best {size} considered for coverage",
+        )
     for step, (position, gain) in enumerate(zip(chosen, gains, strict=True), start=1):
         rank = position + 1
         decisions[members[position]] = (
-            True, f"kept: rank {rank} of {n} by {by}, in the best {size}; coverage pick "
-                  f"{step} (gain {gain:.3g})")
+            True,
+            f"kept: rank {rank} of {n} by {by}, in the best {size}; coverage pick "
+            f"{step} (gain {gain:.3g})",
+        )
     for position, index in enumerate(members):
         if position in chosen:
             continue
         nearest = chosen[int(np.argmax(similarity[position, chosen]))]
         decisions[index] = (
-            False, f"dropped: rank {position + 1} of {n} by {by}, in the best {size} but "
-                   f"covered by kept example {members[nearest]} "
-                   f"(similarity {similarity[position, nearest]:.2f})")
+            False,
+            f"dropped: rank {position + 1} of {n} by {by}, in the best {size} but "
+            f"covered by kept example {members[nearest]} "
+            f"(similarity {similarity[position, nearest]:.2f})",
+        )
     return decisions
 
 
@@ -203,21 +225,35 @@ def greedy_facility_location(similarity: np.ndarray, k: int) -> tuple[list[int],
 # ---------------------------------------------------------------- report and output
 
 
-def selection_report(examples: list[Example], scores: pd.DataFrame, by: str,
-                     ranked: pd.Series, decisions: dict[int, Decision]) -> pd.DataFrame:
+def selection_report(
+    examples: list[Example],
+    scores: pd.DataFrame,
+    by: str,
+    ranked: pd.Series,
+    decisions: dict[int, Decision],
+) -> pd.DataFrame:
     """One row per example of the data: kept, rank, score and the reason."""
     status = scores.set_index("example_index")["status"]
     rank_of = {index: rank for rank, index in enumerate(ranked.index, start=1)}
     rows = []
     for example in examples:
-        kept, reason = decisions.get(example.index) or (False, missing_reason(
-            status.get(example.index), by))
-        rows.append({"example_index": example.index, "example_id": example.example_id,
-                     "source": example.source, "source_line": example.line,
-                     "kept": kept, "rank": rank_of.get(example.index),
-                     by: ranked.get(example.index), "reason": reason})
-    columns = ["example_index", "example_id", "source", "source_line", "kept", "rank", by,
-               "reason"]
+        kept, reason = decisions.get(example.index) or (
+            False,
+            missing_reason(status.get(example.index), by),
+        )
+        rows.append(
+            {
+                "example_index": example.index,
+                "example_id": example.example_id,
+                "source": example.source,
+                "source_line": example.line,
+                "kept": kept,
+                "rank": rank_of.get(example.index),
+                by: ranked.get(example.index),
+                "reason": reason,
+            }
+        )
+    columns = ["example_index", "example_id", "source", "source_line", "kept", "rank", by, "reason"]
     report = pd.DataFrame(rows, columns=columns)
     report["rank"] = report["rank"].astype("Int64")
     report[by] = report[by].astype("float64")
@@ -239,8 +275,9 @@ def default_sidecar(out: Path, n_files: int) -> Path:
     return out / "selection.csv" if n_files > 1 else out.with_name(f"{out.stem}.selection.csv")
 
 
-def write_selected(examples: list[Example], files: list[Path], kept: set[int], out: Path
-                   ) -> list[Path]:
+def write_selected(
+    examples: list[Example], files: list[Path], kept: set[int], out: Path
+) -> list[Path]:
     """Write each data file's kept records, in input order, in that file's own layout."""
     outputs = []
     for path in files:
@@ -262,15 +299,15 @@ def write_selected(examples: list[Example], files: list[Path], kept: set[int], o
 def render_json_array(text: str, all_raws: list[str], kept_raws: list[str]) -> str:
     """The input array with only the kept records, keeping its opening, separators and end."""
     if not kept_raws:
-        return text[: text.index("[") + 1] + text[text.rindex("]"):]
+        return text[: text.index("[") + 1] + text[text.rindex("]") :]
     spans = []
     position = 0
     for raw in all_raws:
         start = text.index(raw, position)
         position = start + len(raw)
         spans.append((start, position))
-    separator = text[spans[0][1]: spans[1][0]] if len(spans) > 1 else ", "
-    return text[: spans[0][0]] + separator.join(kept_raws) + text[spans[-1][1]:]
+    separator = text[spans[0][1] : spans[1][0]] if len(spans) > 1 else ", "
+    return text[: spans[0][0]] + separator.join(kept_raws) + text[spans[-1][1] :]
 
 
 def render_jsonl(text: str, kept_raws: list[str]) -> str:

@@ -34,8 +34,12 @@ def _svd_flops(rows: int, cols: int) -> float:
 def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
     """Whether forming G^T X and taking its SVD costs fewer flops than the factor route."""
     k_out, k_in = min(d_out, tokens), min(d_in, tokens)
-    factor = (_qr_flops(d_out, tokens) + _qr_flops(d_in, tokens)
-              + 2.0 * k_out * tokens * k_in + _svd_flops(k_out, k_in))
+    factor = (
+        _qr_flops(d_out, tokens)
+        + _qr_flops(d_in, tokens)
+        + 2.0 * k_out * tokens * k_in
+        + _svd_flops(k_out, k_in)
+    )
     full = 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in)
     return full < factor
 
@@ -50,8 +54,9 @@ def token_factor(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(a.mT, mode="r").R
 
 
-def gradient_singular_values(g: torch.Tensor, x: torch.Tensor,
-                             x_factor: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_singular_values(
+    g: torch.Tensor, x: torch.Tensor, x_factor: torch.Tensor | None = None
+) -> torch.Tensor:
     """Descending singular values of g^T x, without building it when T is small.
 
     ``g`` is (..., T, d_out) and ``x`` (..., T, d_in); leading dimensions are a batch of

@@ -27,19 +27,21 @@ import pyarrow.parquet as pq
 
 from .errors import GradspecError
 
-EXAMPLES_SCHEMA = pa.schema([
-    ("example_index", pa.int64()),
-    ("example_id", pa.string()),
-    ("source", pa.string()),
-    ("source_line", pa.int64()),
-    ("loss", pa.float64()),
-    ("n_prompt_tokens", pa.int64()),
-    ("n_response_tokens", pa.int64()),
-    ("truncated", pa.bool_()),
-    ("status", pa.string()),
-    ("response_only_loss", pa.float64()),
-    ("ifd", pa.float64()),
-])
+EXAMPLES_SCHEMA = pa.schema(
+    [
+        ("example_index", pa.int64()),
+        ("example_id", pa.string()),
+        ("source", pa.string()),
+        ("source_line", pa.int64()),
+        ("loss", pa.float64()),
+        ("n_prompt_tokens", pa.int64()),
+        ("n_response_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+        ("status", pa.string()),
+        ("response_only_loss", pa.float64()),
+        ("ifd", pa.float64()),
+    ]
+)
 
 SPECTRA_FIELDS = [
     ("example_index", pa.int64()),
@@ -103,11 +105,15 @@ class RunStore:
         if self.manifest_path.exists():
             old = json.loads(self.manifest_path.read_text())
             self._refuse_if_different(old.get("fingerprint", {}))
-            manifest = {**manifest, "created": old.get("created"),
-                        "sessions": old.get("sessions", [])}
+            manifest = {
+                **manifest,
+                "created": old.get("created"),
+                "sessions": old.get("sessions", []),
+            }
         elif self.root.exists() and any(self.root.iterdir()):
-            raise GradspecError(f"{self.root} exists, is not empty and has no manifest.json; "
-                                "choose another --out")
+            raise GradspecError(
+                f"{self.root} exists, is not empty and has no manifest.json; choose another --out"
+            )
         (self.root / "examples").mkdir(parents=True, exist_ok=True)
         (self.root / "spectra").mkdir(parents=True, exist_ok=True)
         manifest.setdefault("created", now_iso())
@@ -118,20 +124,29 @@ class RunStore:
         write_json_atomic(self.manifest_path, manifest)
 
     def _refuse_if_different(self, old: dict[str, Any]) -> None:
-        changed = sorted(k for k in set(old) | set(self.fingerprint)
-                         if old.get(k) != self.fingerprint.get(k))
+        changed = sorted(
+            k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k)
+        )
         if changed:
-            details = "; ".join(f"{k}: was {old.get(k)!r}, now {self.fingerprint.get(k)!r}"
-                                for k in changed)
-            raise GradspecError(f"{self.root} holds a run with other inputs ({details}). "
-                                "Results are never mixed: use another --out, or delete it.")
+            details = "; ".join(
+                f"{k}: was {old.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in changed
+            )
+            raise GradspecError(
+                f"{self.root} holds a run with other inputs ({details}). "
+                "Results are never mixed: use another --out, or delete it."
+            )
 
     def finished_chunks(self) -> set[tuple[int, int]]:
         """(first, last) example indices of every chunk whose examples part exists."""
         return {_part_range(p) for p in (self.root / "examples").glob("part-*.parquet")}
 
-    def write_chunk(self, first: int, last: int, spectra_rows: list[dict[str, Any]],
-                    example_rows: list[dict[str, Any]]) -> None:
+    def write_chunk(
+        self,
+        first: int,
+        last: int,
+        spectra_rows: list[dict[str, Any]],
+        example_rows: list[dict[str, Any]],
+    ) -> None:
         """Persist one finished chunk; spectra first, so the examples part marks completion."""
         self._drop_overlapping(first, last)
         name = f"part-{first:09d}-{last:09d}.parquet"
@@ -171,9 +186,11 @@ def load_run(run_dir: str | os.PathLike) -> RunTables:
     examples = _read_parts(root / "examples", done, EXAMPLES_SCHEMA)
     spectra_schema_ = spectra_schema(manifest.get("options", {}).get("top_k", 0))
     spectra = _read_parts(root / "spectra", done, spectra_schema_)
-    return RunTables(manifest,
-                     examples.sort_values("example_index", ignore_index=True),
-                     spectra.sort_values(["example_index", "layer", "param"], ignore_index=True))
+    return RunTables(
+        manifest,
+        examples.sort_values("example_index", ignore_index=True),
+        spectra.sort_values(["example_index", "layer", "param"], ignore_index=True),
+    )
 
 
 def _read_parts(folder: Path, names: list[str], schema: pa.Schema) -> pd.DataFrame:

@@ -110,8 +110,11 @@ class Cell:
 # ---------------------------------------------------------------- reading a study file
 
 
-def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None,
-               data_dir: str | os.PathLike | None = None) -> Study:
+def load_study(
+    path: str | os.PathLike,
+    models: Mapping[str, str] | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> Study:
     """Parse and check a study file; ``models`` (label -> path) replaces its model list,
     ``data_dir`` the folder its dataset paths are relative to.
 
@@ -131,16 +134,31 @@ def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None,
     entries = _tables(document, "models", source)
     if models:  # the file's models are replaced, not checked
         templates = {e.get("label"): e.get("template", "plain") for e in entries}
-        file_models = [_model({"label": label, "path": str(Path(p).resolve()),
-                               "template": templates.get(label, "plain")},
-                              Path.cwd(), f"--model {label}") for label, p in models.items()]
+        file_models = [
+            _model(
+                {
+                    "label": label,
+                    "path": str(Path(p).resolve()),
+                    "template": templates.get(label, "plain"),
+                },
+                Path.cwd(),
+                f"--model {label}",
+            )
+            for label, p in models.items()
+        ]
     else:
-        file_models = [_model(entry, base, f"{source}: models[{i}]")
-                       for i, entry in enumerate(entries)]
-    data_base = Path(data_dir) if data_dir is not None \
+        file_models = [
+            _model(entry, base, f"{source}: models[{i}]") for i, entry in enumerate(entries)
+        ]
+    data_base = (
+        Path(data_dir)
+        if data_dir is not None
         else base / _optional_string(document, "data_dir", str(source), ".")
-    datasets = [_dataset(entry, data_base, f"{source}: datasets[{i}]")
-                for i, entry in enumerate(_tables(document, "datasets", source))]
+    )
+    datasets = [
+        _dataset(entry, data_base, f"{source}: datasets[{i}]")
+        for i, entry in enumerate(_tables(document, "datasets", source))
+    ]
     for kind, items in (("model", file_models), ("dataset", datasets)):
         labels = [item.label for item in items]
         repeated = sorted({label for label in labels if labels.count(label) > 1})
@@ -149,14 +167,18 @@ def load_study(path: str | os.PathLike, models: Mapping[str, str] | None = None,
     options = document.get("profile", {})
     _refuse_unknown(options, PROFILE_KEYS, f"{source}: [profile]")
     _check_profile_options(options, source)
-    return Study(source, str(document.get("title", source.stem)), file_models, datasets,
-                 dict(options))
+    return Study(
+        source, str(document.get("title", source.stem)), file_models, datasets, dict(options)
+    )
 
 
 def _tables(document: dict[str, Any], key: str, source: Path) -> list[dict[str, Any]]:
     entries = document.get(key)
-    if not isinstance(entries, list) or not entries \
-            or not all(isinstance(e, dict) for e in entries):
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) for e in entries)
+    ):
         raise GradspecError(f"{source}: needs at least one [[{key}]] table")
     return entries
 
@@ -166,8 +188,9 @@ def _refuse_unknown(table: Any, allowed: tuple[str, ...], where: str) -> None:
         raise GradspecError(f"{where}: expected a table")
     unknown = sorted(set(table) - set(allowed))
     if unknown:
-        raise GradspecError(f"{where}: unknown key {', '.join(unknown)} "
-                            f"(allowed: {', '.join(allowed)})")
+        raise GradspecError(
+            f"{where}: unknown key {', '.join(unknown)} (allowed: {', '.join(allowed)})"
+        )
 
 
 def _required_string(entry: dict[str, Any], key: str, where: str) -> str:
@@ -183,8 +206,10 @@ def _optional_string(table: dict[str, Any], key: str, where: str, default: str) 
 
 def _safe_label(label: str, where: str) -> str:
     if not SAFE_LABEL.match(label):
-        raise GradspecError(f"{where}: label '{label}' may hold only letters, digits, '.', "
-                            "'_' and '-' (it names a folder)")
+        raise GradspecError(
+            f"{where}: label '{label}' may hold only letters, digits, '.', "
+            "'_' and '-' (it names a folder)"
+        )
     return label
 
 
@@ -198,9 +223,11 @@ def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
     try:
         check_model_dir(path)
     except GradspecError:
-        raise GradspecError(f"{where}: model '{label}': {path} is not a local checkpoint "
-                            "directory with a config.json (fix the path, or give the model "
-                            "with --model LABEL=PATH)") from None
+        raise GradspecError(
+            f"{where}: model '{label}': {path} is not a local checkpoint "
+            "directory with a config.json (fix the path, or give the model "
+            "with --model LABEL=PATH)"
+        ) from None
     return ModelSpec(label, path, template)
 
 
@@ -211,13 +238,15 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
     try:
         resolve_data_files(path)
     except GradspecError:
-        raise GradspecError(f"{where}: data path {path} does not exist or holds no "
-                            ".json/.jsonl file (fix data_dir or the path, or give the data "
-                            "folder with --data-dir)") from None
-    labels = normalize_labels({k: v for k, v in entry.items() if k not in ("label", "path")},
-                              where)
-    default = "-".join(str(labels[k]) for k in ("task", "style", "length", "correctness")
-                       if k in labels)
+        raise GradspecError(
+            f"{where}: data path {path} does not exist or holds no "
+            ".json/.jsonl file (fix data_dir or the path, or give the data "
+            "folder with --data-dir)"
+        ) from None
+    labels = normalize_labels({k: v for k, v in entry.items() if k not in ("label", "path")}, where)
+    default = "-".join(
+        str(labels[k]) for k in ("task", "style", "length", "correctness") if k in labels
+    )
     label = _safe_label(str(entry.get("label", default)), where)
     return DatasetSpec(label, path, labels)
 
@@ -234,9 +263,14 @@ def _check_profile_options(options: dict[str, Any], source: Path) -> None:
 # ---------------------------------------------------------------- running a study
 
 
-def run_study(study: Study, out: str | os.PathLike, *, device: str | None = None,
-              limit: int | None = None, progress: ProgressFactory | None = None
-              ) -> list[tuple[Cell, bool]]:
+def run_study(
+    study: Study,
+    out: str | os.PathLike,
+    *,
+    device: str | None = None,
+    limit: int | None = None,
+    progress: ProgressFactory | None = None,
+) -> list[tuple[Cell, bool]]:
     """Profile every cell not finished with the same inputs; (cell, was run) for each.
 
     ``device`` and ``limit`` override the study's [profile] options. ``study.json`` is
@@ -248,8 +282,11 @@ def run_study(study: Study, out: str | os.PathLike, *, device: str | None = None
     options.pop("device", None)  # when --device overrode it
     previous = {entry["name"]: entry for entry in _read_record(root).get("cells", [])}
     cells = study.cells()
-    record = {"title": study.title, "study_file": str(study.source.resolve()),
-              "cells": [_cell_record(c, previous.get(c.name)) for c in cells]}
+    record = {
+        "title": study.title,
+        "study_file": str(study.source.resolve()),
+        "cells": [_cell_record(c, previous.get(c.name)) for c in cells],
+    }
     root.mkdir(parents=True, exist_ok=True)
     results = []
     for cell, entry in zip(cells, record["cells"], strict=True):
@@ -260,8 +297,15 @@ def run_study(study: Study, out: str | os.PathLike, *, device: str | None = None
         entry.update(inputs=None)
         write_json_atomic(root / STUDY_FILE, record)
         with progress(cell) if progress else nullcontext(None) as update:
-            profile(cell.model.path, cell.dataset.path, root / cell.run, device=device,
-                    progress=update, template=cell.model.template, **options)
+            profile(
+                cell.model.path,
+                cell.dataset.path,
+                root / cell.run,
+                device=device,
+                progress=update,
+                template=cell.model.template,
+                **options,
+            )
         entry.update(inputs=inputs)
         write_json_atomic(root / STUDY_FILE, record)
         results.append((cell, True))
@@ -271,23 +315,30 @@ def run_study(study: Study, out: str | os.PathLike, *, device: str | None = None
 
 def cell_inputs(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
     """What decides a cell's results: model and data fingerprints, template and options."""
-    return {"model": model_signature(cell.model.path),
-            "data_sha256": data_sha256(resolve_data_files(cell.dataset.path)),
-            "options": {**asdict(ProfileOptions(**options)), "template": cell.model.template}}
+    return {
+        "model": model_signature(cell.model.path),
+        "data_sha256": data_sha256(resolve_data_files(cell.dataset.path)),
+        "options": {**asdict(ProfileOptions(**options)), "template": cell.model.template},
+    }
 
 
 def _cell_record(cell: Cell, previous: dict[str, Any] | None) -> dict[str, Any]:
     """A cell's entry in study.json, keeping the inputs it last finished with."""
-    return {"name": cell.name, "run": cell.run.as_posix(), "labels": cell.labels(),
-            "inputs": (previous or {}).get("inputs")}
+    return {
+        "name": cell.name,
+        "run": cell.run.as_posix(),
+        "labels": cell.labels(),
+        "inputs": (previous or {}).get("inputs"),
+    }
 
 
 def _read_record(root: Path) -> dict[str, Any]:
     path = root / STUDY_FILE
     if not path.exists():
         if root.exists() and any(root.iterdir()):
-            raise GradspecError(f"{root} exists, is not empty and has no {STUDY_FILE}; "
-                                "choose another --out")
+            raise GradspecError(
+                f"{root} exists, is not empty and has no {STUDY_FILE}; choose another --out"
+            )
         return {}
     return json.loads(path.read_text())
 
