@@ -23,69 +23,18 @@ GSM8K = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
 
 # Small configs that keep each architecture's distinctive structure (GQA, fused QKV,
 # Conv1D, soft-capping, parallel residual).
+TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+TINY_GQA = {**TINY, "num_key_value_heads": 2}
 TINY_CONFIGS: dict[str, dict] = {
-    "llama": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "mistral": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "qwen2": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "gemma": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-    ),
-    "phi3": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
-    "gemma2": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        query_pre_attn_scalar=12,
-        sliding_window=16,
-    ),
+    "llama": TINY_GQA,
+    "mistral": TINY_GQA,
+    "qwen2": TINY_GQA,
+    "gemma": {**TINY_GQA, "head_dim": 12},
+    "phi3": {**TINY_GQA, "max_position_embeddings": 1024},
+    "gemma2": {**TINY_GQA, "head_dim": 12, "query_pre_attn_scalar": 12, "sliding_window": 16},
     "gpt2": dict(n_embd=48, n_layer=2, n_head=4, n_positions=1024),
-    "gpt_neox": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-    ),
-    "phi": dict(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-    ),
+    "gpt_neox": {**TINY, "max_position_embeddings": 1024},
+    "phi": {**TINY, "max_position_embeddings": 1024},
 }
 
 
