@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gradspec
 from gradspec.adapters import find_decoder_layers
+from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
 from gradspec.engine import collate, per_example_losses, plan_batches, response_logits
 
@@ -272,3 +273,16 @@ def test_automatic_batches_respect_budget_and_padding():
         [8, 9, 10, 11],
         [12],
     ]
+
+
+def test_capture_zeroes_padding_and_flags_only_nonfinite_examples():
+    capture = SpectraCapture(torch.nn.Linear(4, 4), [], torch.float64)
+    capture.start_batch(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))
+    tensor = torch.randn(9, 4)
+    tensor[2] = torch.nan  # padding of example 0: ignored
+    tensor[4, 1] = torch.inf  # a real token of example 1
+    rows, finite = capture._real_rows(tensor)
+    assert finite.tolist() == [True, False, True]
+    expected = tensor.double().reshape(3, 3, 4).clone()
+    expected[0, 2] = expected[1] = expected[2, 1:] = 0.0
+    assert rows.dtype == torch.float64 and torch.equal(rows, expected)

@@ -21,6 +21,16 @@ from .spectra import builds_full_gradient, gradient_singular_values, token_facto
 
 
 @dataclass
+class PreparedInput:
+    """An input X as the spectra read it: its real rows, their finiteness, its QR factor."""
+
+    source: torch.Tensor
+    rows: torch.Tensor
+    finite: torch.Tensor
+    factor: torch.Tensor | None = None
+
+
+@dataclass
 class TargetResult:
     """Singular values (examples x k, zero-padded) of one target, and which were finite."""
 
@@ -38,9 +48,9 @@ class SpectraCapture:
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)
         self.inputs: dict[int, torch.Tensor] = {}
         self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # QR factors of inputs read by several matrices (q/k/v, gate/up), keyed by the
-        # input's storage; the input is kept alive alongside so that the key stays unique.
-        self.input_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The last input prepared for the spectra, for the matrices that read the same
+        # input (q/k/v, gate/up), whose output gradients arrive one after the other.
+        self.last_input: PreparedInput | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> SpectraCapture:
@@ -54,20 +64,21 @@ class SpectraCapture:
             handle.remove()
         self.handles.clear()
         self.inputs.clear()
-        self.input_factors.clear()
+        self.last_input = None
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
         """Remember which positions of each example are real tokens; forget the last batch."""
         self.token_mask = token_mask.bool()
+        self.all_real = bool(self.token_mask.all())
         self.inputs.clear()
-        self.input_factors.clear()
+        self.last_input = None
         self.results = {}
 
     def batch_results(self) -> list[TargetResult]:
         """Per target, the batch's singular values on the CPU; all zero if never reached."""
         examples = self.token_mask.shape[0]
         empty = (torch.zeros(examples, 1), torch.ones(examples, dtype=torch.bool))
-        self.input_factors.clear()
+        self.last_input = None
         return [
             TargetResult(*(t.detach().cpu().numpy() for t in self.results.get(i, empty)))
             for i in range(len(self.targets))
@@ -92,25 +103,41 @@ class SpectraCapture:
         return output
 
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
-        x = self.inputs.pop(index)
-        xs, x_finite = self._real_rows(x)
+        x = self._prepared_input(self.inputs.pop(index))
         gs, g_finite = self._real_rows(grad)
         shared = None
-        if not builds_full_gradient(xs.shape[1], gs.shape[2], xs.shape[2]):
-            shared = self._input_factor(x, xs)
-        self.results[index] = (gradient_singular_values(gs, xs, shared), x_finite & g_finite)
+        if not builds_full_gradient(x.rows.shape[1], gs.shape[2], x.rows.shape[2]):
+            if x.factor is None:
+                x.factor = token_factor(x.rows)
+            shared = x.factor
+        self.results[index] = (gradient_singular_values(gs, x.rows, shared), x.finite & g_finite)
+
+    def _prepared_input(self, x: torch.Tensor) -> PreparedInput:
+        """The input's real rows, reused while the same input comes back."""
+        last = self.last_input
+        if last is None or not _same_view(last.source, x):
+            self.last_input = last = PreparedInput(x, *self._real_rows(x))
+        return last
 
     def _real_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(examples x T x d) in the spectra dtype with padding and non-finite examples zeroed,
         and a per-example flag of finiteness."""
         mask = self.token_mask
         values = tensor.reshape(*mask.shape, tensor.shape[-1]).to(self.spectra_dtype)
-        values = torch.where(mask.unsqueeze(-1), values, 0.0)
-        finite = torch.isfinite(values).flatten(1).all(dim=1)
-        return torch.where(finite[:, None, None], values, 0.0), finite
+        if not self.all_real:
+            values = values.masked_fill(~mask.unsqueeze(-1), 0.0)
+        # A sum is non-finite exactly when a term is (float64: no overflow), in one pass.
+        finite = torch.isfinite(values.sum(dim=(1, 2), dtype=torch.float64))
+        if not finite.all():
+            values = values.masked_fill(~finite[:, None, None], 0.0)
+        return values, finite
 
-    def _input_factor(self, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        key = x.data_ptr()
-        if key not in self.input_factors:
-            self.input_factors[key] = (x, token_factor(xs))
-        return self.input_factors[key][1]
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two live tensors show the same elements of the same memory."""
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (
+        b.data_ptr(),
+        b.shape,
+        b.stride(),
+        b.dtype,
+    )
