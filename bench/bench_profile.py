@@ -437,6 +437,7 @@ def matrix_section(
 
 
 def layer_section(
+    tokenizer: PreTrainedTokenizerFast,
     examples: list[Example],
     lengths: list[int],
     tokens: list[int],
@@ -446,7 +447,6 @@ def layer_section(
     """One decoder layer of Llama-3.1-8B's shapes through the engine (q/k/v and gate/up
     sharing their input's QR) against the published route's seven per-matrix times."""
     scale = settings.matrix_scale
-    tokenizer = bench_tokenizer()
     config = bench_config(4096 // scale, 1, tokenizer, intermediate=14336 // scale)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
@@ -707,7 +707,9 @@ def main(
         section, published = matrix_section(token_counts, settings)
         sections.append(section)
         section.show()
-        sections.append(layer_section(examples, lengths, token_counts[:2], published, settings))
+        sections.append(
+            layer_section(tokenizer, examples, lengths, token_counts[:2], published, settings)
+        )
         sections[-1].show()
     if "overhead" in settings.parts:
         sections.append(overhead_section(model_dir, examples, settings))

@@ -46,6 +46,7 @@ class SpectraCapture:
         self.targets = targets
         self.spectra_dtype = spectra_dtype
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)
+        self.all_real = True  # whether the batch has no padding: token_mask.all(), once
         self.inputs: dict[int, torch.Tensor] = {}
         self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # The last input prepared for the spectra, for the matrices that read the same
@@ -135,9 +136,8 @@ class SpectraCapture:
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two live tensors show the same elements of the same memory."""
-    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (
-        b.data_ptr(),
-        b.shape,
-        b.stride(),
-        b.dtype,
-    )
+    return _view_key(a) == _view_key(b)
+
+
+def _view_key(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype

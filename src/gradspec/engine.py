@@ -409,11 +409,17 @@ def response_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor,
         "position_ids": batch.position_ids,
         "use_cache": False,
     }
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if _accepts_logits_to_keep(type(model)):
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
         logits = model(**inputs).logits[:, keep]
     return logits, targets[:, keep]
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    """Whether the class's forward takes ``logits_to_keep`` (HF models do since 4.50)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def per_example_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -450,7 +456,7 @@ def reference_spectra(
     """The published algorithm: per example, full weight gradients and their full SVD.
 
     As in arXiv:2410.23743's code, ``torch.linalg.svd`` of each gradient as stored (U and V
-    included, full matrices); a values-only SVD would be 1.3-6x cheaper (bench/README.md).
+    included, full matrices); a values-only SVD costs up to 7x less (bench/README.md).
     """
     weights = [t.module.weight for t in targets]
     for weight in weights:
