@@ -313,6 +313,19 @@ def test_demo_summary_averages_over_layers_and_ok_examples() -> None:
     assert "q_proj" in text and "2.5" in text and "mean loss" in text
 
 
+def test_demo_without_data_fails_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "DEFAULT_RECIPE", TINY)
+    monkeypatch.setenv("GRADSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(tmp_path / "missing"))
+    result = CliRunner().invoke(app, ["demo", "--limit", "3"])
+    assert result.exit_code == 2
+    assert "shared data not found" in result.output and "GRADSPEC_SHARED_DATA" in result.output
+    assert "training the default model" not in result.output
+    assert not (tmp_path / "cache").exists()
+
+
 def test_demo_command_profiles_its_grid_reports_and_reuses_its_runs(
     trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -137,8 +137,9 @@ def trained_default_model(progress_bar: ProgressBar) -> Path:
     """The default model's directory, trained first (with a progress bar) if need be."""
     model_dir = default_model_dir()
     if not is_trained_from(model_dir, DEFAULT_RECIPE):
+        data = shared_data_dir()  # a missing data folder is reported before the bar shows
         with progress_bar("training the default model", unit="step") as update:
-            ensure_default_model(DEFAULT_RECIPE, progress=update)
+            ensure_default_model(DEFAULT_RECIPE, data_dir=data, progress=update)
     report = json.loads((model_dir / TRAINING_REPORT).read_text())
     stderr.print(
         f"default model: {model_dir} (held-out loss {report['heldout_loss']:.3f}, "
