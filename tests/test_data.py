@@ -96,7 +96,7 @@ def test_formats_directory_and_glob(tmp_path):
         ("b.jsonl", 2),
         ("b.jsonl", 3),
     ]
-    assert json.loads(by_dir[1].raw) == records[1]
+    assert by_dir[1].record == records[1]
     assert [e.example_id for e in load_examples(tmp_path / "*.json*")] == [
         e.example_id for e in by_dir
     ]

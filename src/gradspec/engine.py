@@ -324,7 +324,7 @@ def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:
         "example_index": example.index,
         "example_id": example.example_id,
         "source": example.source,
-        "source_line": example.line,
+        "source_line": example.source_line,
         "loss": None,
         "n_prompt_tokens": encoded.n_prompt_tokens,
         "n_response_tokens": encoded.n_response_tokens,

@@ -8,10 +8,22 @@ class GradspecError(Exception):
 
 
 class DataError(GradspecError):
-    """Bad training data: names the file, the line (1-based) and the field at fault."""
+    """Bad training data: names the file, the line (1-based) or row (0-based), and the field."""
 
-    def __init__(self, path: str, line: int | None, message: str, field: str | None = None):
-        where = f"{path}:{line}" if line is not None else str(path)
+    def __init__(
+        self,
+        path: str,
+        line: int | None,
+        message: str,
+        field: str | None = None,
+        row: int | None = None,
+    ):
+        if line is not None:
+            where = f"{path}:{line}"
+        elif row is not None:
+            where = f"{path}: row {row}"
+        else:
+            where = str(path)
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
-        self.path, self.line, self.field = path, line, field
+        self.path, self.line, self.row, self.field = path, line, row, field

@@ -1,10 +1,12 @@
 """Training-data selection: keep the best examples by a score, optionally a covering subset.
 
-The kept records are written back in the input's own format and bytes (a JSON array or
-JSONL), with a sidecar table saying why each example was kept or dropped. ``diverse``
-selection first takes a quality pool (the best ``pool`` x N by the score) and then picks N
-of it by greedy facility location over standardised per-example gradient signatures, so
-the kept set is both good and representative of the pool.
+The kept records are written back in the input's own format (through
+:mod:`gradspec.formats`: JSON arrays and JSONL byte for byte, Parquet files and datasets
+folders with the same schema and row values), with a sidecar table saying why each
+example was kept or dropped. ``diverse`` selection first takes a quality pool (the best
+``pool`` x N by the score) and then picks N of it by greedy facility location over
+standardised per-example gradient signatures, so the kept set is both good and
+representative of the pool.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 
 from .data import Example, data_sha256, load_examples, resolve_data_files
 from .errors import GradspecError
+from .formats import format_of
 from .quality import SCORES, SUSPECT_DIRECTION, example_scores, gradient_signature, save_table
 from .store import load_run
 
@@ -246,7 +249,7 @@ def selection_report(
                 "example_index": example.index,
                 "example_id": example.example_id,
                 "source": example.source,
-                "source_line": example.line,
+                "source_line": example.source_line,
                 "kept": kept,
                 "rank": rank_of.get(example.index),
                 by: ranked.get(example.index),
@@ -278,39 +281,12 @@ def default_sidecar(out: Path, n_files: int) -> Path:
 def write_selected(
     examples: list[Example], files: list[Path], kept: set[int], out: Path
 ) -> list[Path]:
-    """Write each data file's kept records, in input order, in that file's own layout."""
+    """Write each data file's kept records, in input order, in that file's own format."""
     outputs = []
     for path in files:
-        in_file = [ex for ex in examples if Path(ex.source) == path]
+        rows = [ex.row for ex in examples if Path(ex.source) == path and ex.index in kept]
         target = out / path.name if len(files) > 1 else out
         target.parent.mkdir(parents=True, exist_ok=True)
-        newline = "\r\n" if b"\r\n" in path.read_bytes() else "\n"
-        text = path.read_text(encoding="utf-8")  # as load_examples reads it
-        kept_raws = [ex.raw for ex in in_file if ex.index in kept]
-        if text.lstrip().startswith("["):
-            body = render_json_array(text, [ex.raw for ex in in_file], kept_raws)
-        else:
-            body = render_jsonl(text, kept_raws)
-        target.write_text(body, encoding="utf-8", newline=newline)
+        format_of(path).write(target, rows, like=path)
         outputs.append(target)
     return outputs
-
-
-def render_json_array(text: str, all_raws: list[str], kept_raws: list[str]) -> str:
-    """The input array with only the kept records, keeping its opening, separators and end."""
-    if not kept_raws:
-        return text[: text.index("[") + 1] + text[text.rindex("]") :]
-    spans = []
-    position = 0
-    for raw in all_raws:
-        start = text.index(raw, position)
-        position = start + len(raw)
-        spans.append((start, position))
-    separator = text[spans[0][1] : spans[1][0]] if len(spans) > 1 else ", "
-    return text[: spans[0][0]] + separator.join(kept_raws) + text[spans[-1][1] :]
-
-
-def render_jsonl(text: str, kept_raws: list[str]) -> str:
-    """The kept lines, ending in a newline when the input does."""
-    body = "\n".join(kept_raws)
-    return body + "\n" if kept_raws and text.endswith("\n") else body
