@@ -54,8 +54,8 @@ def format_of(path: Path) -> DataFormat:
 
 
 def is_data_path(path: Path) -> bool:
-    """Whether some format reads ``path`` (used to pick the data inside a directory)."""
-    return any(data_format.detect(path) for data_format in FORMATS.values())
+    """Whether some format reads ``path``, or it is a DatasetDict that format_of explains."""
+    return is_dataset_dict(path) or any(f.detect(path) for f in FORMATS.values())
 
 
 def schema_of(record: Any, where: Location) -> RecordSchema:
