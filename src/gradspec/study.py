@@ -240,7 +240,7 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
     except GradspecError:
         raise GradspecError(
             f"{where}: data path {path} does not exist or holds no "
-            ".json/.jsonl file (fix data_dir or the path, or give the data "
+            "data gradspec reads (fix data_dir or the path, or give the data "
             "folder with --data-dir)"
         ) from None
     labels = normalize_labels({k: v for k, v in entry.items() if k not in ("label", "path")}, where)
