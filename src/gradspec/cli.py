@@ -244,7 +244,8 @@ def select(
     out: Annotated[
         Path,
         typer.Option(
-            help="Output file in the input's format; a directory for several input files."
+            help="Output in the input's format (a file, or a datasets folder); "
+            "a directory for several inputs."
         ),
     ],
     by: Annotated[str, typer.Option(help="Score to rank by (see `gradspec score`).")] = "flag",

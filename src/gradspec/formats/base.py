@@ -30,7 +30,7 @@ class SourceRecord:
     row: int
     value: Any
     line: int | None = None
-    raw: str | None = None
+    raw: str = ""  # the record's exact source text; empty for a table row
 
     def location(self, path: Path) -> Location:
         """Name the line in a text file, the row in a table."""

@@ -27,7 +27,7 @@ class JsonArray:
     def write(self, path: Path, rows: Sequence[int], like: Path) -> None:
         """The source array with only ``rows``, keeping its opening, separators and ending."""
         text = like.read_text(encoding="utf-8")
-        raws = [record.raw or "" for record in parse_json_array(str(like), text)]
+        raws = [record.raw for record in parse_json_array(str(like), text)]
         write_like(path, render_json_array(text, raws, [raws[i] for i in rows]), like)
 
 

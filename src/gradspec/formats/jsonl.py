@@ -37,7 +37,7 @@ class JsonLines:
     def write(self, path: Path, rows: Sequence[int], like: Path) -> None:
         """The kept lines, ending in a newline when the source does."""
         text = like.read_text(encoding="utf-8")
-        raws = [record.raw or "" for record in self.read(like)]
+        raws = [record.raw for record in self.read(like)]
         kept = [raws[i] for i in rows]
         body = "\n".join(kept)
         write_like(path, body + "\n" if kept and text.endswith("\n") else body, like)
