@@ -1,7 +1,7 @@
 """The profiling engine: batches, per-example losses, and the chunked, resumable run loop.
 
-``profile`` encodes every example, processes it in fixed chunks (so a rerun redoes exactly
-the chunks that did not finish), and within a chunk groups examples of similar length into
+``profile`` encodes every example, processes it in fixed chunks (so a rerun profiles exactly
+the examples no finished chunk covers), and within a chunk groups examples of similar length into
 batches. The fast method takes spectra from hooks (see capture.py); the reference method is
 the published algorithm: one example at a time, full weight gradients, full SVD.
 """
@@ -141,8 +141,7 @@ def profile(
         _manifest(model_dir, signature, files, data_hash, len(examples), resolved, torch_device)
     )
 
-    finished = store.finished_chunks()
-    todo = [r for r in chunk_ranges(len(examples), opts.chunk_size) if r not in finished]
+    todo = store.missing_chunks(len(examples), opts.chunk_size)
     done = len(examples) - sum(last - first + 1 for first, last in todo)
     report = progress or (lambda done, total: None)
     report(done, len(examples))
@@ -170,14 +169,6 @@ def _report_within_chunk(
     report: Callable[[int, int], None], done_before: int, total: int, done_in_chunk: int
 ) -> None:
     report(done_before + done_in_chunk, total)
-
-
-def chunk_ranges(n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Inclusive (first, last) example indices of each chunk."""
-    return [
-        (start, min(start + chunk_size, n_examples) - 1)
-        for start in range(0, n_examples, chunk_size)
-    ]
 
 
 def _manifest(

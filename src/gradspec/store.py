@@ -8,7 +8,11 @@ Layout of a run directory::
 
 A chunk covers example indices first..last. Its spectra part is renamed into place before
 its examples part, so a chunk is finished exactly when its examples part exists; a killed
-run leaves at most a ``.tmp`` file or an orphan spectra part, both redone on resume.
+run leaves at most a ``.tmp`` file or an orphan spectra part, both removed on resume.
+
+Resume works by coverage: a finished part is never deleted or overwritten, and a rerun
+profiles only the examples no finished part covers, whatever the earlier ``--limit``. The
+manifest's ``data.n_examples`` says how many examples (the first N) the run holds.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import GradspecError
@@ -100,20 +105,28 @@ class RunStore:
         self.schema = spectra_schema(top_k)
         self.manifest_path = self.root / "manifest.json"
 
-    def open(self, manifest: dict[str, Any]) -> None:
-        """Create the directory, or check that an existing one was made with the same inputs."""
+    def check(self) -> dict[str, Any] | None:
+        """Refuse a directory holding something else, without writing; the old manifest."""
         if self.manifest_path.exists():
             old = json.loads(self.manifest_path.read_text())
             self._refuse_if_different(old.get("fingerprint", {}))
+            return old
+        if self.root.exists() and any(self.root.iterdir()):
+            raise GradspecError(
+                f"{self.root} exists, is not empty and has no manifest.json; choose another --out"
+            )
+        return None
+
+    def open(self, manifest: dict[str, Any]) -> None:
+        """Create the directory, or continue an existing one made with the same inputs."""
+        old = self.check()
+        if old is not None:
             manifest = {
                 **manifest,
                 "created": old.get("created"),
                 "sessions": old.get("sessions", []),
             }
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise GradspecError(
-                f"{self.root} exists, is not empty and has no manifest.json; choose another --out"
-            )
+            self._remove_leftovers()
         (self.root / "examples").mkdir(parents=True, exist_ok=True)
         (self.root / "spectra").mkdir(parents=True, exist_ok=True)
         manifest.setdefault("created", now_iso())
@@ -136,9 +149,33 @@ class RunStore:
                 "Results are never mixed: use another --out, or delete it."
             )
 
-    def finished_chunks(self) -> set[tuple[int, int]]:
-        """(first, last) example indices of every chunk whose examples part exists."""
-        return {_part_range(p) for p in (self.root / "examples").glob("part-*.parquet")}
+    def finished_ranges(self) -> list[tuple[int, int]]:
+        """(first, last) example indices of every chunk whose examples part exists, sorted."""
+        return sorted(_part_range(p) for p in (self.root / "examples").glob("part-*.parquet"))
+
+    def missing_chunks(self, n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
+        """The chunks still to profile for examples 0..n_examples-1: the examples no finished
+        part covers, cut at multiples of ``chunk_size`` (as an uninterrupted run cuts)."""
+        covered = [False] * n_examples
+        for first, last in self.finished_ranges():
+            covered[first : last + 1] = [True] * len(covered[first : last + 1])
+        chunks: list[tuple[int, int]] = []
+        for index in (i for i in range(n_examples) if not covered[i]):
+            if chunks and chunks[-1][1] == index - 1 and index % chunk_size:
+                chunks[-1] = (chunks[-1][0], index)
+            else:
+                chunks.append((index, index))
+        return chunks
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a killed session left: ``.tmp`` files and spectra parts whose chunk
+        never finished (no examples part). Finished parts are never touched."""
+        for tmp in self.root.glob("*/*.tmp"):
+            tmp.unlink()
+        finished = {p.name for p in (self.root / "examples").glob("part-*.parquet")}
+        for part in (self.root / "spectra").glob("part-*.parquet"):
+            if part.name not in finished:
+                part.unlink()
 
     def write_chunk(
         self,
@@ -148,20 +185,21 @@ class RunStore:
         example_rows: list[dict[str, Any]],
     ) -> None:
         """Persist one finished chunk; spectra first, so the examples part marks completion."""
-        self._drop_overlapping(first, last)
+        self._refuse_overlap(first, last)
         name = f"part-{first:09d}-{last:09d}.parquet"
         spectra = pa.Table.from_pylist(spectra_rows, schema=self.schema)
         write_parquet_atomic(spectra, self.root / "spectra" / name)
         examples = pa.Table.from_pylist(example_rows, schema=EXAMPLES_SCHEMA)
         write_parquet_atomic(examples, self.root / "examples" / name)
 
-    def _drop_overlapping(self, first: int, last: int) -> None:
-        """Remove parts of an earlier, shorter run (a smaller --limit) that this chunk covers."""
-        for table in ("examples", "spectra"):
-            for part in (self.root / table).glob("part-*.parquet"):
-                lo, hi = _part_range(part)
-                if lo <= last and hi >= first and (lo, hi) != (first, last):
-                    part.unlink()
+    def _refuse_overlap(self, first: int, last: int) -> None:
+        """Finished work is never replaced: a chunk may not overlap a finished part."""
+        for lo, hi in self.finished_ranges():
+            if lo <= last and hi >= first:
+                raise GradspecError(
+                    f"{self.root}: examples {first}..{last} overlap the finished part "
+                    f"{lo}..{hi}; is another session writing this run directory?"
+                )
 
     def close(self) -> None:
         """Record the end of this session in the manifest."""
@@ -176,16 +214,22 @@ def _part_range(path: Path) -> tuple[int, int]:
 
 
 def load_run(run_dir: str | os.PathLike) -> RunTables:
-    """Read a run directory's manifest and its finished chunks."""
+    """Read a run directory's manifest and the finished examples among its first
+    ``data.n_examples`` (parts a larger earlier ``--limit`` left are kept, not read)."""
     root = Path(run_dir)
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
         raise GradspecError(f"{root} is not a gradspec run directory (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
-    done = sorted(p.name for p in (root / "examples").glob("part-*.parquet"))
-    examples = _read_parts(root / "examples", done, EXAMPLES_SCHEMA)
+    n_examples = manifest.get("data", {}).get("n_examples")
+    done = sorted(
+        p.name
+        for p in (root / "examples").glob("part-*.parquet")
+        if n_examples is None or _part_range(p)[0] < n_examples
+    )
+    examples = _read_parts(root / "examples", done, EXAMPLES_SCHEMA, n_examples)
     spectra_schema_ = spectra_schema(manifest.get("options", {}).get("top_k", 0))
-    spectra = _read_parts(root / "spectra", done, spectra_schema_)
+    spectra = _read_parts(root / "spectra", done, spectra_schema_, n_examples)
     return RunTables(
         manifest,
         examples.sort_values("example_index", ignore_index=True),
@@ -193,7 +237,11 @@ def load_run(run_dir: str | os.PathLike) -> RunTables:
     )
 
 
-def _read_parts(folder: Path, names: list[str], schema: pa.Schema) -> pd.DataFrame:
-    tables = [pq.read_table(folder / name, schema=schema) for name in names]
+def _read_parts(
+    folder: Path, names: list[str], schema: pa.Schema, n_examples: int | None
+) -> pd.DataFrame:
+    """The rows of the named parts whose example index is below ``n_examples`` (if given)."""
+    below = None if n_examples is None else pc.field("example_index") < n_examples
+    tables = [pq.read_table(folder / name, schema=schema, filters=below) for name in names]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return table.to_pandas()
