@@ -137,19 +137,22 @@ def profile(
     fingerprint = {k: v for k, v in resolved.items() if k != "limit"}
     fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
     store = RunStore(out, fingerprint, opts.top_k)
+    store.check()
+    todo = store.missing_chunks(len(examples), opts.chunk_size)
+    # Everything that can fail is resolved before the first write: a failed start leaves
+    # no trace, and an existing run stays as it was.
+    if todo:
+        net, tokenizer, targets = _load_checked_model(
+            model_dir, dtype, torch_device, opts, examples[0]
+        )
     store.open(
         _manifest(model_dir, signature, files, data_hash, len(examples), resolved, torch_device)
     )
 
-    todo = store.missing_chunks(len(examples), opts.chunk_size)
     done = len(examples) - sum(last - first + 1 for first, last in todo)
     report = progress or (lambda done, total: None)
     report(done, len(examples))
     if todo:
-        net, tokenizer = load_model_and_tokenizer(
-            model_dir, dtype, torch_device, eager_attention=opts.padding_side == "left"
-        )
-        targets = find_targets(net, opts.modules)
         capture = SpectraCapture(net, targets, spectra_dtype)
         runner = ChunkRunner(net, tokenizer, targets, opts, torch_device, capture)
         with capture if opts.method == "fast" else nullcontext():
@@ -163,6 +166,24 @@ def profile(
                 report(done, len(examples))
     store.close()
     return load_run(out)
+
+
+def _load_checked_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    opts: ProfileOptions,
+    first_example: Example,
+) -> tuple[torch.nn.Module, Any, list[Target]]:
+    """The model, its tokenizer and the targets ``--modules`` selects, after checking that
+    the template encodes the first example (so a bad option fails before anything is written).
+    """
+    net, tokenizer = load_model_and_tokenizer(
+        model_dir, dtype, device, eager_attention=opts.padding_side == "left"
+    )
+    targets = find_targets(net, opts.modules)
+    encode_example(tokenizer, first_example, opts.template, opts.max_length)
+    return net, tokenizer, targets
 
 
 def _report_within_chunk(
