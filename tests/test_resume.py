@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,43 +12,32 @@ import pytest
 from conftest import SHARED_DATA
 
 import gradspec
+from gradspec.engine import STOP_AFTER_CHUNKS, STOPPED_EXIT_CODE
 from gradspec.errors import GradspecError
 from gradspec.store import RunStore
 
 LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
-OPTIONS = dict(limit=40, chunk_size=4, batch_size=2)
+OPTIONS = dict(limit=16, chunk_size=4, batch_size=2)
 
 
-def _run_in_subprocess(model_dir: Path, out: Path) -> subprocess.Popen:
+def _run_stopped_after(chunks: int, model_dir: Path, out: Path) -> int:
+    """Run the profile in a subprocess that exits hard after ``chunks`` chunks; its status."""
     code = (
         "import sys, gradspec; gradspec.profile(sys.argv[1], sys.argv[2], sys.argv[3], "
         f"device='cpu', **{OPTIONS!r})"
     )
-    return subprocess.Popen(
-        [sys.executable, "-c", code, str(model_dir), str(LONG), str(out)], stderr=subprocess.DEVNULL
-    )
-
-
-def _kill_after_first_chunk(process: subprocess.Popen, out: Path) -> int:
-    """SIGKILL the run as soon as one chunk is on disk; returns the chunks done by then."""
-    deadline = time.monotonic() + 120
-    parts: list[Path] = []
-    while time.monotonic() < deadline and process.poll() is None:
-        parts = list((out / "examples").glob("part-*.parquet"))
-        if parts:
-            break
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    return len(list((out / "examples").glob("part-*.parquet")))
+    env = {**os.environ, STOP_AFTER_CHUNKS: str(chunks)}
+    command = [sys.executable, "-c", code, str(model_dir), str(LONG), str(out)]
+    return subprocess.run(command, env=env, stderr=subprocess.DEVNULL, check=False).returncode
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
     model_dir = tiny_model("llama")
     killed = tmp_path / "killed"
-    finished_at_kill = _kill_after_first_chunk(_run_in_subprocess(model_dir, killed), killed)
-    assert 1 <= finished_at_kill < 10, "the kill must land in the middle of the run"
+    assert _run_stopped_after(2, model_dir, killed) == STOPPED_EXIT_CODE
+    assert len(list((killed / "examples").glob("part-*.parquet"))) == 2
+    assert gradspec.load_run(killed).manifest["sessions"][-1]["ended"] is None
 
     resumed = gradspec.profile(model_dir, LONG, killed, device="cpu", **OPTIONS)
     straight = gradspec.profile(model_dir, LONG, tmp_path / "straight", device="cpu", **OPTIONS)
@@ -58,7 +45,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
         resumed.examples.drop(columns="source"), straight.examples.drop(columns="source")
     )
     pd.testing.assert_frame_equal(resumed.spectra, straight.spectra)
-    assert len(resumed.examples) == 40
+    assert len(resumed.examples) == 16
     assert not list(killed.rglob("*.tmp"))
     assert len(resumed.manifest["sessions"]) == 2
 
