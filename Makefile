@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-lowest demo lint bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,25 @@ test: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
+
+# The engine tests against the lowest transformers, tokenizers and safetensors pyproject.toml
+# allows (and the lowest huggingface-hub that transformers accepts), installed beside .venv.
+LOWEST := .cache/lowest-transformers
+lowest = $(shell sed -n 's/^ *"$(1)>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+LOWEST_PINS := transformers==$(call lowest,transformers) tokenizers==$(call lowest,tokenizers) \
+	safetensors==$(call lowest,safetensors) huggingface-hub==0.34.0 \
+	requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3
+ENGINE_TESTS := tests/test_engine.py tests/test_spectra.py tests/test_resume.py tests/test_validation.py
+
+$(LOWEST)/.installed: pyproject.toml Makefile
+	rm -rf $(LOWEST)
+	$(BIN)/pip install --quiet --no-deps --target $(LOWEST) $(LOWEST_PINS)
+	touch $@
+
+test-lowest: install $(LOWEST)/.installed
+	PYTHONPATH=$(CURDIR)/$(LOWEST):$(CURDIR)/src $(BIN)/python -c \
+		'import transformers, tokenizers, safetensors; print("lowest:", transformers.__version__, tokenizers.__version__, safetensors.__version__)'
+	PYTHONPATH=$(CURDIR)/$(LOWEST):$(CURDIR)/src $(BIN)/python -m pytest -q -m "not slow" $(ENGINE_TESTS)
 
 demo: install
 	$(BIN)/python -m gradspec demo
