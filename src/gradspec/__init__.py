@@ -1,6 +1,13 @@
-"""gradspec: exact per-example, per-layer gradient spectra for Hugging Face causal LMs."""
+"""gradspec: exact per-example, per-layer gradient spectra for Hugging Face causal LMs.
 
+The public names are imported on first access (PEP 562), so ``import gradspec`` and the
+CLI's ``--help`` do not load torch or transformers.
+"""
+
+import importlib
 import os
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
 
 # OpenMP threads that spin while waiting make LAPACK calls (the QR and SVD of the spectra)
 # up to two orders of magnitude slower when other jobs share the CPU; sleeping threads cost
@@ -8,19 +15,43 @@ import os
 # wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = version("gradspec")
 
-from .data import encode, load_examples
-from .engine import profile
-from .errors import DataError, GradspecError
-from .store import load_run
+# Public name -> the submodule that defines it.
+_PUBLIC = {
+    "DataError": "errors",
+    "GradspecError": "errors",
+    "encode": "data",
+    "load_examples": "data",
+    "load_run": "store",
+    "profile": "engine",
+}
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - the version first, then _PUBLIC's names
+    "__version__",
     "DataError",
     "GradspecError",
-    "__version__",
     "encode",
     "load_examples",
     "load_run",
     "profile",
 ]
+
+if TYPE_CHECKING:
+    from .data import encode, load_examples
+    from .engine import profile
+    from .errors import DataError, GradspecError
+    from .store import load_run
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first used."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
