@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradspec.spectra import (
-    builds_full_gradient,
-    gradient_singular_values,
-    spectrum_statistics,
-    token_factor,
-)
+from gradspec.spectra import builds_full_gradient, gradient_singular_values, token_factor
+from gradspec.statistics import STAT_COLUMNS, STATISTICS, spectrum_statistics
+from gradspec.store import SPECTRA_FIELDS
 
 
 def explicit_statistics(gradient: np.ndarray) -> dict[str, float]:
@@ -24,6 +21,7 @@ def explicit_statistics(gradient: np.ndarray) -> dict[str, float]:
         "spectral_norm": s.max(),
         "frobenius_norm": np.linalg.norm(gradient, "fro"),
         "effective_rank": np.exp(-(p * np.log(p)).sum()),
+        "stable_rank": np.linalg.norm(gradient, "fro") ** 2 / np.linalg.norm(gradient, 2) ** 2,
     }
 
 
@@ -44,7 +42,8 @@ def test_singular_values_match_explicit_gradient(
     g = torch.randn(tokens, d_out, generator=generator, dtype=torch.float64)
     x = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64)
     expected = explicit_statistics((g.T @ x).numpy())
-    stats = spectrum_statistics(gradient_singular_values(g, x).numpy())
+    stats = spectrum_statistics(gradient_singular_values(g, x))
+    assert set(expected) == set(STAT_COLUMNS)
     for name, value in expected.items():
         assert stats[name] == pytest.approx(value, rel=1e-10), name
     assert builds_full_gradient(tokens, d_out, d_in) == full
@@ -75,26 +74,35 @@ def test_rank_deficient_gradient_counts_only_nonzero_singular_values() -> None:
     full = (g.T @ x).numpy()
     s = np.linalg.svd(full, compute_uv=False)[:2]
     p = s / s.sum()
-    stats = spectrum_statistics(gradient_singular_values(g, x).numpy())
+    stats = spectrum_statistics(gradient_singular_values(g, x))
     assert stats["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
     assert 1.0 < stats["effective_rank"] < 2.0
 
 
 def test_statistics_of_known_spectrum_and_top_k() -> None:
-    stats = spectrum_statistics(np.array([1.0, 3.0, 2.0, 0.0]), top_k=2)
+    stats = spectrum_statistics(torch.tensor([1.0, 3.0, 2.0, 0.0]), top_k=2)
     assert stats["nuclear_norm"] == 6.0
     assert stats["spectral_norm"] == 3.0
     assert stats["frobenius_norm"] == pytest.approx(np.sqrt(14.0))
     p = np.array([3.0, 2.0, 1.0]) / 6.0
     assert stats["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert stats["stable_rank"] == pytest.approx(14.0 / 9.0)
     assert stats["top_singular_values"] == [3.0, 2.0]
 
 
 def test_zero_gradient_has_zero_statistics() -> None:
-    stats = spectrum_statistics(np.zeros(5))
-    assert stats == {
-        "nuclear_norm": 0.0,
-        "spectral_norm": 0.0,
-        "frobenius_norm": 0.0,
-        "effective_rank": 0.0,
-    }
+    assert spectrum_statistics(torch.zeros(5)) == dict.fromkeys(STAT_COLUMNS, 0.0)
+
+
+def test_statistics_of_a_batch_equal_those_of_each_example() -> None:
+    batch = torch.rand(3, 6, dtype=torch.float64).sort(dim=-1, descending=True).values
+    batch[2] = 0.0
+    for stat in STATISTICS:
+        values = stat.compute(batch)
+        for row, value in zip(batch, values, strict=True):
+            assert float(value) == pytest.approx(spectrum_statistics(row)[stat.name], rel=1e-12)
+
+
+def test_every_registered_statistic_is_a_stored_column() -> None:
+    stored = [name for name, _ in SPECTRA_FIELDS]
+    assert stored[-len(STAT_COLUMNS) :] == list(STAT_COLUMNS)

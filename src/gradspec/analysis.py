@@ -33,14 +33,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import GradspecError
-from .spectra import STAT_COLUMNS
+from .statistics import REPORT_STATISTICS, STAT_COLUMNS
 from .store import RunTables
 
-DERIVED_STATISTICS = {
-    "spectral_ratio": "spectral norm / nuclear norm",
-    "nuclear_per_loss": "nuclear norm / loss",
-}
-STATISTICS = (*STAT_COLUMNS, *DERIVED_STATISTICS)
 STUDY_BOUNDARIES = {26: (7, 20), 28: (7, 21), 32: (10, 20), 42: (12, 30)}
 SEGMENTS = ("all", "early", "middle", "late")
 TOP_LAYERS = 5
@@ -86,7 +81,9 @@ def statistic_values(tables: RunTables, statistic: str) -> pd.Series:
         if statistic == "nuclear_per_loss":
             loss = spectra["example_index"].map(tables.examples.set_index("example_index")["loss"])
             return spectra["nuclear_norm"] / loss.astype(float)
-    raise GradspecError(f"unknown statistic '{statistic}' (use one of {', '.join(STATISTICS)})")
+    raise GradspecError(
+        f"unknown statistic '{statistic}' (use one of {', '.join(REPORT_STATISTICS)})"
+    )
 
 
 def layer_values(tables: RunTables, module: str, statistic: str = "nuclear_norm") -> LayerValues:

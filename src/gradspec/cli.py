@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GradspecError
+from .statistics import statistic_help
 
 app = typer.Typer(
     add_completion=False,
@@ -306,10 +307,7 @@ def parse_run_labels(value: str) -> dict[str, str]:
 
 ReportStatistic = Annotated[
     str,
-    typer.Option(
-        help="Curves and MAD of: nuclear_norm, spectral_norm, frobenius_norm, effective_rank, "
-        "spectral_ratio (spectral/nuclear) or nuclear_per_loss."
-    ),
+    typer.Option(help=f"Curves and MAD of one of: {statistic_help()}."),
 ]
 ReportSplit = Annotated[
     str,

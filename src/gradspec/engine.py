@@ -45,10 +45,9 @@ from .modeling import (
     resolve_dtype,
     resolve_spectra_dtype,
 )
-from .spectra import spectrum_statistics
-from .store import RunStore, RunTables, load_run
+from .statistics import spectrum_statistics
+from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 
-FORMAT_VERSION = 1
 METHODS = ("fast", "reference")
 MAX_PADDING = 0.1  # automatic batches: the share of padding an example may bring
 # Test hook: exit hard (as a kill would) after writing this many chunks in one session.
@@ -313,7 +312,7 @@ class ChunkRunner:
                 "layer": target.layer,
                 "module": target.module_name,
                 "kind": target.kind,
-                **spectrum_statistics(v, self.opts.top_k),
+                **spectrum_statistics(torch.from_numpy(v), self.opts.top_k),
             }
             for target, v in zip(self.targets, values, strict=True)
         ]

@@ -5,7 +5,9 @@ Every score is computed from the examples and spectra tables alone (no model is 
 - ``nuclear_norm``: sum of the nuclear norms of all profiled matrices of the example;
   ``nuclear_norm_attn`` / ``_mlp`` / ``_other``: the same sum over the matrices of one
   module kind (null when the run has no matrix of that kind).
-- ``effective_rank``: mean effective rank over all profiled matrices.
+- every statistic of the registry (statistics.py) with a suspect direction, combined over
+  the example's matrices as the registry says: ``effective_rank`` is the mean effective
+  rank over all profiled matrices.
 - ``layer_mad``: cross-layer MAD of the example's own curves: for each canonical module,
   the mean over consecutive profiled layers of |nuclear norm at one - at the next| (the
   study's MAD, see analysis.py), averaged over modules (null with one profiled layer).
@@ -37,16 +39,17 @@ import pandas as pd
 
 from .analysis import mad
 from .errors import GradspecError
+from .statistics import STATISTICS
 from .store import RunTables
 
 KINDS = ("attn", "mlp", "other")
 ID_COLUMNS = ("example_index", "example_id", "source", "source_line", "status")
 # Direction fixed a priori from the studies (arXiv:2410.23743, 2504.10766): +1 where a higher
 # value is more suspect (an irrelevant or low-quality response), -1 where a lower one is.
+SPECTRAL_SCORES = tuple(stat for stat in STATISTICS if stat.suspect)
 SUSPECT_DIRECTION = {
-    "nuclear_norm": 1,
+    **{stat.name: stat.suspect for stat in SPECTRAL_SCORES},
     **{f"nuclear_norm_{kind}": 1 for kind in KINDS},
-    "effective_rank": -1,
     "layer_mad": 1,
     "loss": 1,
     "ifd": 1,
@@ -78,13 +81,10 @@ def example_scores(tables: RunTables) -> pd.DataFrame:
 
 
 def gradient_scores(spectra: pd.DataFrame) -> pd.DataFrame:
-    """Nuclear norms (total and per kind), mean effective rank and layer MAD per example."""
+    """The registry's scores, nuclear norms per kind and layer MAD per example."""
     by_example = spectra.groupby("example_index")
     scores = pd.DataFrame(
-        {
-            "nuclear_norm": by_example["nuclear_norm"].sum(),
-            "effective_rank": by_example["effective_rank"].mean(),
-        }
+        {stat.name: by_example[stat.name].agg(stat.per_example) for stat in SPECTRAL_SCORES}
     )
     per_kind = spectra.pivot_table(
         index="example_index", columns="kind", values="nuclear_norm", aggfunc="sum"

@@ -24,9 +24,7 @@ from plotly.subplots import make_subplots
 
 from . import __version__
 from .analysis import (
-    DERIVED_STATISTICS,
     SEGMENTS,
-    STATISTICS,
     LayerValues,
     bootstrap,
     largest_difference_layers,
@@ -45,6 +43,7 @@ from .findings import (
     normalize_labels,
     study_order,
 )
+from .statistics import DERIVED_STATISTICS, REPORT_STATISTICS
 from .store import load_run, now_iso
 from .study import is_study_dir, study_runs
 
@@ -69,8 +68,8 @@ def write_report(
     labels); ``labels`` maps a run directory to labels (model, task, domain, style,
     correctness, length, name) that are added to, or override, those.
     """
-    if statistic not in STATISTICS:
-        raise GradspecError(f"--statistic {statistic}: use one of {', '.join(STATISTICS)}")
+    if statistic not in REPORT_STATISTICS:
+        raise GradspecError(f"--statistic {statistic}: use one of {', '.join(REPORT_STATISTICS)}")
     runs = load_runs(run_dirs, labels)
     out = Path(out_html)
     tables = build_tables(runs, statistic, split, n_boot, seed)

@@ -1,4 +1,4 @@
-"""The math: singular values of a per-example linear-layer gradient, and their statistics.
+"""The math: the singular values of a per-example linear-layer gradient (statistics.py).
 
 For a linear map with inputs X (T x d_in) and output gradients G (T x d_out) over one
 example's T tokens, the weight gradient is G^T X (d_out x d_in). With thin QR factors
@@ -9,14 +9,7 @@ gradient is formed only when that costs fewer flops (T large against min(d_in, d
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
-
-RANK_TOLERANCE = 1e-7  # singular values at or below s_1 * this count as zero
-STAT_COLUMNS = ("nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank")
-
 
 SVD_COST_FACTOR = 3.0  # an SVD runs at about a third of the flop rate of QR and GEMM
 
@@ -67,31 +60,3 @@ def gradient_singular_values(
         return tall_singular_values(g.mT @ x)
     r_x = token_factor(x) if x_factor is None else x_factor
     return tall_singular_values(token_factor(g) @ r_x.mT)
-
-
-def spectrum_statistics(singular_values: np.ndarray, top_k: int = 0) -> dict[str, object]:
-    """Nuclear, spectral and Frobenius norms and the effective rank (Roy and Vetterli).
-
-    The effective rank is exp(entropy) of p_i = s_i / sum(s) over the non-zero s_i, those
-    above s_1 * 1e-7; it is 0 for an all-zero gradient.
-    """
-    s = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
-    largest = float(s[0]) if s.size else 0.0
-    stats: dict[str, object] = {
-        "nuclear_norm": float(s.sum()),
-        "spectral_norm": largest,
-        "frobenius_norm": float(math.sqrt(float(np.square(s).sum()))),
-        "effective_rank": effective_rank(s),
-    }
-    if top_k:
-        stats["top_singular_values"] = [float(v) for v in s[:top_k]]
-    return stats
-
-
-def effective_rank(descending: np.ndarray) -> float:
-    """exp(-sum p log p) over the singular values above s_1 * RANK_TOLERANCE."""
-    if not descending.size or descending[0] <= 0:
-        return 0.0
-    nonzero = descending[descending > descending[0] * RANK_TOLERANCE]
-    p = nonzero / nonzero.sum()
-    return float(math.exp(-float(np.sum(p * np.log(p)))))

@@ -31,6 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import GradspecError
+from .statistics import STATISTICS
+
+# Bumped whenever the tables change (2: the stable_rank column), so runs of two formats are
+# never mixed by a resume.
+FORMAT_VERSION = 2
 
 EXAMPLES_SCHEMA = pa.schema(
     [
@@ -55,10 +60,7 @@ SPECTRA_FIELDS = [
     ("layer", pa.int64()),
     ("module", pa.string()),
     ("kind", pa.string()),
-    ("nuclear_norm", pa.float64()),
-    ("spectral_norm", pa.float64()),
-    ("frobenius_norm", pa.float64()),
-    ("effective_rank", pa.float64()),
+    *((stat.name, pa.type_for_alias(stat.column_type)) for stat in STATISTICS),
 ]
 TOP_K_FIELD = ("top_singular_values", pa.list_(pa.float64()))
 PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
@@ -137,6 +139,13 @@ class RunStore:
         write_json_atomic(self.manifest_path, manifest)
 
     def _refuse_if_different(self, old: dict[str, Any]) -> None:
+        old_format = old.get("format_version")
+        if old_format != self.fingerprint.get("format_version"):
+            raise GradspecError(
+                f"{self.root} holds a run in format {old_format} of an earlier gradspec, which "
+                f"cannot be resumed into format {FORMAT_VERSION}: use another --out, or delete "
+                "it (reports still read it)."
+            )
         changed = sorted(
             k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k)
         )
