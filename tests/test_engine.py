@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gradspec
 from gradspec.adapters import find_decoder_layers
+from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
-from gradspec.engine import collate, per_example_losses, plan_batches, response_logits
 
 WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank"]

@@ -40,8 +40,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.optimization import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from .batching import Batch, collate, per_example_losses, plan_batches
 from .data import IGNORE_INDEX, Encoded, Example, encode_example, load_examples
-from .engine import Batch, collate, per_example_losses, plan_batches
 from .errors import GradspecError
 from .store import write_json_atomic
 from .vocab import train_tokenizer
