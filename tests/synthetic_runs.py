@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradspec.findings import Run
+from gradspec.runs import Run
 from gradspec.store import RunStore, RunTables, spectra_schema
 
 KINDS = {

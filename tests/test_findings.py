@@ -7,7 +7,9 @@ import pytest
 from synthetic_runs import make_run, study_like_values
 
 from gradspec.errors import GradspecError
-from gradspec.findings import evaluate_findings, normalize_labels, select
+from gradspec.findings import evaluate_findings
+from gradspec.labels import normalize_labels
+from gradspec.runs import select
 
 N, LAYERS = 24, 6
 
@@ -46,7 +48,7 @@ def knowledge_runs(shift=0.02, model="m"):
 
 
 def run_matrix(run, module):
-    return run.values(module).values
+    return run.values(module, "nuclear_norm").values
 
 
 def test_all_three_findings_hold_when_built_to_hold():
@@ -113,7 +115,7 @@ def test_missing_runs_are_named():
 def test_a_run_with_every_example_skipped_is_not_evaluable():
     runs = reasoning_runs()
     fast = select(runs, style="none", correctness="correct")
-    matrices = {m: fast.values(m).values for m in fast.modules()}
+    matrices = {m: fast.values(m, "nuclear_norm").values for m in fast.modules()}
     runs[0] = make_run(fast.name, fast.labels, matrices, skipped=tuple(range(N)))
     first = evaluate_findings(runs, n_boot=50)[0]
     assert first.table.empty

@@ -34,8 +34,9 @@ from .default_model import (
     shared_data_dir,
 )
 from .errors import GradspecError
-from .findings import normalize_labels, study_order
+from .labels import normalize_labels
 from .report import write_report
+from .runs import study_order
 from .store import RunTables, load_run
 from .study import Cell, DatasetSpec, ModelSpec, Study, run_study
 

@@ -1,19 +1,19 @@
-"""Labelled runs and the fast-vs-slow study's three findings, checked on them with CIs.
+"""The fast-vs-slow study's three findings, checked on labelled runs with CIs.
 
-Each run carries labels: ``model``, ``task``, ``domain`` (reasoning or knowledge), ``style``
-(none, simplified or detailed chain of thought, for reasoning), ``correctness`` (correct or
-irrelevant responses to the same instructions) and ``length`` (the response length of a
-knowledge set). A finding is checked on every (model, task) whose runs exist, on the
-nuclear norms of the study's modules, and says which runs it still needs. A comparison
+Each run carries labels (labels.py): ``model``, ``task``, ``domain`` (reasoning or
+knowledge), ``style`` (none, simplified or detailed chain of thought, for reasoning),
+``correctness`` (correct or irrelevant responses to the same instructions) and ``length``
+(the response length of a knowledge set). A finding is checked on every (model, task)
+whose runs exist, on the nuclear norms of the study's modules, and says which runs it
+still needs. A comparison
 holds when the bootstrap interval of its difference lies above zero, does not hold when
 it lies below, and is inconclusive otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,91 +24,16 @@ from .analysis import (
     Estimate,
     LayerValues,
     bootstrap,
-    layer_values,
     mad,
     mean_relative_difference,
     paired,
     permutation_test,
 )
 from .errors import GradspecError
-from .store import RunTables
+from .labels import CORRECTNESS, describe
+from .runs import STUDY_MODULES, Run, select
 
-STYLES = ("none", "simplified", "detailed")
-CORRECTNESS = ("correct", "irrelevant")
-DOMAINS = ("reasoning", "knowledge")
-LABEL_KEYS = ("name", "model", "task", "domain", "style", "correctness", "length")
-STUDY_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FINDING_STATISTIC = "nuclear_norm"
-
-
-def normalize_labels(labels: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Checked labels; ``domain`` defaults to reasoning with a style, knowledge with a length."""
-    unknown = sorted(set(labels) - set(LABEL_KEYS))
-    if unknown:
-        raise GradspecError(
-            f"{where}: unknown label {', '.join(unknown)} (labels are {', '.join(LABEL_KEYS)})"
-        )
-    result = {key: value for key, value in labels.items() if value not in (None, "")}
-    for key, allowed in (("style", STYLES), ("correctness", CORRECTNESS), ("domain", DOMAINS)):
-        if key in result and result[key] not in allowed:
-            raise GradspecError(
-                f"{where}: {key} '{result[key]}' is not one of {', '.join(allowed)}"
-            )
-    if "length" in result:
-        try:
-            result["length"] = int(result["length"])
-        except (TypeError, ValueError):
-            raise GradspecError(
-                f"{where}: length '{result['length']}' is not a whole number"
-            ) from None
-    if "domain" not in result and ("style" in result or "length" in result):
-        result["domain"] = "reasoning" if "style" in result else "knowledge"
-    return result
-
-
-def describe(labels: Mapping[str, Any]) -> str:
-    """Labels as 'key=value' words, for messages."""
-    return " ".join(f"{key}={value}" for key, value in labels.items())
-
-
-@dataclass
-class Run:
-    """A run directory's tables with its labels; caches the per-example layer values."""
-
-    name: str
-    path: Path
-    labels: dict[str, Any]
-    tables: RunTables
-    _values: dict[tuple[str, str], LayerValues] = field(default_factory=dict, repr=False)
-
-    def values(self, module: str, statistic: str = FINDING_STATISTIC) -> LayerValues:
-        key = (module, statistic)
-        if key not in self._values:
-            self._values[key] = layer_values(self.tables, module, statistic)
-        return self._values[key]
-
-    def modules(self) -> list[str]:
-        """Modules profiled in this run: the study's seven first, then the others."""
-        return study_order(self.tables.spectra["module"])
-
-
-def study_order(modules: Iterable[str]) -> list[str]:
-    """Distinct module names, the study's seven first, then the others as they come."""
-    present = list(dict.fromkeys(modules))
-    return [m for m in STUDY_MODULES if m in present] + [
-        m for m in present if m not in STUDY_MODULES
-    ]
-
-
-def select(runs: Sequence[Run], **labels: Any) -> Run | None:
-    """The one run whose labels include ``labels``, or None."""
-    matches = [r for r in runs if all(r.labels.get(k) == v for k, v in labels.items())]
-    if len(matches) > 1:
-        raise GradspecError(
-            f"runs {', '.join(r.name for r in matches)} all have the labels "
-            f"{describe(labels)}; give each run distinct labels"
-        )
-    return matches[0] if matches else None
 
 
 def comparison_modules(runs: Sequence[Run]) -> list[str]:
@@ -217,7 +142,7 @@ def module_values(runs: Sequence[Run], modules: Sequence[str]) -> list[LayerValu
     names = ", ".join(run.name for run in runs)
     if not modules:
         raise NotEvaluable(f"runs {names} share no profiled module (every example skipped?)")
-    values = paired([run.values(m) for run in runs for m in modules])
+    values = paired([run.values(m, FINDING_STATISTIC) for run in runs for m in modules])
     if not len(values[0].example_index):
         raise NotEvaluable(f"runs {names} have no profiled example in common")
     return values

@@ -35,17 +35,11 @@ from .analysis import (
     segment_slices,
 )
 from .errors import GradspecError
-from .findings import (
-    CORRECTNESS,
-    Finding,
-    Run,
-    evaluate_findings,
-    normalize_labels,
-    study_order,
-)
+from .findings import Finding, evaluate_findings
+from .labels import CORRECTNESS
+from .runs import Run, load_runs, study_order
 from .statistics import DERIVED_STATISTICS, REPORT_STATISTICS
-from .store import load_run, now_iso
-from .study import is_study_dir, study_runs
+from .store import now_iso
 
 LABEL_COLUMNS = ("model", "task", "style", "length", "correctness")
 SKIPPED_SHOWN = 200  # rows of the skipped-examples table shown in the HTML; the CSV has all
@@ -84,31 +78,6 @@ def write_report(
     out.with_suffix(".md").write_text(render_markdown(context, tables, findings))
     out.write_text(render_html(context, tables, findings))
     return out
-
-
-# ---------------------------------------------------------------- loading runs
-
-
-def load_runs(
-    run_dirs: Sequence[str | os.PathLike],
-    labels: Mapping[str | os.PathLike, Mapping[str, Any]] | None = None,
-) -> list[Run]:
-    """Runs with their labels; a study folder stands for its started cells."""
-    extra = {Path(k).resolve(): dict(v) for k, v in (labels or {}).items()}
-    found: list[tuple[Path, dict[str, Any]]] = []
-    for path in map(Path, run_dirs):
-        found.extend(study_runs(path) if is_study_dir(path) else [(path, {})])
-    if not found:
-        raise GradspecError("no runs to report (a study folder with no started cell?)")
-    runs, names = [], set()
-    for path, own in found:
-        merged = normalize_labels({**own, **extra.get(path.resolve(), {})}, f"labels of {path}")
-        name = str(merged.get("name") or path.name)
-        while name in names:
-            name = f"{path.parent.name}/{name}"
-        names.add(name)
-        runs.append(Run(name, path, merged, load_run(path)))
-    return runs
 
 
 # ---------------------------------------------------------------- tables

@@ -43,7 +43,7 @@ from typing import Any
 from .data import data_sha256, resolve_data_files
 from .engine import ProfileOptions, profile
 from .errors import GradspecError
-from .findings import LABEL_KEYS, normalize_labels
+from .labels import LABEL_KEYS, normalize_labels
 from .modeling import check_model_dir, model_signature
 from .store import write_json_atomic
 
