@@ -5,9 +5,8 @@ knowledge), ``style`` (none, simplified or detailed chain of thought, for reason
 ``correctness`` (correct or irrelevant responses to the same instructions) and ``length``
 (the response length of a knowledge set). A finding is checked on every (model, task)
 whose runs exist, on the nuclear norms of the study's modules, and says which runs it
-still needs. A comparison
-holds when the bootstrap interval of its difference lies above zero, does not hold when
-it lies below, and is inconclusive otherwise.
+still needs. A comparison holds when the bootstrap interval of its difference lies above
+zero, does not hold when it lies below, and is inconclusive otherwise.
 """
 
 from __future__ import annotations
