@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GradspecError
+from .options import MODEL_PANEL, ProfileOptions, ReportStatistic
 from .statistics import statistic_help
 
 app = typer.Typer(
@@ -98,66 +102,53 @@ def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, 
         yield update
 
 
+def profile_option_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per ProfileOptions field with CLI help, in its help panel."""
+    hints = typing.get_type_hints(ProfileOptions)
+    return [
+        inspect.Parameter(
+            option.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=option.default,
+            annotation=Annotated[
+                hints[option.name],
+                typer.Option(
+                    help=option.metadata["help"], rich_help_panel=option.metadata["panel"]
+                ),
+            ],
+        )
+        for option in fields(ProfileOptions)
+        if "help" in option.metadata
+    ]
+
+
+def with_profile_options(command: F) -> F:
+    """Give ``command(..., **options)`` one CLI option per ProfileOptions field."""
+    signature = inspect.signature(command, eval_str=True)
+    given = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*given, *profile_option_parameters()]
+    )
+    return command
+
+
 @app.command()
 @user_errors_exit_cleanly
+@with_profile_options
 def profile(
     model: Annotated[Path, typer.Option(help="Local checkpoint directory (config.json inside).")],
     data: Annotated[str, typer.Option(help="Alpaca/chat JSON or JSONL file, directory or glob.")],
     out: Annotated[Path, typer.Option(help="Run directory; rerun the command to resume.")],
-    template: Annotated[str, typer.Option(help="plain or chat.")] = "plain",
-    modules: Annotated[str, typer.Option(help="all, attn, mlp, or a regex on names.")] = "all",
-    limit: Annotated[int | None, typer.Option(help="Profile the first N examples.")] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Examples per batch; default: as many of similar length (padding <= 10%) "
-            "as fit --token-budget."
-        ),
-    ] = None,
-    token_budget: Annotated[int, typer.Option(help="Padded tokens per batch.")] = 4096,
-    max_length: Annotated[int | None, typer.Option(help="Truncate examples to L tokens.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="Model dtype: auto, float32, bfloat16, float16, float64.")
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N or auto.", rich_help_panel=MODEL_PANEL)
     ] = "auto",
-    spectra_dtype: Annotated[
-        str,
-        typer.Option(
-            help="Spectra precision: auto (float32; float64 for float64 models), float32, float64."
-        ),
-    ] = "auto",
-    method: Annotated[
-        str, typer.Option(help="fast, or reference (the published per-example full-SVD algorithm).")
-    ] = "fast",
-    top_k: Annotated[int, typer.Option(help="Also store the K largest singular values.")] = 0,
-    ifd: Annotated[
-        bool, typer.Option(help="Also record the response-only loss and IFD (one extra forward).")
-    ] = False,
-    padding_side: Annotated[str, typer.Option(help="left or right.")] = "right",
+    **options: Any,
 ) -> None:
     """Profile per-example gradient spectra of every decoder-layer matrix into RUN_DIR."""
     from .engine import profile as run_profile
 
     with progress_bar("profiling") as update:
-        tables = run_profile(
-            model,
-            data,
-            out,
-            device=device,
-            progress=update,
-            template=template,
-            modules=modules,
-            limit=limit,
-            batch_size=batch_size,
-            token_budget=token_budget,
-            max_length=max_length,
-            dtype=dtype,
-            spectra_dtype=spectra_dtype,
-            method=method,
-            top_k=top_k,
-            ifd=ifd,
-            padding_side=padding_side,
-        )
+        tables = run_profile(model, data, out, device=device, progress=update, **options)
     statuses = tables.examples["status"].value_counts().to_dict()
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
     console.print(
@@ -305,8 +296,8 @@ def parse_run_labels(value: str) -> dict[str, str]:
     return labels
 
 
-ReportStatistic = Annotated[
-    str,
+StatisticOption = Annotated[
+    ReportStatistic,
     typer.Option(help=f"Curves and MAD of one of: {statistic_help()}."),
 ]
 ReportSplit = Annotated[
@@ -338,7 +329,7 @@ def study(
         str | None, typer.Option(help="Override the study's device: cpu, cuda, cuda:N or auto.")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Override the study's limit.")] = None,
-    statistic: ReportStatistic = "nuclear_norm",
+    statistic: StatisticOption = ReportStatistic.nuclear_norm,
     split: ReportSplit = "thirds",
     bootstrap: ReportBootstrap = 2000,
 ) -> None:
@@ -375,7 +366,7 @@ def report(
             "style, correctness, length (repeatable)."
         ),
     ] = None,
-    statistic: ReportStatistic = "nuclear_norm",
+    statistic: StatisticOption = ReportStatistic.nuclear_norm,
     split: ReportSplit = "thirds",
     bootstrap: ReportBootstrap = 2000,
     title: Annotated[str, typer.Option(help="Title of the report.")] = "gradspec report",

@@ -13,7 +13,7 @@ import os
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from .data import (
     load_examples,
     resolve_data_files,
 )
-from .errors import GradspecError
 from .modeling import (
     check_model_dir,
     load_model_and_tokenizer,
@@ -43,45 +42,13 @@ from .modeling import (
     resolve_dtype,
     resolve_spectra_dtype,
 )
+from .options import ProfileOptions
 from .statistics import spectrum_statistics
 from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 
-METHODS = ("fast", "reference")
 # Test hook: exit hard (as a kill would) after writing this many chunks in one session.
 STOP_AFTER_CHUNKS = "GRADSPEC_TEST_STOP_AFTER_CHUNKS"
 STOPPED_EXIT_CODE = 75
-
-
-@dataclass(frozen=True)
-class ProfileOptions:
-    """Everything that decides the numbers of a run; all of it but ``limit`` is fingerprinted."""
-
-    template: str = "plain"
-    modules: str = "all"
-    limit: int | None = None
-    batch_size: int | None = None
-    token_budget: int = 4096
-    max_length: int | None = None
-    dtype: str = "auto"
-    spectra_dtype: str = "auto"
-    method: str = "fast"
-    top_k: int = 0
-    ifd: bool = False
-    chunk_size: int = 64
-    padding_side: str = "right"
-
-    def check(self) -> None:
-        """Reject impossible option values before any work starts."""
-        if self.method not in METHODS:
-            raise GradspecError(f"--method {self.method}: use 'fast' or 'reference'")
-        if self.padding_side not in ("left", "right"):
-            raise GradspecError(f"padding side {self.padding_side!r}: use 'left' or 'right'")
-        for name in ("limit", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise GradspecError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.top_k < 0 or self.chunk_size < 1 or self.token_budget < 1:
-            raise GradspecError("--top-k must be >= 0; chunk size and token budget >= 1")
 
 
 # ---------------------------------------------------------------- public entry point
@@ -103,7 +70,6 @@ def profile(
     called after each chunk and each batch. Returns the run's tables.
     """
     opts = ProfileOptions(**options)
-    opts.check()
     model_dir = check_model_dir(model)
     files = resolve_data_files(data)
     examples = load_examples(data)[: opts.limit]

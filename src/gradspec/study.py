@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from .data import data_sha256, resolve_data_files
-from .engine import ProfileOptions, profile
+from .engine import profile
 from .errors import GradspecError
 from .labels import LABEL_KEYS, normalize_labels
 from .modeling import check_model_dir, model_signature
+from .options import ProfileOptions, Template
 from .store import write_json_atomic
 
 STUDY_FILE = "study.json"
@@ -52,7 +53,6 @@ STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets")
 MODEL_KEYS = ("label", "path", "template")
 DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
 PROFILE_KEYS = ("device", *(f.name for f in fields(ProfileOptions) if f.name != "template"))
-TEMPLATES = ("plain", "chat")
 SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 ProgressFactory = Callable[["Cell"], AbstractContextManager[Callable[[int, int], None]]]
@@ -218,7 +218,7 @@ def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
     label = _safe_label(_required_string(entry, "label", where), where)
     path = base / _required_string(entry, "path", where)
     template = entry.get("template", "plain")
-    if template not in TEMPLATES:
+    if template not in tuple(Template):
         raise GradspecError(f"{where}: template '{template}' is not plain or chat")
     try:
         check_model_dir(path)
@@ -253,7 +253,7 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
 
 def _check_profile_options(options: dict[str, Any], source: Path) -> None:
     try:
-        ProfileOptions(**{k: v for k, v in options.items() if k != "device"}).check()
+        ProfileOptions(**{k: v for k, v in options.items() if k != "device"})
     except TypeError as exc:
         raise GradspecError(f"{source}: [profile]: {exc}") from None
     except GradspecError as exc:

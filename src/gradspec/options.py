@@ -1,0 +1,155 @@
+"""The options of a profiling run, in one place for the API, the CLI and study files.
+
+Each field of :class:`ProfileOptions` carries its CLI help and help panel; the ``profile``
+command's options are made from these fields (cli.py). This module loads neither torch nor
+the engine, so the CLI can build its help without them.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from enum import Enum, StrEnum
+
+from .errors import GradspecError
+from .statistics import REPORT_STATISTICS
+
+
+class Template(StrEnum):
+    """How a record becomes text: ``plain`` concatenation or the tokenizer's chat template."""
+
+    plain = "plain"
+    chat = "chat"
+
+
+class Method(StrEnum):
+    """``fast`` spectra from hooks, or the published per-example full-SVD ``reference``."""
+
+    fast = "fast"
+    reference = "reference"
+
+
+class ModelDtype(StrEnum):
+    """Precision the model runs in; ``auto``: float32 on CPU, the checkpoint's on GPU."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+
+
+class SpectraDtype(StrEnum):
+    """Precision of the spectra; ``auto``: float32, float64 for float64 models."""
+
+    auto = "auto"
+    float32 = "float32"
+    float64 = "float64"
+
+
+class PaddingSide(StrEnum):
+    """Where padding goes in a batch."""
+
+    left = "left"
+    right = "right"
+
+
+# The statistics the report can draw (statistics.py's registry and its derived ones).
+ReportStatistic = StrEnum("ReportStatistic", {name: name for name in REPORT_STATISTICS})
+
+DATA_PANEL = "Data"
+MODEL_PANEL = "Model and matrices"
+BATCH_PANEL = "Batching"
+OUTPUT_PANEL = "What is recorded"
+
+
+def _cli(help: str, panel: str) -> dict[str, str]:
+    """Field metadata that makes a ProfileOptions field a CLI option."""
+    return {"help": help, "panel": panel}
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """Everything that decides the numbers of a run; all of it but ``limit`` is fingerprinted.
+
+    Strings are accepted wherever an Enum is expected; a value outside its choices is a
+    GradspecError naming the option, raised on construction, before any work starts.
+    """
+
+    template: Template = field(
+        default=Template.plain,
+        metadata=_cli("Text layout: plain, or chat (the tokenizer's chat template).", DATA_PANEL),
+    )
+    modules: str = field(
+        default="all", metadata=_cli("all, attn, mlp, or a regex on names.", MODEL_PANEL)
+    )
+    limit: int | None = field(
+        default=None, metadata=_cli("Profile the first N examples.", DATA_PANEL)
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata=_cli(
+            "Examples per batch; default: as many of similar length (padding <= 10%) "
+            "as fit --token-budget.",
+            BATCH_PANEL,
+        ),
+    )
+    token_budget: int = field(default=4096, metadata=_cli("Padded tokens per batch.", BATCH_PANEL))
+    max_length: int | None = field(
+        default=None, metadata=_cli("Truncate examples to L tokens.", DATA_PANEL)
+    )
+    dtype: ModelDtype = field(
+        default=ModelDtype.auto,
+        metadata=_cli("Model dtype (auto: float32 on CPU, the checkpoint's on GPU).", MODEL_PANEL),
+    )
+    spectra_dtype: SpectraDtype = field(
+        default=SpectraDtype.auto,
+        metadata=_cli(
+            "Spectra precision (auto: float32; float64 for float64 models).", MODEL_PANEL
+        ),
+    )
+    method: Method = field(
+        default=Method.fast,
+        metadata=_cli(
+            "fast, or reference (the published per-example full-SVD algorithm).", MODEL_PANEL
+        ),
+    )
+    top_k: int = field(
+        default=0, metadata=_cli("Also store the K largest singular values.", OUTPUT_PANEL)
+    )
+    ifd: bool = field(
+        default=False,
+        metadata=_cli(
+            "Also record the response-only loss and IFD (one extra forward).", OUTPUT_PANEL
+        ),
+    )
+    chunk_size: int = 64
+    padding_side: PaddingSide = field(
+        default=PaddingSide.right, metadata=_cli("left or right.", BATCH_PANEL)
+    )
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for option in fields(self):
+            kind = hints[option.name]
+            if isinstance(kind, type) and issubclass(kind, Enum):
+                object.__setattr__(self, option.name, _choice(kind, option.name, self))
+        self.check()
+
+    def check(self) -> None:
+        """Reject impossible numbers before any work starts."""
+        for name in ("limit", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GradspecError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.top_k < 0 or self.chunk_size < 1 or self.token_budget < 1:
+            raise GradspecError("--top-k must be >= 0; chunk size and token budget >= 1")
+
+
+def _choice(kind: type[StrEnum], name: str, options: ProfileOptions) -> StrEnum:
+    value = getattr(options, name)
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise GradspecError(f"--{name.replace('_', '-')} {value}: use one of {choices}") from None
