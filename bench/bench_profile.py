@@ -454,7 +454,7 @@ def layer_section(
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
     cpu = torch.device("cpu")
     targets = find_targets(model)
-    capture = TimedCapture(model, targets, resolve_spectra_dtype("auto", torch.float32))
+    capture = TimedCapture(targets, resolve_spectra_dtype("auto", torch.float32))
     runner = ChunkRunner(model, tokenizer, targets, ProfileOptions(batch_size=1), cpu, capture)
     timer = ForwardTimer(model)
     rows = []
@@ -561,7 +561,7 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
     model, tokenizer = load_model_and_tokenizer(model_dir, torch.float32, cpu)
     targets = find_targets(model)
     spectra_dtype = resolve_spectra_dtype("auto", torch.float32)
-    capture = TimedCapture(model, targets, spectra_dtype)
+    capture = TimedCapture(targets, spectra_dtype)
     timer = ForwardTimer(model)
     rows = []
     for size in settings.batch_sizes:

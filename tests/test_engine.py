@@ -276,7 +276,7 @@ def test_automatic_batches_respect_budget_and_padding():
 
 
 def test_capture_zeroes_padding_and_flags_only_nonfinite_examples():
-    capture = SpectraCapture(torch.nn.Linear(4, 4), [], torch.float64)
+    capture = SpectraCapture([], torch.float64)
     capture.start_batch(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))
     tensor = torch.randn(9, 4)
     tensor[2] = torch.nan  # padding of example 0: ignored

@@ -64,7 +64,6 @@ class Target:
     module_name: str  # canonical: q_proj, ..., fc_out
     kind: str  # "attn", "mlp" or "other"
     module: nn.Module
-    shape: tuple[int, int]  # (d_out, d_in) of the gradient, whatever the storage layout
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -107,12 +106,6 @@ def module_kind(module_name: str, relative_name: str) -> str:
     return "mlp" if re.search(r"mlp|ffn|feed_forward", relative_name) else "other"
 
 
-def gradient_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a linear map; Conv1D stores its weight transposed."""
-    rows, cols = module.weight.shape
-    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
-
-
 def find_targets(model: nn.Module, modules: str = "all") -> list[Target]:
     """All 2-D projection matrices in the decoder layers that ``modules`` selects.
 
@@ -133,7 +126,6 @@ def find_targets(model: nn.Module, modules: str = "all") -> list[Target]:
                 name,
                 module_kind(name, relative),
                 module,
-                gradient_shape(module),
             )
             if _selected(target, modules):
                 targets.append(target)

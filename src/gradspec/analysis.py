@@ -253,11 +253,6 @@ def permutation_test(
     return float((1 + np.sum(permuted >= observed - 1e-12 * abs(observed))) / (1 + n_perm))
 
 
-def module_mean(per_module: Callable[[np.ndarray], object]) -> Callable[[Curves], object]:
-    """A statistic averaging ``per_module(curve)`` over all curves given."""
-    return lambda curves: np.mean([per_module(c) for c in curves], axis=0)
-
-
 def mean_relative_difference(curves: Curves) -> object:
     """Module-averaged relative difference: curves are [a_1..a_m, b_1..b_m]."""
     half = len(curves) // 2

@@ -41,8 +41,7 @@ class TargetResult:
 class SpectraCapture:
     """Context manager holding the hooks for a list of targets over many batches."""
 
-    def __init__(self, model: nn.Module, targets: list[Target], spectra_dtype: torch.dtype):
-        self.model = model
+    def __init__(self, targets: list[Target], spectra_dtype: torch.dtype):
         self.targets = targets
         self.spectra_dtype = spectra_dtype
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)

@@ -42,7 +42,7 @@ from .modeling import (
     resolve_dtype,
     resolve_spectra_dtype,
 )
-from .options import ProfileOptions
+from .options import Method, ProfileOptions
 from .statistics import spectrum_statistics
 from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 
@@ -101,9 +101,9 @@ def profile(
     report = progress or (lambda done, total: None)
     report(done, len(examples))
     if todo:
-        capture = SpectraCapture(net, targets, spectra_dtype)
+        capture = SpectraCapture(targets, spectra_dtype) if opts.method == Method.fast else None
         runner = ChunkRunner(net, tokenizer, targets, opts, torch_device, capture)
-        with capture if opts.method == "fast" else nullcontext():
+        with capture or nullcontext():
             for first, last in todo:
                 chunk = examples[first : last + 1]
                 spectra_rows, example_rows = runner.run(
@@ -188,8 +188,9 @@ class ChunkRunner:
         targets: list[Target],
         opts: ProfileOptions,
         device: torch.device,
-        capture: SpectraCapture,
+        capture: SpectraCapture | None,
     ):
+        """``capture`` holds the hooks of the fast method; None for the reference method."""
         self.model, self.tokenizer, self.targets = model, tokenizer, targets
         self.opts, self.device, self.capture = opts, device, capture
         pad = tokenizer.pad_token_id
@@ -223,7 +224,7 @@ class ChunkRunner:
         self, members: list[int], encoded: list[Encoded]
     ) -> Iterator[tuple[int, float, list[np.ndarray | None]]]:
         """(member, loss, singular values per target, None where not finite)."""
-        if self.opts.method == "reference":
+        if self.capture is None:  # the reference method
             for member in members:
                 yield (
                     member,
