@@ -82,6 +82,7 @@ def test_max_length_truncates_from_the_right(tokenizer):
     assert ids == full_ids[:-5] and len(labels) == len(ids)
 
 
+@pytest.mark.usefixtures("shared_data")
 def test_formats_directory_and_glob(tmp_path):
     records = read_shared(GSM8K, 3)
     (tmp_path / "a.json").write_text(json.dumps(records[:2], indent=4))

@@ -63,7 +63,7 @@ TINY = Recipe(
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shared-data folder holding the first records of two real files."""
     root = tmp_path_factory.mktemp("shared-data")
     for name in TINY_FILES:
@@ -154,6 +154,7 @@ def test_saved_model_loads_with_auto_classes_and_matches(
     assert config["gradspec_recipe_sha256"] != replace(TINY, steps=41).sha256()
 
 
+@pytest.mark.usefixtures("shared_data")
 def test_held_out_records_are_never_trained_on() -> None:
     train, held_out = split_records(DEFAULT_RECIPE, SHARED_DATA)
     key = lambda record: json.dumps(record, sort_keys=True)  # noqa: E731
@@ -263,6 +264,7 @@ def test_interrupted_save_leaves_no_model(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default-model", "default-model.lock"]
 
 
+@pytest.mark.usefixtures("shared_data")
 def test_locations_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRADSPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(tmp_path / "missing"))
