@@ -12,13 +12,29 @@ from conftest import GSM8K, SHARED_DATA, read_shared
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gradspec
+from gradspec import spectra
 from gradspec.adapters import find_decoder_layers
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
+from gradspec.spectra import builds_full_gradient
 
 WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
-STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank"]
+STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "stable_rank"]
+
+
+@pytest.fixture
+def routes(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The routes (``factor`` or ``full`` gradient) the spectra of the test actually took."""
+    taken: set[str] = set()
+
+    def recording(tokens: int, d_out: int, d_in: int) -> bool:
+        full = builds_full_gradient(tokens, d_out, d_in)
+        taken.add("full" if full else "factor")
+        return full
+
+    monkeypatch.setattr(spectra, "builds_full_gradient", recording)
+    return taken
 
 
 def explicit_gradient_statistics(
@@ -53,6 +69,7 @@ def explicit_gradient_statistics(
                     "spectral_norm": s[0],
                     "frobenius_norm": np.linalg.norm(grad),
                     "effective_rank": np.exp(-(p * np.log(p)).sum()),
+                    "stable_rank": np.linalg.norm(grad) ** 2 / s[0] ** 2,
                 }
             )
     return pd.DataFrame(rows)
@@ -66,7 +83,7 @@ def assert_statistics_close(
     )
     assert (merged["_merge"] == "both").all(), "the engine must cover exactly the 2-D matrices"
     for stat in STATS:
-        tolerance = rank_rtol if stat == "effective_rank" else rtol
+        tolerance = rank_rtol if stat.endswith("_rank") else rtol
         np.testing.assert_allclose(merged[stat], merged[stat + "_x"], rtol=tolerance, err_msg=stat)
 
 
@@ -74,10 +91,16 @@ def assert_statistics_close(
     "arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma2", "mistral", "phi", "gemma", "phi3"]
 )
 @pytest.mark.parametrize(
-    ("data", "max_length"), [(WIKI, 40), (GSM8K, None)], ids=["factor-route", "full-route"]
+    ("data", "max_length", "route"),
+    [(WIKI, 40, "factor"), (GSM8K, None, "full")],
+    ids=["factor-route", "full-route"],
 )
-def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_model, tmp_path):
-    # Short "Tell me about X." prompts cut at 40 tokens keep T below the 48-wide matrices.
+def test_fast_method_equals_explicit_float64_svd(
+    arch, data, max_length, route, tiny_model, tmp_path, routes
+):
+    # Short "Tell me about X." prompts cut at 40 tokens keep T below the 48-wide matrices:
+    # the factor route (GQA's 24-row k/v may still take the full one); long GSM8K answers
+    # take the full-gradient route.
     records = read_shared(data, 4)
     tables = gradspec.profile(
         tiny_model(arch),
@@ -91,6 +114,7 @@ def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_mo
     )
     expected = explicit_gradient_statistics(tiny_model(arch), records, max_length)
     assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
+    assert route in routes, f"the {route} route must be exercised, took {routes}"
     losses = expected.groupby("example_index")["loss"].first()
     # Both take the cross-entropy in float32 (as HF does, float64 models too), of logits
     # computed at different sets of positions: equal up to float32 rounding.
@@ -99,11 +123,13 @@ def test_fast_method_equals_explicit_float64_svd(arch, data, max_length, tiny_mo
 
 
 @pytest.mark.parametrize(
-    ("data", "max_length"), [(WIKI, 40), (GSM8K, None)], ids=["factor-route", "full-route"]
+    ("data", "max_length", "route"),
+    [(WIKI, 40, "factor"), (GSM8K, None, "full")],
+    ids=["factor-route", "full-route"],
 )
 @pytest.mark.parametrize("spectra_dtype", ["float32", "float64"])
 def test_float32_model_matches_float64_explicit_gradients(
-    data, max_length, spectra_dtype, tiny_model, tmp_path
+    data, max_length, route, spectra_dtype, tiny_model, tmp_path, routes
 ):
     tables = gradspec.profile(
         tiny_model("llama"),
@@ -118,6 +144,7 @@ def test_float32_model_matches_float64_explicit_gradients(
     assert tables.manifest["options"]["spectra_dtype"] == spectra_dtype
     expected = explicit_gradient_statistics(tiny_model("llama"), read_shared(data, 3), max_length)
     assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
+    assert route in routes, f"the {route} route must be exercised, took {routes}"
 
 
 def _profile_variant(model_dir: Path, out: Path, **options) -> pd.DataFrame:
