@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import gradspec
 
 
@@ -12,9 +14,17 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_importing_package_and_cli_loads_no_torch():
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "gradspec, gradspec.cli",
+        # what `report`, `score`, `flag` and `select` run on
+        "gradspec.report, gradspec.quality, gradspec.selection",
+    ],
+)
+def test_importing_loads_no_torch(modules):
     code = (
-        "import sys, gradspec, gradspec.cli; "
+        f"import sys, {modules}; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     assert run_python("-c", code).stdout.strip() == "[]"

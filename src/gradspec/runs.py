@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,8 @@ from .analysis import LayerValues, layer_values
 from .errors import GradspecError
 from .labels import describe, normalize_labels
 from .store import RunTables, load_run
-from .study import is_study_dir, study_runs
 
+STUDY_FILE = "study.json"  # in a study folder: its cells, their runs and labels
 STUDY_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -78,3 +79,17 @@ def load_runs(
         names.add(name)
         runs.append(Run(name, path, merged, load_run(path)))
     return runs
+
+
+def study_runs(study_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(run directory, labels) of each cell of a study folder that has started."""
+    root = Path(study_dir)
+    for entry in json.loads((root / STUDY_FILE).read_text())["cells"]:
+        run = root / entry["run"]
+        if (run / "manifest.json").exists():
+            yield run, entry["labels"]
+
+
+def is_study_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a study folder (it holds study.json)."""
+    return (Path(path) / STUDY_FILE).is_file()

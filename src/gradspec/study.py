@@ -34,7 +34,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,9 +46,9 @@ from .errors import GradspecError
 from .labels import LABEL_KEYS, normalize_labels
 from .modeling import check_model_dir, model_signature
 from .options import ProfileOptions, Template
+from .runs import STUDY_FILE
 from .store import write_json_atomic
 
-STUDY_FILE = "study.json"
 STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets")
 MODEL_KEYS = ("label", "path", "template")
 DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
@@ -341,16 +341,3 @@ def _read_record(root: Path) -> dict[str, Any]:
             )
         return {}
     return json.loads(path.read_text())
-
-
-def study_runs(study_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """(run directory, labels) of each cell of a study folder that has started."""
-    root = Path(study_dir)
-    for entry in json.loads((root / STUDY_FILE).read_text())["cells"]:
-        run = root / entry["run"]
-        if (run / "manifest.json").exists():
-            yield run, entry["labels"]
-
-
-def is_study_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / STUDY_FILE).is_file()
