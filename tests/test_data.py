@@ -186,6 +186,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_profile_writes_tables_any_parquet_reader_can_load(tiny_model, tmp_path):
     out = tmp_path / "run"
     result = _cli(
@@ -217,6 +218,7 @@ def test_cli_profile_writes_tables_any_parquet_reader_can_load(tiny_model, tmp_p
     assert {"torch", "transformers"} <= set(manifest["versions"])
 
 
+@pytest.mark.slow
 def test_cli_user_errors_have_no_traceback(tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')

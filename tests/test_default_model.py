@@ -154,6 +154,7 @@ def test_saved_model_loads_with_auto_classes_and_matches(
     assert config["gradspec_recipe_sha256"] != replace(TINY, steps=41).sha256()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("shared_data")
 def test_held_out_records_are_never_trained_on() -> None:
     train, held_out = split_records(DEFAULT_RECIPE, SHARED_DATA)
@@ -194,6 +195,7 @@ def test_one_epoch_feeds_each_training_example_once(trained: TrainedModel, tiny_
     assert sorted(fed) == expected
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(
     trained: TrainedModel, tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -328,6 +330,7 @@ def test_demo_without_data_fails_before_training(
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_demo_command_profiles_its_grid_reports_and_reuses_its_runs(
     trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

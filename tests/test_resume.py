@@ -50,6 +50,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
     assert len(resumed.manifest["sessions"]) == 2
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_chunks_and_extends_with_a_larger_limit(tiny_model, tmp_path):
     model_dir, out = tiny_model("llama"), tmp_path / "run"
     first = gradspec.profile(model_dir, LONG, out, device="cpu", limit=6, chunk_size=4)

@@ -242,6 +242,7 @@ def test_rbf_bandwidth_is_the_median_squared_distance():
     assert np.allclose(rbf_similarity(points), expected)
 
 
+@pytest.mark.slow
 def test_json_array_layout_of_every_shared_file_round_trips():
     """The shared files mix indent 2 and 4, escaped and raw Unicode: each keeps its own."""
     for path in sorted(SHARED_DATA.rglob("*.json")):
