@@ -43,7 +43,10 @@ def test_bad_modules_leave_no_trace_and_the_corrected_rerun_succeeds(tiny_model,
 
 @pytest.mark.parametrize(
     ("template", "chat_template", "message"),
-    [("markdown", True, "unknown template 'markdown'"), ("chat", False, "no chat template")],
+    [
+        ("markdown", True, "--template markdown: use one of plain, chat"),
+        ("chat", False, "no chat template"),
+    ],
 )
 def test_a_template_that_cannot_encode_leaves_no_trace(
     template, chat_template, message, tiny_model, tmp_path
