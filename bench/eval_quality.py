@@ -1,24 +1,27 @@
-"""How well does each quality score find responses that do not answer their instruction?
+"""How well does each quality score find responses that do not fit their instruction?
 
-For every task and response style of the shared data, the first ``--limit`` instructions
-are mixed: a seeded ``--ratio`` of them get the irrelevant file's response at the same
-index (a response written for another instruction), the rest keep their own. Each mix is
-profiled with IFD, scored by ``gradspec.quality``, and the area under the ROC curve of
-every score at recovering the irrelevant responses is reported, against the baselines
-loss and IFD. Each score's direction is fixed a priori (``quality.SUSPECT_DIRECTION``),
-never chosen on this data: an AUROC below 0.5 means the score points the other way.
+For every task and response style of the shared data (and the Wikipedia sets), the first
+``--limit`` instructions are mixed (``bench/mixes.py``): a ``--share`` of them get a
+corrupted response, split evenly among the ``--kinds`` that apply (``irrelevant``,
+``swapped``, ``wrong_answer``, ``truncated``), the rest keep their own. A corruption the
+model would not see (it lies past ``--max-length``) is not picked. Each mix is profiled
+with IFD and scored by ``gradspec.quality``; the area under the ROC curve of every score
+at telling each kind from the correct responses is reported per kind, task and style,
+against the baselines loss and IFD. Directions are fixed a priori
+(``quality.SUSPECT_DIRECTION``): an AUROC below 0.5 means the score points the other way.
+``|score|`` columns use the two-sided robust z (``quality.two_sided``), which needs no
+direction. ``len`` (response tokens, longer = suspect) is shown to expose length effects.
 
-``flag+K`` calibrates the flag with K labelled examples of the mix (half of each kind,
-drawn at random, ``--repeats`` times) and measures the AUROC on the unlabelled rest.
-The "pooled" table pools each style's tasks, using each score's percentile within its own
-run so that tasks on different scales can be pooled.
+With ``--blank-instruction`` every mix is profiled a second time with its instructions
+emptied (same template), giving the gradient analogues of IFD ``nuc_ifd`` and
+``flag_ifd`` (``quality.instruction_gradient_scores``): one more backward per example.
 
-Profiles are cached in ``--work`` (one run per mix and model), so a rerun resumes. With
-the embedded default model, keep ``--limit`` at or below its held-out count (100): later
-records of the correct files are its training data.
+Pooled tables use each score's percentile within its own run, so that runs on different
+scales can be pooled. Runs and per-cell scores are cached in ``--work``; a rerun resumes.
 
     .venv/bin/python bench/eval_quality.py --limit 40
-    .venv/bin/python bench/eval_quality.py --model path/to/checkpoint --tasks gsm8k,aqua
+    .venv/bin/python bench/eval_quality.py --model runs/smollm2-hf --template chat \\
+        --limit 16 --max-length 256 --blank-instruction
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mixes import KINDS, CellFiles, MixExample, build_mix
 from rich.console import Console
-from rich.table import Table
+from transformers import AutoTokenizer
 
 import gradspec
 from gradspec.default_model import (
@@ -45,85 +49,102 @@ from gradspec.default_model import (
 )
 from gradspec.modeling import check_model_dir, model_signature
 from gradspec.quality import (
-    SCORES,
     SUSPECT_DIRECTION,
     auroc,
     example_scores,
-    flag_ranking,
+    instruction_gradient_scores,
+    percentile_within,
+    two_sided,
 )
 
 BASELINES = ("loss", "ifd")
+GRADIENT_IFD = ("nuclear_ifd", "flag_ifd")
+TWO_SIDED = ("loss", "nuclear_norm", "flag")
+DIRECTION = {
+    **SUSPECT_DIRECTION,
+    **{name: 1 for name in GRADIENT_IFD},
+    **{f"|{name}|": 1 for name in TWO_SIDED},
+    "length": 1,
+}
 SHORT_NAMES = {
-    "irrelevant": "bad",
     "nuclear_norm": "nuc",
     "nuclear_norm_attn": "nuc_attn",
     "nuclear_norm_mlp": "nuc_mlp",
     "nuclear_norm_other": "nuc_other",
     "effective_rank": "erank",
     "layer_mad": "mad",
+    "nuclear_ifd": "nuc_ifd",
+    "|nuclear_norm|": "|nuc|",
+    "length": "len",
 }
 LEGEND = (
-    "bad = irrelevant responses in the mix; nuc = total nuclear norm, nuc_attn / "
-    "nuc_mlp = of attention / MLP matrices (higher = suspect); erank = mean effective "
-    "rank (lower = suspect); mad = cross-layer MAD; loss and ifd (higher = suspect) are "
-    "the baselines; flag = gradspec flag, unsupervised; flag+K = flag calibrated with K "
-    "labelled examples, AUROC on the rest; flag-loss / flag-ifd = the flag's AUROC minus "
-    "the baseline's, with a 95% bootstrap interval over examples"
+    "nuc = total nuclear norm, nuc_attn / nuc_mlp = of attention / MLP matrices (higher = "
+    "suspect); erank = mean effective rank (lower = suspect); mad = cross-layer MAD; loss "
+    "and ifd (higher = suspect) are the baselines; flag = gradspec flag, unsupervised; "
+    "nuc_ifd / flag_ifd = the nuclear norm / flag of the response given its instruction "
+    "relative to given an empty instruction (higher = suspect); |x| = two-sided robust z "
+    "of x within its run (no direction); len = response tokens (reference only); "
+    "flag-loss = the flag's AUROC minus loss's, with a 95% bootstrap interval"
 )
-console = Console(width=160)
+console = Console(width=200)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="local checkpoint; default: the embedded default model",
-    )
-    parser.add_argument("--limit", type=int, default=40, help="instructions per mix")
-    parser.add_argument("--ratio", type=float, default=0.2, help="share of irrelevant ones")
+    parser.add_argument("--model", type=Path, default=None, help="default: the embedded model")
+    parser.add_argument("--template", choices=("plain", "chat"), default="plain")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds")
+    parser.add_argument("--limit", type=int, default=40, help="instructions per cell")
+    parser.add_argument("--share", type=float, default=0.5, help="share of corrupted ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tasks",
         default=",".join((*REASONING_TASKS, *WIKI_FILES)),
         help="comma-separated reasoning tasks and wiki files",
     )
-    parser.add_argument(
-        "--styles",
-        default=",".join(RESPONSE_STYLES),
-        help="comma-separated reasoning response styles",
-    )
-    parser.add_argument("--labels", type=int, default=8, help="K of the flag+K column; 0: off")
-    parser.add_argument("--repeats", type=int, default=50, help="label draws for flag+K")
+    parser.add_argument("--styles", default=",".join(RESPONSE_STYLES))
     parser.add_argument("--max-length", type=int, default=512, help="truncate to L tokens")
+    parser.add_argument(
+        "--blank-instruction",
+        action="store_true",
+        help="also profile each mix with empty instructions (gradient IFD scores)",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--work",
-        type=Path,
-        default=project_root() / ".cache" / "eval-quality",
-        help="cache of mixes and runs",
-    )
-    parser.add_argument(
-        "--markdown",
-        type=Path,
-        default=None,
-        help="tables as Markdown; default WORK/<model>/auroc-<mix>.md",
-    )
+    parser.add_argument("--work", type=Path, default=project_root() / ".cache" / "eval-quality")
+    parser.add_argument("--markdown", type=Path, default=None, help="default WORK/<model>/...")
     return parser.parse_args()
 
 
-# ---------------------------------------------------------------- the mixes
+# ---------------------------------------------------------------- the cells
 
 
-def mixes(tasks: list[str], styles: list[str]) -> list[tuple[str, str, str]]:
-    """(task, style, data file relative to the correct/ and irrelevant/ folders)."""
+def cells(tasks: list[str], styles: list[str]) -> list[CellFiles]:
+    """The files of every chosen (task, style); Wikipedia sets have the style 'wiki'."""
+    data = shared_data_dir()
     chosen = []
     for task in tasks:
         if task in REASONING_TASKS:
-            chosen += [(task, style, f"reasoning_cot/{{}}/{task}_{style}.json") for style in styles]
+            folder = data / "reasoning_cot"
+            chosen += [
+                CellFiles(
+                    task,
+                    style,
+                    folder / "correct" / f"{task}_{style}.json",
+                    folder / "irrelevant" / f"{task}_{style}.json",
+                    folder / "correct" / f"{task}_no_cot.json",
+                )
+                for style in styles
+            ]
         elif task in WIKI_FILES:
-            chosen.append((task, "wiki", f"wiki_knowledge/{{}}/{task}.json"))
+            folder = data / "wiki_knowledge"
+            chosen.append(
+                CellFiles(
+                    task,
+                    "wiki",
+                    folder / "correct" / f"{task}.json",
+                    folder / "irrelevant" / f"{task}.json",
+                )
+            )
         else:
             raise SystemExit(
                 f"unknown task {task!r}: use {', '.join(REASONING_TASKS)} "
@@ -132,97 +153,81 @@ def mixes(tasks: list[str], styles: list[str]) -> list[tuple[str, str, str]]:
     return chosen
 
 
-def write_mix(pattern: str, limit: int, ratio: float, seed: int, path: Path) -> np.ndarray:
-    """Write the first ``limit`` instructions, a seeded ``ratio`` of them with the irrelevant
-    response, as an Alpaca JSON array; returns which examples are irrelevant."""
-    data = shared_data_dir()
-    correct = json.loads((data / pattern.format("correct")).read_text())[:limit]
-    irrelevant = json.loads((data / pattern.format("irrelevant")).read_text())[:limit]
-    rng = np.random.default_rng(seed)
-    bad = np.zeros(len(correct), dtype=bool)
-    bad[rng.choice(len(correct), size=round(ratio * len(correct)), replace=False)] = True
-    records = [irrelevant[i] if bad[i] else correct[i] for i in range(len(correct))]
-    assert all(r["instruction"] == c["instruction"] for r, c in zip(records, correct, strict=True))
+def visible_to(tokenizer: object, template: str, max_length: int):
+    """A test that the model sees a corruption: the two records' tokens differ."""
+
+    def visible(original: dict[str, str], corrupted: dict[str, str]) -> bool:
+        tokens = [
+            gradspec.encode(tokenizer, r, template, max_length)[0] for r in (original, corrupted)
+        ]
+        return tokens[0] != tokens[1]
+
+    return visible
+
+
+def write_json(records: list[dict[str, str]], path: Path) -> None:
+    """Write an Alpaca JSON array, leaving an identical file untouched (runs hash the data)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(records, indent=4)
+    text = json.dumps(records, indent=1)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
-    return bad
+
+
+def score_cell(
+    mix: list[MixExample], folder: Path, model: Path, args: argparse.Namespace
+) -> pd.DataFrame:
+    """Profile a mix (and its blank-instruction twin), cache and return its scores."""
+    write_json([m.record for m in mix], folder / "mix.json")
+    options = {"device": args.device, "max_length": args.max_length, "template": args.template}
+    tables = gradspec.profile(model, folder / "mix.json", folder / "run", ifd=True, **options)
+    scores = example_scores(tables).set_index("example_index")
+    scores["length"] = tables.examples.set_index("example_index")["n_response_tokens"]
+    if args.blank_instruction:
+        blank = [{**m.record, "instruction": "", "input": ""} for m in mix]
+        write_json(blank, folder / "blank.json")
+        blank_tables = gradspec.profile(model, folder / "blank.json", folder / "blank", **options)
+        scores = scores.join(instruction_gradient_scores(tables, blank_tables))
+    for name in TWO_SIDED:
+        scores[f"|{name}|"] = two_sided(scores[name])
+    for name in DIRECTION:
+        if name in scores and f"{name}_pct" not in scores:
+            scores[f"{name}_pct"] = percentile_within(scores[name])
+    scores["kind"] = [m.kind for m in mix]
+    scores.reset_index().to_parquet(folder / "scores.parquet", index=False)
+    return scores.reset_index()
 
 
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate_mix(
-    scores: pd.DataFrame, bad: np.ndarray, n_labels: int, repeats: int, seed: int
-) -> dict[str, float]:
-    """AUROC of every score (a priori direction) and of the calibrated flag."""
-    ok = scores["status"].eq("ok").to_numpy()
-    result = {}
-    for name in SCORES:
-        values = scores[name].to_numpy(dtype=float)
-        usable = ok & np.isfinite(values)
-        result[name] = (
-            auroc(SUSPECT_DIRECTION[name] * values[usable], bad[usable])
-            if usable.any()
-            else float("nan")
-        )
-    if n_labels:
-        result[f"flag+{n_labels}"] = calibrated_auroc(scores, bad, n_labels, repeats, seed)
-    return result
-
-
-def calibrated_auroc(
-    scores: pd.DataFrame, bad: np.ndarray, n_labels: int, repeats: int, seed: int
-) -> float:
-    """Mean AUROC on the unlabelled examples after calibrating with K random labels."""
-    rng = np.random.default_rng(seed)
-    ok = scores["status"].eq("ok").to_numpy()
-    bad_ids, good_ids = np.flatnonzero(ok & bad), np.flatnonzero(ok & ~bad)
-    half = n_labels // 2
-    if len(bad_ids) <= half or len(good_ids) <= half:
-        return float("nan")
-    values = []
-    for _ in range(repeats):
-        picked = np.concatenate(
-            [rng.choice(bad_ids, half, replace=False), rng.choice(good_ids, half, replace=False)]
-        )
-        labels = pd.DataFrame(
-            {
-                "example_index": scores["example_index"].to_numpy()[picked],
-                "label": bad[picked].astype(int),
-            }
-        )
-        ranking = flag_ranking(scores, labels)
-        rest = ranking[ranking["label"].isna()]
-        values.append(auroc(rest["probability"].to_numpy(), bad[rest["example_index"].to_numpy()]))
-    return float(np.mean(values))
-
-
-def pooled(
-    per_mix: dict[tuple[str, str], tuple[pd.DataFrame, np.ndarray]], columns: list[str], seed: int
+def auroc_table(
+    frame: pd.DataFrame, by: list[str], columns: list[str], pooled: bool
 ) -> pd.DataFrame:
-    """AUROC per response style over all its tasks, on within-run percentiles, and the
-    flag's AUROC minus each baseline's with a bootstrap interval."""
+    """AUROC of each score at telling each kind from the correct responses, per group.
+
+    ``pooled`` uses within-run percentiles, for groups that span several runs.
+    """
     rows = []
-    for style in dict.fromkeys(style for _, style in per_mix):
-        frames = [(s, b) for (_, st), (s, b) in per_mix.items() if st == style]
-        scores = pd.concat([s for s, _ in frames], ignore_index=True)
-        bad = np.concatenate([b for _, b in frames])
-        row: dict[str, object] = {"style": style, "n": len(bad), "irrelevant": int(bad.sum())}
-        suspicion = {
-            name: SUSPECT_DIRECTION[name] * scores[f"{name}_pct"].to_numpy(dtype=float)
-            for name in columns
-        }
-        for name, values in suspicion.items():
-            usable = np.isfinite(values)
-            row[name] = auroc(values[usable], bad[usable])
-        for baseline in BASELINES:
-            if baseline in suspicion:
-                row[f"flag-{baseline}"] = difference_interval(
-                    suspicion["flag"], suspicion[baseline], bad, seed
-                )
-        rows.append(row)
+    for key, group in frame.groupby(by, sort=False):
+        correct = group[group["kind"] == "correct"]
+        for kind in [k for k in KINDS if k in set(group["kind"])]:
+            both = pd.concat([correct, group[group["kind"] == kind]])
+            bad = (both["kind"] == kind).to_numpy()
+            row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+            row.update(kind=kind, n_bad=int(bad.sum()), n_ok=int((~bad).sum()))
+            for name in columns:
+                values = DIRECTION[name] * both[f"{name}_pct" if pooled else name].to_numpy(float)
+                usable = np.isfinite(values)
+                row[name] = auroc(values[usable], bad[usable])
+            if pooled:
+                for baseline in BASELINES:
+                    row[f"flag-{baseline}"] = difference_interval(
+                        both["flag_pct"].to_numpy(float),
+                        both[f"{baseline}_pct"].to_numpy(float),
+                        bad,
+                        seed=0,
+                    )
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -265,21 +270,6 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def rich_table(frame: pd.DataFrame, title: str) -> Table:
-    """AUROCs coloured: green at >= 0.65, red at <= 0.35 (the a priori direction is wrong)."""
-    table = Table(*frame.columns, title=title)
-    for row in frame.itertuples(index=False):
-        cells = []
-        for value in row:
-            if isinstance(value, float):
-                style = "green" if value >= 0.65 else "red" if value <= 0.35 else ""
-                cells.append(f"[{style}]{value:.2f}[/]" if style else f"{value:.2f}")
-            else:
-                cells.append(str(value))
-        table.add_row(*cells)
-    return table
-
-
 def main() -> None:
     args = parse_args()
     model = check_model_dir(args.model) if args.model else ensure_default_model()
@@ -288,51 +278,54 @@ def main() -> None:
             f"--limit {args.limit}: the default model trained on records after "
             f"the first {DEFAULT_RECIPE.held_out_per_file}; use at most that"
         )
+    kinds = args.kinds.split(",")
     key = model_signature(model)["config_and_tokenizer_sha256"][:12]
     work = args.work / f"{model.name}-{key}"
-    started = time.perf_counter()
-    per_mix: dict[tuple[str, str], tuple[pd.DataFrame, np.ndarray]] = {}
-    rows = []
-    for task, style, pattern in mixes(args.tasks.split(","), args.styles.split(",")):
-        name = f"{task}_{style}_n{args.limit}_r{args.ratio}_s{args.seed}"
-        data = work / name / "mix.json"
-        bad = write_mix(pattern, args.limit, args.ratio, args.seed, data)
-        console.print(f"[bold]{task} / {style}[/]: {len(bad)} examples, {bad.sum()} irrelevant")
-        tables = gradspec.profile(
-            model,
-            data,
-            work / name / "run",
-            device=args.device,
-            ifd=True,
-            max_length=args.max_length,
-        )
-        scores = example_scores(tables)
-        per_mix[task, style] = scores, bad
-        rows.append(
-            {
-                "task": task,
-                "style": style,
-                "n": len(bad),
-                "irrelevant": int(bad.sum()),
-                **evaluate_mix(scores, bad, args.labels, args.repeats, args.seed),
-            }
-        )
-    per_task = pd.DataFrame(rows).dropna(axis=1, how="all")
-    by_style = pooled(per_mix, [c for c in SCORES if c in per_task], args.seed)
-    per_task, by_style = per_task.rename(columns=SHORT_NAMES), by_style.rename(columns=SHORT_NAMES)
-    seconds = time.perf_counter() - started
-    console.print(rich_table(per_task, "AUROC at finding irrelevant responses, per mix"))
-    console.print(rich_table(by_style, "AUROC pooled over tasks (within-run percentiles)"))
-    report = (
-        f"Model: `{model}`; {args.limit} instructions per mix, {args.ratio:.0%} "
-        f"irrelevant (seed {args.seed}); directions fixed a priori; "
-        f"{seconds:.0f} s (runs already cached are not redone). Columns: {LEGEND}.\n\n"
-        f"### Per task and style\n\n{markdown(per_task)}\n\n"
-        f"### Pooled per style\n\n{markdown(by_style)}\n"
+    visible = visible_to(AutoTokenizer.from_pretrained(model), args.template, args.max_length)
+    setting = (
+        f"n{args.limit}_s{args.share}_seed{args.seed}_{args.template}_L{args.max_length}_"
+        + "-".join(kinds)
     )
-    path = args.markdown or work / f"auroc-n{args.limit}-r{args.ratio}-s{args.seed}.md"
+    started = time.perf_counter()
+    frames = []
+    for files in cells(args.tasks.split(","), args.styles.split(",")):
+        mix = build_mix(files, kinds, args.share, args.seed, args.limit, visible)
+        counts = pd.Series([m.kind for m in mix]).value_counts().to_dict()
+        console.print(f"[bold]{files.task} / {files.style}[/]: {counts}")
+        scores = score_cell(mix, work / f"{files.task}_{files.style}_{setting}", model, args)
+        frames.append(scores.assign(task=files.task, style=files.style))
+    everything = pd.concat(frames, ignore_index=True)
+    columns = [c for c in DIRECTION if c in everything and everything[c].notna().any()]
+    tables = {
+        "Per kind, pooled over all tasks and styles": auroc_table(
+            everything.assign(all="all"), ["all"], columns, pooled=True
+        ),
+        "Per kind and style, pooled over tasks": auroc_table(
+            everything, ["style"], columns, pooled=True
+        ),
+        "Per kind and task, pooled over styles": auroc_table(
+            everything, ["task"], columns, pooled=True
+        ),
+        "Per kind, task and style (few examples per cell: noisy)": auroc_table(
+            everything, ["task", "style"], columns, pooled=False
+        ),
+    }
+    seconds = time.perf_counter() - started
+    report = [
+        f"Model: `{model}` (template {args.template}, max length {args.max_length}); "
+        f"{args.limit} instructions per cell, {args.share:.0%} corrupted (seed {args.seed}), "
+        f"kinds {', '.join(kinds)}; directions fixed a priori; {seconds:.0f} s (cached runs "
+        f"are not redone). Columns: {LEGEND}."
+    ]
+    for title, table in tables.items():
+        table = table.rename(columns=SHORT_NAMES)
+        console.print(f"[bold]{title}[/]")
+        console.print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        report.append(f"### {title}\n\n{markdown(table)}")
+    path = args.markdown or work / f"auroc-{setting}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
+    path.write_text("\n\n".join(report) + "\n")
+    everything.to_parquet(path.with_suffix(".parquet"), index=False)
     console.print(f"[green]done[/] in {seconds:.0f} s; Markdown in {path}")
 
 

@@ -21,7 +21,9 @@ from gradspec.quality import (
     example_scores,
     fit_logistic,
     flag_ranking,
+    instruction_gradient_scores,
     read_labels,
+    two_sided,
 )
 from gradspec.store import EXAMPLES_SCHEMA, SPECTRA_FIELDS, RunTables
 
@@ -189,6 +191,38 @@ def test_scores_of_a_tiny_model_run_equal_loops_over_its_tables(tiny_run):
         values = scores[name].to_numpy()
         counted = [(values <= v).sum() / len(values) for v in values]
         assert np.allclose(scores[f"{name}_pct"], counted)
+
+
+def test_instruction_gradient_scores_compare_each_matrix_with_its_blank_instruction_twin():
+    matrices = [(0, "q_proj"), (0, "down_proj"), (1, "q_proj")]
+    given_values = [[2.0, 4.0, 1.0], [3.0, 3.0, 3.0], [1.0, 8.0, 2.0]]
+    blank_values = [[1.0, 4.0, 2.0], [3.0, 1.0, 3.0], [4.0, 2.0, 2.0]]
+    run = lambda values, statuses: synthetic_run(  # noqa: E731
+        {i: dict(zip(matrices, v, strict=True)) for i, v in enumerate(values)}, statuses
+    )
+    scores = instruction_gradient_scores(
+        run(given_values, ["ok"] * 3), run(blank_values, ["ok", "ok", "skipped:empty_response"])
+    )
+    assert list(scores.index) == [0, 1, 2]
+    for i in range(2):
+        assert scores.loc[i, "nuclear_ifd"] == pytest.approx(
+            sum(given_values[i]) / sum(blank_values[i])
+        )
+    assert scores.loc[2].isna().all()
+    log_ratio = np.log(np.array(given_values[:2]) / np.array(blank_values[:2]))
+    median = np.median(log_ratio, axis=0)
+    scale = 1.4826 * np.median(np.abs(log_ratio - median), axis=0)
+    z = np.where(scale > 0, (log_ratio - median) / np.where(scale > 0, scale, 1), 0.0)
+    assert scores.loc[[0, 1], "flag_ifd"].to_numpy() == pytest.approx(z.mean(axis=1))
+
+
+def test_two_sided_score_is_the_absolute_robust_z():
+    values = pd.Series([1.0, 2.0, 3.0, 10.0, -6.0, np.nan])
+    median, scale = 2.0, 1.4826 * 1.0  # deviations 1, 0, 1, 8, 8
+    expected = [abs(v - median) / scale for v in values[:5]]
+    assert two_sided(values).to_numpy()[:5] == pytest.approx(expected)
+    assert math.isnan(two_sided(values).iloc[5])
+    assert two_sided(pd.Series([4.0, 4.0, 4.0])).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_auroc_equals_pairwise_count_with_ties():

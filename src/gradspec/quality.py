@@ -132,6 +132,39 @@ def flag_scores(spectra: pd.DataFrame) -> pd.Series:
     return robust_z(gradient_signature(spectra)).mean(axis=1)
 
 
+def instruction_gradient_scores(given: RunTables, blank: RunTables) -> pd.DataFrame:
+    """Gradient analogues of IFD from a run and its twin with the instructions blanked.
+
+    ``nuclear_ifd``: the example's total nuclear norm given its instruction / given an empty
+    instruction (the same template, so only the instruction's content differs), as IFD
+    divides the losses. ``flag_ifd``: the mean over matrices of the robust z-score of
+    log(nuclear given / nuclear blank) against the run's examples. An instruction that
+    explains its response shrinks the gradient, so higher is suspect, as for IFD.
+    """
+    log_ratio = gradient_signature(ok_spectra(given)) - gradient_signature(ok_spectra(blank))
+    totals = [ok_spectra(t).groupby("example_index")["nuclear_norm"].sum() for t in (given, blank)]
+    return pd.DataFrame(
+        {
+            "nuclear_ifd": totals[0] / totals[1],
+            "flag_ifd": robust_z(log_ratio.dropna()).mean(axis=1),
+        }
+    )
+
+
+def ok_spectra(tables: RunTables) -> pd.DataFrame:
+    """The spectra rows of the examples profiled without problems."""
+    ok = tables.examples.loc[tables.examples["status"] == "ok", "example_index"]
+    return tables.spectra[tables.spectra["example_index"].isin(ok)]
+
+
+def two_sided(values: pd.Series) -> pd.Series:
+    """|robust z| within the run: how far from the run's typical example, in either direction.
+
+    Used where a score's suspect direction is not known in advance (see the module notes).
+    """
+    return robust_z(values.to_frame()).iloc[:, 0].abs()
+
+
 def flag_ranking(scores: pd.DataFrame, labels: pd.DataFrame | None = None) -> pd.DataFrame:
     """Scored examples ranked most suspect first, with a probability when labels are given.
 
