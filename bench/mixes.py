@@ -226,7 +226,8 @@ def build_mix(
     visible: Callable[[dict[str, str], dict[str, str]], bool] | None = None,
 ) -> list[MixExample]:
     """The first ``limit`` instructions, a ``share`` of them corrupted, split evenly among
-    the ``kinds`` that apply to the cell; the rest keep their correct response.
+    the ``kinds`` that apply to the cell (a kind short of candidates leaves its part to the
+    kinds picked after it); the rest keep their correct response.
 
     ``visible(original, corrupted)`` can exclude corruptions the model would not see (e.g.
     a changed answer past the maximum length).
@@ -244,11 +245,12 @@ def build_mix(
             for kind, found in candidates.items()
         }
     applicable = [k for k in PICK_ORDER if k in kinds and candidates[k]]
-    quota = split_evenly(round(share * len(mix)), len(applicable))
+    wanted = round(share * len(mix))
     assigned: dict[int, tuple[str, dict[str, str]]] = {}
-    for kind, count in zip(applicable, quota, strict=True):
+    for position, kind in enumerate(applicable):
+        quota = -(-(wanted - len(assigned)) // (len(applicable) - position))
         free = [i for i in sorted(candidates[kind]) if i not in assigned]
-        for i in rng.permutation(free)[:count]:
+        for i in rng.permutation(free)[:quota]:
             assigned[int(i)] = kind, candidates[kind][int(i)]
     return [
         MixExample(assigned[i][1], assigned[i][0], i)
@@ -256,11 +258,6 @@ def build_mix(
         else MixExample(record, "correct", i)
         for i, record in enumerate(mix)
     ]
-
-
-def split_evenly(total: int, parts: int) -> list[int]:
-    """``total`` split into ``parts`` counts that differ by at most one, larger first."""
-    return [total // parts + (i < total % parts) for i in range(parts)] if parts else []
 
 
 def corrupted_candidates(

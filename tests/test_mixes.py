@@ -186,6 +186,18 @@ def test_invisible_corruptions_are_not_picked(cell: CellFiles):
     assert kinds.count("wrong_answer") == 0 and kinds.count("swapped") == 6
 
 
+def test_a_kind_short_of_candidates_leaves_its_part_to_the_others(cell: CellFiles):
+    def visible(original: dict[str, str], bad: dict[str, str]) -> bool:
+        """Every swapped response, only the first instruction's changed answer."""
+        same_start = bad["output"][:20] == original["output"][:20]
+        return not same_start or original["instruction"].startswith("Question 0:")
+
+    mix = build_mix(cell, ["wrong_answer", "swapped"], 0.5, seed=0, limit=12, visible=visible)
+    kinds = [m.kind for m in mix]
+    assert kinds[0] == "wrong_answer" and kinds.count("wrong_answer") == 1
+    assert kinds.count("correct") == 6 and kinds.count("swapped") == 5
+
+
 def test_unknown_kind_is_refused(cell: CellFiles):
     with pytest.raises(ValueError, match="unknown corruption kinds"):
         build_mix(cell, ["garbled"], 0.5, seed=0, limit=4)
