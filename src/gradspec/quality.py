@@ -19,12 +19,31 @@ Every score is computed from the examples and spectra tables alone (no model is 
   norm against the run's own examples ((x - median) / (1.4826 * MAD)). Positive means
   larger gradients than the run's typical example.
 
+Two more scores need a second run and are used by ``bench/eval_quality.py``:
+``instruction_gradient_scores`` compares each example's gradients with those of the same
+response given an empty instruction (``nuclear_ifd``, ``flag_ifd``: gradient analogues of
+IFD), and ``two_sided`` turns any score into its distance from the run's typical example.
+
 Each score also has a ``<score>_pct`` column: the fraction of the run's scored examples
 whose score is smaller than or equal to this one, in (0, 1]. Examples that were not
 profiled (status other than 'ok') get null scores.
 
 Which end of a score is suspect is fixed a priori (``SUSPECT_DIRECTION``): higher norms,
-MAD, loss, IFD and flag, and lower effective rank. With a few labelled examples the flag is
+MAD, loss, IFD and flag, and lower effective rank.
+
+Fixed, not learnt from the run, although some directions reverse on a real model. On
+SmolLM2-135M-Instruct (bench/results-quality-smollm2.md) IFD points the wrong way for
+truncated responses (AUROC 0.31) and effective rank for irrelevant, swapped and
+wrong-answer responses (0.45, 0.48, 0.40) while it is right for truncated ones (0.83);
+the flag and the nuclear norms never reverse (0.61-0.74 on every kind). The detector keeps
+its a-priori direction because (1) the reversals depend on the kind of bad data, and a
+run holds an unknown mixture of kinds, so a sign fitted on the run's own distribution
+would follow whichever kind dominates and could flip between subsets of the same data;
+(2) the direction-free alternative, the two-sided robust z (``two_sided``), measured worse
+than the one-sided score on every kind (flag 0.74 / 0.62 / 0.63 / 0.62 vs |flag| 0.63 /
+0.45 / 0.38 / 0.51 for irrelevant / swapped / wrong answer / truncated); (3) the flag's
+own direction held. Where directions do differ, a few labels settle them: the calibrated
+flag below fits each feature's sign from the labels. With a few labelled examples the flag is
 calibrated into a probability by an L2-penalised logistic regression on the robust z-scores
 of ``CALIBRATION_FEATURES``, which also learns their directions from the labels.
 """
