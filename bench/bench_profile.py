@@ -44,10 +44,11 @@ from gradspec.adapters import find_targets
 from gradspec.batching import Batch, collate
 from gradspec.capture import SpectraCapture
 from gradspec.data import Example, encode_example, load_examples
-from gradspec.default_model import TRAINING_FILES, cache_root, shared_data_dir, tokenizer_texts
+from gradspec.default_model import TRAINING_FILES, tokenizer_texts
 from gradspec.engine import ChunkRunner
 from gradspec.modeling import load_model_and_tokenizer, resolve_spectra_dtype
 from gradspec.options import ProfileOptions
+from gradspec.paths import cache_root, shared_data_dir
 from gradspec.spectra import builds_full_gradient, gradient_singular_values
 from gradspec.vocab import train_tokenizer
 

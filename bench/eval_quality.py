@@ -44,10 +44,9 @@ from gradspec.default_model import (
     RESPONSE_STYLES,
     WIKI_FILES,
     ensure_default_model,
-    project_root,
-    shared_data_dir,
 )
 from gradspec.modeling import check_model_dir, model_signature
+from gradspec.paths import project_root, shared_data_dir
 from gradspec.quality import (
     SUSPECT_DIRECTION,
     auroc,

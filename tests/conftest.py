@@ -20,11 +20,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gradspec.default_model import SHARED_DATA_ENV
+from gradspec.paths import SHARED_DATA_ENV
 from gradspec.vocab import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# $GRADSPEC_SHARED_DATA, else ../shared/data beside the repo (as default_model finds it);
+# $GRADSPEC_SHARED_DATA, else ../shared/data beside the repo (as gradspec.paths finds it);
 # only a path here: nothing is read until a test asks for the data.
 SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or REPO.parent / "shared" / "data")
 GSM8K = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"

@@ -24,17 +24,16 @@ from gradspec.default_model import (
     DEFAULT_RECIPE,
     Recipe,
     TrainedModel,
-    default_model_dir,
     encode_all,
     ensure_default_model,
     save_trained,
-    shared_data_dir,
     split_records,
     train_model,
     training_batches,
 )
 from gradspec.demo import style_summary, summary_table
 from gradspec.errors import GradspecError
+from gradspec.paths import default_model_dir, shared_data_dir
 from gradspec.store import RunTables, load_run
 
 TINY_FILES = (

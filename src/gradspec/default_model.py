@@ -18,14 +18,11 @@ into place only when complete, so a killed training never leaves a half model be
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import hashlib
 import itertools
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,13 +39,10 @@ from transformers.utils import logging as hf_logging
 
 from .batching import Batch, collate, per_example_losses, plan_batches
 from .data import IGNORE_INDEX, Encoded, Example, encode_example, load_examples
-from .errors import GradspecError
+from .paths import build_atomically, default_model_dir, shared_data_dir
 from .store import write_json_atomic
 from .vocab import train_tokenizer
 
-CACHE_ENV = "GRADSPEC_CACHE"
-SHARED_DATA_ENV = "GRADSPEC_SHARED_DATA"
-MODEL_DIR_NAME = "default-model"
 TRAINING_REPORT = "training.json"
 
 REASONING_TASKS = ("gsm8k", "aqua", "ecqa", "strategyqa")
@@ -122,37 +116,6 @@ class TrainedModel:
     model: LlamaForCausalLM
     tokenizer: PreTrainedTokenizerFast
     report: dict[str, Any]
-
-
-# ---------------------------------------------------------------- locations
-
-
-def project_root() -> Path:
-    """The checkout gradspec runs from (editable install), else the working directory."""
-    checkout = Path(__file__).resolve().parents[2]
-    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
-
-
-def cache_root() -> Path:
-    """Where gradspec caches what it builds: $GRADSPEC_CACHE, else ``<project>/.cache``."""
-    return Path(os.environ.get(CACHE_ENV) or project_root() / ".cache")
-
-
-def default_model_dir(cache_dir: Path | None = None) -> Path:
-    """Where the default model is cached: ``<cache>/default-model``."""
-    return (cache_dir or cache_root()) / MODEL_DIR_NAME
-
-
-def shared_data_dir() -> Path:
-    """The shared data: $GRADSPEC_SHARED_DATA, else ``../shared/data`` beside the project."""
-    path = Path(os.environ.get(SHARED_DATA_ENV) or project_root().parent / "shared" / "data")
-    if not path.is_dir():
-        raise GradspecError(
-            f"shared data not found at {path}: the default model is trained "
-            f"from it; set {SHARED_DATA_ENV} to the folder that holds "
-            "reasoning_cot/ and wiki_knowledge/"
-        )
-    return path
 
 
 # ---------------------------------------------------------------- data
@@ -380,20 +343,13 @@ def ensure_default_model(
     Stale means trained from another recipe. Concurrent callers wait on a lock instead of
     training twice; the directory appears by an atomic rename only when complete.
     """
-    target = default_model_dir(cache_dir)
-    if is_trained_from(target, recipe):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f"{MODEL_DIR_NAME}.lock"):
-        if is_trained_from(target, recipe):
-            return target
-        _remove_leftovers(target)
-        trained = train_model(recipe, data_dir or shared_data_dir(), progress)
-        staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR_NAME}-", dir=target.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; the model is for everyone
-        save_trained(trained, staging)
-        _move_into_place(staging, target)
-    return target
+
+    def build(staging: Path) -> None:
+        save_trained(train_model(recipe, data_dir or shared_data_dir(), progress), staging)
+
+    return build_atomically(
+        default_model_dir(cache_dir), functools.partial(is_trained_from, recipe=recipe), build
+    )
 
 
 def is_trained_from(directory: Path, recipe: Recipe) -> bool:
@@ -402,30 +358,3 @@ def is_trained_from(directory: Path, recipe: Recipe) -> bool:
     if not report.is_file():
         return False
     return json.loads(report.read_text()).get("recipe") == recipe.as_json()
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Delete staging directories of trainings that were killed (we hold the lock)."""
-    for leftover in target.parent.glob(f".{target.name}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``, first moving a stale ``target`` aside."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        os.replace(target, stale / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(staging, target)

@@ -27,14 +27,12 @@ from .default_model import (
     DEFAULT_RECIPE,
     TRAINING_REPORT,
     Progress,
-    default_model_dir,
     ensure_default_model,
     is_trained_from,
-    project_root,
-    shared_data_dir,
 )
 from .errors import GradspecError
 from .labels import normalize_labels
+from .paths import default_model_dir, project_root, shared_data_dir
 from .report import write_report
 from .runs import study_order
 from .store import RunTables, load_run

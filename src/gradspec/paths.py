@@ -1,0 +1,106 @@
+"""Where gradspec keeps what it builds, and how it builds a cached folder safely.
+
+The project root, the cache (``<project>/.cache`` or ``$GRADSPEC_CACHE``), the shared data
+folder, and :func:`build_atomically`: a cached folder is written into a staging directory
+beside its final place and renamed there only when complete, under an exclusive lock, so a
+killed build leaves nothing a later run would trust and a concurrent build waits instead
+of writing the same folder twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import GradspecError
+
+CACHE_ENV = "GRADSPEC_CACHE"
+SHARED_DATA_ENV = "GRADSPEC_SHARED_DATA"
+DEFAULT_MODEL_DIR_NAME = "default-model"
+
+
+def project_root() -> Path:
+    """The checkout gradspec runs from (editable install), else the working directory."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+def cache_root() -> Path:
+    """Where gradspec caches what it builds: $GRADSPEC_CACHE, else ``<project>/.cache``."""
+    return Path(os.environ.get(CACHE_ENV) or project_root() / ".cache")
+
+
+def default_model_dir(cache_dir: Path | None = None) -> Path:
+    """Where the self-trained default model is cached: ``<cache>/default-model``."""
+    return (cache_dir or cache_root()) / DEFAULT_MODEL_DIR_NAME
+
+
+def shared_data_dir() -> Path:
+    """The shared data: $GRADSPEC_SHARED_DATA, else ``../shared/data`` beside the project."""
+    path = Path(os.environ.get(SHARED_DATA_ENV) or project_root().parent / "shared" / "data")
+    if not path.is_dir():
+        raise GradspecError(
+            f"shared data not found at {path}: set {SHARED_DATA_ENV} to the folder "
+            "that holds reasoning_cot/ and wiki_knowledge/"
+        )
+    return path
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing); other holders wait."""
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_atomically(
+    target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]
+) -> Path:
+    """``target``, made first by ``build(staging)`` unless ``is_complete(target)``.
+
+    Concurrent callers wait on ``<target>.lock`` and find the folder complete when they get
+    it. A build that raises leaves no staging folder behind; one that was killed leaves a
+    hidden ``.<name>-*`` folder, removed by the next build.
+    """
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / f"{target.name}.lock"):
+        if is_complete(target):
+            return target
+        remove_leftovers(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is for everyone
+        try:
+            build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        move_into_place(staging, target)
+    return target
+
+
+def remove_leftovers(target: Path) -> None:
+    """Delete staging folders of builds of ``target`` that were killed (caller holds the lock)."""
+    for leftover in target.parent.glob(f".{target.name}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``, first moving a stale ``target`` aside."""
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        os.replace(target, stale / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(staging, target)
