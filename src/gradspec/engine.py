@@ -35,9 +35,10 @@ from .data import (
     resolve_data_files,
 )
 from .modeling import (
-    check_model_dir,
+    Checkpoint,
     load_model_and_tokenizer,
     model_signature,
+    resolve_checkpoint,
     resolve_device,
     resolve_dtype,
     resolve_spectra_dtype,
@@ -70,7 +71,8 @@ def profile(
     called after each chunk and each batch. Returns the run's tables.
     """
     opts = ProfileOptions(**options)
-    model_dir = check_model_dir(model)
+    checkpoint = resolve_checkpoint(model)
+    model_dir = checkpoint.directory
     files = resolve_data_files(data)
     examples = load_examples(data)[: opts.limit]
     torch_device = resolve_device(device)
@@ -94,7 +96,7 @@ def profile(
             model_dir, dtype, torch_device, opts, examples[0]
         )
     store.open(
-        _manifest(model_dir, signature, files, data_hash, len(examples), resolved, torch_device)
+        _manifest(checkpoint, signature, files, data_hash, len(examples), resolved, torch_device)
     )
 
     done = len(examples) - sum(last - first + 1 for first, last in todo)
@@ -148,7 +150,7 @@ def _report_within_chunk(
 
 
 def _manifest(
-    model_dir: Path,
+    checkpoint: Checkpoint,
     signature: dict[str, Any],
     files: list[Path],
     data_hash: str,
@@ -158,7 +160,11 @@ def _manifest(
 ) -> dict[str, Any]:
     return {
         "gradspec_version": __version__,
-        "model": {"path": str(model_dir.resolve()), **signature},
+        "model": {
+            "path": str(checkpoint.directory.resolve()),
+            **signature,
+            **({"gguf": checkpoint.gguf} if checkpoint.gguf else {}),
+        },
         "data": {
             "paths": [str(f.resolve()) for f in files],
             "sha256": data_hash,

