@@ -1,4 +1,4 @@
-"""The embedded default model: training, held-out split, saving, caching, determinism; demo."""
+"""The embedded default model: training, held-out split, saving, caching, determinism."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from conftest import SHARED_DATA, read_shared
-from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from gradspec import default_model, demo
-from gradspec.cli import app
+from gradspec import default_model
 from gradspec.data import encode
 from gradspec.default_model import (
     DEFAULT_RECIPE,
@@ -31,10 +27,8 @@ from gradspec.default_model import (
     train_model,
     training_batches,
 )
-from gradspec.demo import style_summary, summary_table
 from gradspec.errors import GradspecError
 from gradspec.paths import default_model_dir, shared_data_dir
-from gradspec.store import RunTables, load_run
 
 TINY_FILES = (
     "reasoning_cot/correct/gsm8k_with_cot.json",
@@ -276,84 +270,3 @@ def test_locations_follow_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
         ensure_default_model(TINY)
     monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(SHARED_DATA))
     assert shared_data_dir() == SHARED_DATA
-
-
-def test_demo_summary_averages_over_layers_and_ok_examples() -> None:
-    def run(norms: dict[str, list[float]], losses: list[float | None]) -> RunTables:
-        spectra = pd.DataFrame(
-            [
-                {"example_index": i, "layer": layer, "module": module, "nuclear_norm": value}
-                for module, values in norms.items()
-                for (i, layer), value in zip([(0, 0), (0, 1), (1, 0), (1, 1)], values, strict=True)
-            ]
-        )
-        examples = pd.DataFrame(
-            {
-                "loss": losses,
-                "n_response_tokens": [10, 30, 99][: len(losses)],
-                "status": ["ok", "ok", "skipped:empty_response"][: len(losses)],
-            }
-        )
-        return RunTables({}, examples, spectra)
-
-    runs = {
-        "A": run({"down_proj": [1, 2, 3, 4], "q_proj": [0, 0, 0, 8]}, [1.0, 2.0, None]),
-        "B": run({"down_proj": [5, 5, 5, 5], "q_proj": [1, 1, 1, 1]}, [4.0, 6.0]),
-    }
-    norms, facts = style_summary(runs)
-    assert list(norms.index) == ["q_proj", "down_proj"]
-    assert norms.to_dict() == {
-        "A": {"q_proj": 2.0, "down_proj": 2.5},
-        "B": {"q_proj": 1.0, "down_proj": 5.0},
-    }
-    assert facts.to_dict() == {
-        "A": {"examples": 2, "mean loss": 1.5, "mean response tokens": 20.0},
-        "B": {"examples": 2, "mean loss": 5.0, "mean response tokens": 20.0},
-    }
-    console = Console(record=True, width=120)
-    console.print(summary_table(norms, facts, "caption"))
-    text = console.export_text()
-    assert "q_proj" in text and "2.5" in text and "mean loss" in text
-
-
-def test_demo_without_data_fails_before_training(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(demo, "DEFAULT_RECIPE", TINY)
-    monkeypatch.setenv("GRADSPEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(tmp_path / "missing"))
-    result = CliRunner().invoke(app, ["demo", "--limit", "3"])
-    assert result.exit_code == 2
-    assert "shared data not found" in result.output and "GRADSPEC_SHARED_DATA" in result.output
-    assert "training the default model" not in result.output
-    assert not (tmp_path / "cache").exists()
-
-
-@pytest.mark.slow
-def test_demo_command_profiles_its_grid_reports_and_reuses_its_runs(
-    trained: TrainedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[Recipe] = []
-    monkeypatch.setattr(default_model, "train_model", fake_training(trained, calls))
-    monkeypatch.setattr(demo, "DEFAULT_RECIPE", TINY)
-    monkeypatch.setattr(demo, "project_root", lambda: tmp_path)
-    monkeypatch.setenv("GRADSPEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(SHARED_DATA))
-    first = CliRunner().invoke(app, ["demo", "--limit", "3"])
-    assert first.exit_code == 0, first.output
-    cells = tmp_path / "runs" / "demo" / "runs" / "default"
-    runs = {spec: load_run(cells / spec.label) for spec in demo.DEMO_RUNS}
-    assert len(runs) == 10
-    for spec, tables in runs.items():
-        assert tables.examples["status"].tolist() == ["ok"] * 3
-        assert tables.manifest["data"]["paths"] == [str(SHARED_DATA / spec.data)]
-    detailed = next(t for s, t in runs.items() if s.title == "Detailed CoT").spectra
-    down = detailed[detailed["module"] == "down_proj"]["nuclear_norm"]
-    assert len(down) == 3 * TINY.num_layers
-    assert f"{down.sum() / len(down):.4g}" in first.stdout
-    report = tmp_path / "runs" / "demo" / "report.html"
-    assert report.is_file() and "Findings of the study" in report.read_text()
-    again = CliRunner().invoke(app, ["demo", "--limit", "3"])
-    assert again.exit_code == 0, again.output
-    assert calls == [TINY] and again.stdout == first.stdout
-    assert len(load_run(cells / "gsm8k-none-correct").manifest["sessions"]) == 1

