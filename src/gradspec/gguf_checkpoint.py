@@ -89,7 +89,8 @@ def describe_gguf(path: Path) -> GgufFile:
     gguf = _gguf_package()
     try:
         reader = gguf.GGUFReader(path)
-        architecture = str(reader.fields["general.architecture"].contents())
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
     except KeyError:
         raise GradspecError(f"{path}: GGUF file without general.architecture") from None
     except READ_ERRORS as exc:
