@@ -132,6 +132,19 @@ def with_profile_options(command: F) -> F:
     return command
 
 
+def prepare_checkpoints(models: list[Path]) -> None:
+    """Convert GGUF models (once; cached) before any progress bar, saying so meanwhile."""
+    from .gguf_checkpoint import find_gguf
+    from .modeling import resolve_checkpoint
+
+    for model in models:
+        if find_gguf(model) is None:
+            continue
+        with console.status(f"preparing {model} (a GGUF file is dequantised once)"):
+            checkpoint = resolve_checkpoint(model)
+        console.print(f"model: {model} -> {checkpoint.directory}", highlight=False)
+
+
 @app.command()
 @user_errors_exit_cleanly
 @with_profile_options
@@ -147,6 +160,7 @@ def profile(
     """Profile per-example gradient spectra of every decoder-layer matrix into RUN_DIR."""
     from .engine import profile as run_profile
 
+    prepare_checkpoints([model])
     with progress_bar("profiling") as update:
         tables = run_profile(model, data, out, device=device, progress=update, **options)
     statuses = tables.examples["status"].value_counts().to_dict()
@@ -338,6 +352,7 @@ def study(
     from .study import load_study, run_study
 
     spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
+    prepare_checkpoints([m.path for m in spec.models])
     cells = run_study(
         spec, out, device=device, limit=limit, progress=lambda cell: progress_bar(cell.name)
     )
@@ -394,4 +409,4 @@ def demo(
     """Profile the studies/demo.toml grid on SmolLM2-135M-Instruct, summarise, report."""
     from .demo import run_demo
 
-    run_demo(progress_bar, limit=limit)
+    run_demo(progress_bar, prepare_checkpoints, limit=limit)

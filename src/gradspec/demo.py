@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import GradspecError
-from .modeling import resolve_checkpoint
 from .paths import project_root, shared_data_dir
 from .report import write_report
 from .runs import study_order
@@ -31,6 +30,7 @@ from .study import Cell, Study, load_study, run_study
 
 Progress = Callable[[int, int], None]
 ProgressBar = Callable[..., AbstractContextManager[Progress]]
+Prepare = Callable[[list[Path]], None]
 STYLE_TITLES = {"none": "None CoT", "simplified": "Simplified CoT", "detailed": "Detailed CoT"}
 SUMMARY_TASK = "gsm8k"
 stderr = Console(stderr=True)
@@ -46,23 +46,14 @@ def demo_root() -> Path:
     return project_root() / "runs" / "demo"
 
 
-def prepare_models(study: Study) -> None:
-    """Convert every GGUF model of the study (once; later runs find it in the cache)."""
-    for model in study.models:
-        with stderr.status(f"preparing {model.label} (a GGUF file is dequantised once)"):
-            checkpoint = resolve_checkpoint(model.path)
-        source = f" from {Path(checkpoint.gguf['path']).name}" if checkpoint.gguf else ""
-        stderr.print(f"model {model.label}: {checkpoint.directory}{source}", highlight=False)
-
-
-def run_demo_study(progress_bar: ProgressBar, limit: int | None = None) -> Study:
-    """Profile every cell of the demo grid (resuming finished ones); returns the study.
+def run_demo_study(progress_bar: ProgressBar, prepare: Prepare, limit: int | None = None) -> Study:
+    """Prepare the models, profile every cell of the demo grid (resuming finished ones).
 
     A demo folder left by other inputs (another model or gradspec version), whose runs the
     engine refuses to mix, is redone.
     """
     study = load_study(demo_study_file(), data_dir=shared_data_dir())
-    prepare_models(study)
+    prepare([model.path for model in study.models])
     root = demo_root()
 
     def progress(cell: Cell) -> AbstractContextManager[Progress]:
@@ -138,9 +129,12 @@ def summary_table(norms: pd.DataFrame, facts: pd.DataFrame, caption: str) -> Tab
     return table
 
 
-def run_demo(progress_bar: ProgressBar, limit: int | None = None) -> None:
-    """The `gradspec demo` command: profile the demo grid, print the summary, write the report."""
-    study = run_demo_study(progress_bar, limit=limit)
+def run_demo(progress_bar: ProgressBar, prepare: Prepare, limit: int | None = None) -> None:
+    """The `gradspec demo` command: profile the demo grid, print the summary, write the report.
+
+    ``prepare(model paths)`` converts GGUF models first, showing that it does.
+    """
+    study = run_demo_study(progress_bar, prepare, limit=limit)
     summarised = {title: load_run(path) for title, path in summarised_runs(study).items()}
     norms, facts = style_summary(summarised)
     examples = limit or study.profile.get("limit")
