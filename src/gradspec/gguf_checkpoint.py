@@ -64,16 +64,19 @@ def find_gguf(model: str | os.PathLike) -> Path | None:
 
 
 def converted_checkpoint(gguf_path: Path, cache_dir: Path | None = None) -> tuple[Path, GgufFile]:
-    """(the cached float32 HF folder of ``gguf_path``, its checked description).
+    """(the cached float32 HF folder of ``gguf_path``, its description with this path).
 
-    Converts on first use; later calls (and concurrent ones, after waiting) reuse the folder.
+    Converts on first use, after checking the file; later calls (and concurrent ones, after
+    waiting) find the folder by the file's SHA-256 and reuse it.
     """
-    described = describe_gguf(gguf_path)
-    target = (cache_dir or cache_root()) / CACHE_SUBDIR / described.sha256
-    build_atomically(
-        target, is_converted, functools.partial(_convert, gguf_path, described=described)
-    )
-    return target, described
+    target = (cache_dir or cache_root()) / CACHE_SUBDIR / file_sha256(gguf_path)
+    if not is_converted(target):
+        described = describe_gguf(gguf_path)  # a bad file is refused before any writing
+        build_atomically(
+            target, is_converted, functools.partial(_convert, gguf_path, described=described)
+        )
+    recorded = json.loads((target / MANIFEST).read_text())
+    return target, GgufFile(**{**recorded, "path": str(gguf_path.resolve())})
 
 
 def is_converted(directory: Path) -> bool:
