@@ -1,7 +1,7 @@
-"""The embedded default model: a small Llama that gradspec trains on CPU from the shared data.
+"""The embedded small model: a 4M-parameter Llama that gradspec trains on CPU from the shared data.
 
-``make demo`` must work offline, so instead of downloading a checkpoint the project trains
-its own: a byte-level BPE tokenizer and a small Llama-architecture model (grouped-query
+A fast offline model for tests and benchmarks (the demo profiles SmolLM2-135M-Instruct):
+a byte-level BPE tokenizer and a small Llama-architecture model (grouped-query
 attention, SwiGLU MLP, RoPE), both from the shared reasoning and knowledge data. Every
 example is templated exactly as profiling templates it (:func:`gradspec.data.encode_example`,
 plain template) and the model learns all of its tokens, prompt and response alike, so it is
@@ -9,11 +9,11 @@ a small *base* model of this text rather than a response-only SFT model; the los
 tokens is extra signal for a model this small and a training budget this short.
 
 The first ``held_out_per_file`` records of every file are never trained on (the tokenizer
-does not see them either): the demo and the studies profile those. Training is seeded, runs
+does not see them either): benchmarks profile those. Training is seeded, runs
 a fixed number of steps in a fixed data order on a fixed number of threads, so the same
 recipe gives the same weights on the same machine. The result is cached under
-``<project>/.cache/default-model/`` and written to a temporary directory that is renamed
-into place only when complete, so a killed training never leaves a half model behind.
+``<project>/.cache/default-model/`` and built by :func:`gradspec.paths.build_atomically`, so
+a killed training never leaves a half model behind.
 """
 
 from __future__ import annotations
