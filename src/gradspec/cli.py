@@ -149,7 +149,9 @@ def prepare_checkpoints(models: list[Path]) -> None:
 @user_errors_exit_cleanly
 @with_profile_options
 def profile(
-    model: Annotated[Path, typer.Option(help="Local checkpoint directory (config.json inside).")],
+    model: Annotated[
+        Path, typer.Option(help="Checkpoint directory (config.json inside), or a .gguf file.")
+    ],
     data: Annotated[str, typer.Option(help="Alpaca/chat JSON or JSONL file, directory or glob.")],
     out: Annotated[Path, typer.Option(help="Run directory; rerun the command to resume.")],
     device: Annotated[
