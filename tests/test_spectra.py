@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from gradspec.spectra import builds_full_gradient, gradient_singular_values, token_factor
+from gradspec.spectra import (
+    ROUTES,
+    choose_route,
+    gradient_singular_values,
+    gram_factor,
+    input_gram,
+)
 from gradspec.statistics import STAT_COLUMNS, STATISTICS, spectrum_statistics
 from gradspec.store import SPECTRA_FIELDS
 
@@ -25,58 +31,115 @@ def explicit_statistics(gradient: np.ndarray) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize(
-    ("tokens", "d_out", "d_in", "full"),
-    [
-        (7, 40, 30, False),  # factor route, T < both dims
-        (25, 30, 64, False),  # factor route, d_out < d_in
-        (200, 30, 64, True),  # full route, T far above both dims
-        (300, 64, 16, True),  # full route, wide gradient (taken in its tall orientation)
-        (1, 16, 16, False),  # a single token: rank one
-    ],
-)
-def test_singular_values_match_explicit_gradient(
-    tokens: int, d_out: int, d_in: int, full: bool
+def assert_matches_explicit(g: torch.Tensor, x: torch.Tensor, route: str, rel: float) -> None:
+    """Statistics of one route against a float64 SVD of the built gradient (effective rank
+    to 1e-3 for float32, as its noise floor adds tiny singular values)."""
+    expected = explicit_statistics((g.double().T @ x.double()).numpy())
+    assert set(expected) == set(STAT_COLUMNS)
+    stats = spectrum_statistics(gradient_singular_values(g, x, route))
+    for name, value in expected.items():
+        tolerance = max(rel, 1e-3) if name == "effective_rank" else rel
+        assert stats[name] == pytest.approx(value, rel=tolerance), (route, name)
+
+
+SHAPES = [  # tokens, d_out, d_in, cost model's float32 route on a CPU and on a GPU
+    (7, 40, 30, "factor", "gram"),  # T < both dims
+    (25, 30, 64, "factor", "gram"),  # d_out < d_in
+    (200, 30, 64, "full", "full"),  # T far above both dims
+    (300, 64, 16, "full", "full"),  # wide gradient (taken in its tall orientation)
+    (1, 16, 16, "factor", "gram"),  # a single token: rank one
+]
+
+
+@pytest.mark.parametrize(("tokens", "d_out", "d_in", "cpu_route", "cuda_route"), SHAPES)
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_route_matches_explicit_gradient(
+    tokens: int, d_out: int, d_in: int, cpu_route: str, cuda_route: str, route: str
 ) -> None:
     generator = torch.Generator().manual_seed(tokens + d_out)
     g = torch.randn(tokens, d_out, generator=generator, dtype=torch.float64)
     x = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64)
-    expected = explicit_statistics((g.T @ x).numpy())
-    stats = spectrum_statistics(gradient_singular_values(g, x))
-    assert set(expected) == set(STAT_COLUMNS)
-    for name, value in expected.items():
-        assert stats[name] == pytest.approx(value, rel=1e-10), name
-    assert builds_full_gradient(tokens, d_out, d_in) == full
+    assert_matches_explicit(g.float(), x.float(), route, rel=1e-4)
+    if route != "gram":  # a Gram halves float64 precision, so float64 never takes it
+        assert_matches_explicit(g, x, route, rel=1e-10)
+    assert choose_route(tokens, d_out, d_in, torch.float32) == cpu_route
+    assert choose_route(tokens, d_out, d_in, torch.float32, "cuda") == cuda_route
+    assert choose_route(tokens, d_out, d_in, torch.float64, "cuda") == cpu_route
 
 
-def test_route_choice_at_llama_8b_shapes() -> None:
-    assert not builds_full_gradient(407, 4096, 4096)
-    assert not builds_full_gradient(1024, 1024, 4096)  # k/v: factors beat a 4096x1024 SVD
-    assert builds_full_gradient(8192, 1024, 4096)
+@pytest.mark.parametrize(
+    ("tokens", "d_out", "d_in", "cpu_route", "cuda_route"),
+    [
+        (407, 4096, 4096, "factor", "gram"),  # Llama-3.1-8B q/o
+        (1024, 1024, 4096, "factor", "gram"),  # k/v: factors beat a 4096 x 1024 SVD
+        (741, 4096, 14336, "factor", "gram"),  # down
+        (8192, 1024, 4096, "full", "full"),
+        (300, 576, 576, "factor", "gram"),  # SmolLM2-135M q/o
+        (300, 192, 576, "factor", "gram"),  # its k/v
+    ],
+)
+def test_route_choice_at_real_shapes(
+    tokens: int, d_out: int, d_in: int, cpu_route: str, cuda_route: str
+) -> None:
+    assert choose_route(tokens, d_out, d_in, torch.float32) == cpu_route
+    assert choose_route(tokens, d_out, d_in, torch.float32, "cuda") == cuda_route
+    assert choose_route(tokens, d_out, d_in, torch.float64, "cuda") == cpu_route
 
 
-def test_shared_input_factor_gives_the_same_values() -> None:
-    g = torch.randn(9, 33, dtype=torch.float64)
-    x = torch.randn(9, 21, dtype=torch.float64)
-    direct = gradient_singular_values(g, x)
-    shared = gradient_singular_values(g, x, token_factor(x))
-    torch.testing.assert_close(direct, shared, rtol=1e-12, atol=0)
+def ill_conditioned_inputs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """float32 (G, X) pairs that make X X^T singular or nearly so."""
+    generator = torch.Generator().manual_seed(3)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    repeat = [0, 1, 2, 0, 1, 2, 0, 3, 1, 0, 2, 3]  # layer 0: the same token, the same row
+    padded_x, padded_g = randn(3, 20, 48), randn(3, 20, 40)
+    padded_x[0, 14:], padded_g[0, 14:] = 0.0, 0.0  # right padding
+    padded_x[1, 5:], padded_g[1, 5:] = 0.0, 0.0
+    scales = torch.logspace(0, -5, 30).unsqueeze(0)  # singular values of X from 1 to 1e-5
+    basis = torch.linalg.qr(randn(64, 30)).Q
+    return {
+        "repeated tokens": (randn(12, 40) * torch.arange(1.0, 13.0)[:, None], randn(4, 48)[repeat]),
+        "padding": (padded_g, padded_x),
+        "condition 1e5": (randn(30, 40), (torch.linalg.qr(randn(30, 30)).Q * scales) @ basis.T),
+        "zero gradient rows": (randn(16, 40) * (torch.arange(16) % 3 == 0)[:, None], randn(16, 48)),
+    }
 
 
-def test_rank_deficient_gradient_counts_only_nonzero_singular_values() -> None:
-    # Repeated token rows (as in layer 0, where inputs are embeddings) make G^T X rank 2.
-    x_rows = torch.randn(2, 20, dtype=torch.float64)
-    g_rows = torch.randn(2, 24, dtype=torch.float64)
-    x = x_rows[[0, 1, 0, 1, 0, 1]]
-    g = g_rows[[0, 1, 0, 1, 0, 1]] * torch.tensor(
-        [[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]], dtype=torch.float64
-    )
-    full = (g.T @ x).numpy()
-    s = np.linalg.svd(full, compute_uv=False)[:2]
-    p = s / s.sum()
-    stats = spectrum_statistics(gradient_singular_values(g, x))
-    assert stats["effective_rank"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
-    assert 1.0 < stats["effective_rank"] < 2.0
+@pytest.mark.parametrize("case", list(ill_conditioned_inputs()))
+@pytest.mark.parametrize("route", ROUTES)
+def test_routes_on_ill_conditioned_inputs(case: str, route: str) -> None:
+    g, x = ill_conditioned_inputs()[case]
+    assert choose_route(*g.shape[-2:], x.shape[-1], torch.float32, "cuda") == "gram"
+    values_per_example = gradient_singular_values(g, x, route)
+    batch = values_per_example.reshape(-1, values_per_example.shape[-1])
+    for values, example_g, example_x in zip(
+        batch, g.reshape(-1, *g.shape[-2:]), x.reshape(-1, *x.shape[-2:]), strict=True
+    ):
+        expected = explicit_statistics((example_g.double().T @ example_x.double()).numpy())
+        stats = spectrum_statistics(values)
+        for name, value in expected.items():
+            tolerance = 1e-3 if name == "effective_rank" else 1e-4
+            assert stats[name] == pytest.approx(value, rel=tolerance), (case, route, name)
+
+
+def test_singular_gram_falls_back_to_an_exact_factor() -> None:
+    rows = torch.randn(2, 20, dtype=torch.float64)
+    x = rows[[0, 1, 0, 1, 0, 1]]  # rank 2: Cholesky of X X^T breaks down
+    assert (torch.linalg.cholesky_ex(x @ x.T).info != 0).item()
+    x_gram = input_gram(x)
+    factor = gram_factor(x_gram)
+    torch.testing.assert_close(factor @ factor.T, x @ x.T, rtol=0, atol=1e-12)
+
+
+def test_padding_rows_become_identity_rows_of_the_gram() -> None:
+    x = torch.randn(5, 8, dtype=torch.float64)
+    x[3:] = 0.0
+    x_gram = input_gram(x)
+    assert x_gram.kept.tolist() == [True, True, True, False, False]
+    torch.testing.assert_close(x_gram.gram[3:, 3:], torch.eye(2, dtype=torch.float64))
+    assert (torch.linalg.cholesky_ex(x_gram.gram).info == 0).item()
 
 
 def test_statistics_of_known_spectrum_and_top_k() -> None:

@@ -3,12 +3,15 @@
 As in Opacus and BackPACK, a forward hook keeps each target's input X, and a hook on its
 output receives the output gradient G during backward. For all examples of the batch at
 once, with padding rows set to zero (zero rows add nothing to G^T X), the singular values
-of each example's G^T X are computed right there and X is released, so neither
-per-example nor summed weight gradients are ever built (the weights do not require grad).
+of each example's G^T X are prepared right there (the route's GEMMs) and X is released,
+so neither per-example nor summed weight gradients are ever built (the weights do not
+require grad). The small T x T solves go to a worker thread (LAPACK releases the GIL), so
+they overlap with the rest of the backward; ``batch_results`` collects them in order.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,17 +20,17 @@ import torch
 from torch import nn
 
 from .adapters import Target
-from .spectra import builds_full_gradient, gradient_singular_values, token_factor
+from .spectra import InputSpectra, Route, choose_route, prepare_spectra
 
 
 @dataclass
 class PreparedInput:
-    """An input X as the spectra read it: its real rows, their finiteness, its QR factor."""
+    """An input X as the spectra read it: its real rows (with their shared factors) and
+    their finiteness."""
 
     source: torch.Tensor
-    rows: torch.Tensor
+    spectra: InputSpectra
     finite: torch.Tensor
-    factor: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,7 +50,9 @@ class SpectraCapture:
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)
         self.all_real = True  # whether the batch has no padding: token_mask.all(), once
         self.inputs: dict[int, torch.Tensor] = {}
-        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.results: dict[int, tuple[Future[torch.Tensor], torch.Tensor]] = {}
+        self.routes: dict[int, Route] = {}  # the route each target took in the last batch
+        self.solver: ThreadPoolExecutor | None = None
         # The last input prepared for the spectra, for the matrices that read the same
         # input (q/k/v, gate/up), whose output gradients arrive one after the other.
         self.last_input: PreparedInput | None = None
@@ -57,6 +62,7 @@ class SpectraCapture:
         for index, target in enumerate(self.targets):
             hook = partial(self._keep_input, index)
             self.handles.append(target.module.register_forward_hook(hook))
+        self.solver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradspec-solve")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -65,6 +71,9 @@ class SpectraCapture:
         self.handles.clear()
         self.inputs.clear()
         self.last_input = None
+        if self.solver is not None:
+            self.solver.shutdown(wait=True, cancel_futures=True)
+            self.solver = None
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
         """Remember which positions of each example are real tokens; forget the last batch."""
@@ -73,16 +82,24 @@ class SpectraCapture:
         self.inputs.clear()
         self.last_input = None
         self.results = {}
+        self.routes = {}
 
     def batch_results(self) -> list[TargetResult]:
-        """Per target, the batch's singular values on the CPU; all zero if never reached."""
+        """Per target, the batch's singular values on the CPU; all zero if never reached.
+
+        Waits for the worker's solves; an error raised there is raised here.
+        """
         examples = self.token_mask.shape[0]
-        empty = (torch.zeros(examples, 1), torch.ones(examples, dtype=torch.bool))
         self.last_input = None
-        return [
-            TargetResult(*(t.detach().cpu().numpy() for t in self.results.get(i, empty)))
-            for i in range(len(self.targets))
-        ]
+        results = []
+        for index in range(len(self.targets)):
+            if index in self.results:
+                pending, finite = self.results[index]
+                values = pending.result()
+            else:
+                values, finite = torch.zeros(examples, 1), torch.ones(examples, dtype=torch.bool)
+            results.append(TargetResult(values.cpu().numpy(), finite.cpu().numpy()))
+        return results
 
     def _keep_input(
         self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
@@ -105,18 +122,20 @@ class SpectraCapture:
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
         x = self._prepared_input(self.inputs.pop(index))
         gs, g_finite = self._real_rows(grad)
-        shared = None
-        if not builds_full_gradient(x.rows.shape[1], gs.shape[2], x.rows.shape[2]):
-            if x.factor is None:
-                x.factor = token_factor(x.rows)
-            shared = x.factor
-        self.results[index] = (gradient_singular_values(gs, x.rows, shared), x.finite & g_finite)
+        tokens, d_out, d_in = gs.shape[1], gs.shape[2], x.spectra.rows.shape[2]
+        route = choose_route(tokens, d_out, d_in, self.spectra_dtype, gs.device.type)
+        self.routes[index] = route
+        solve = prepare_spectra(gs, x.spectra, route)
+        if self.solver is None:
+            raise RuntimeError("SpectraCapture hooks ran outside its with-block")
+        self.results[index] = (self.solver.submit(solve), x.finite & g_finite)
 
     def _prepared_input(self, x: torch.Tensor) -> PreparedInput:
         """The input's real rows, reused while the same input comes back."""
         last = self.last_input
         if last is None or not _same_view(last.source, x):
-            self.last_input = last = PreparedInput(x, *self._real_rows(x))
+            rows, finite = self._real_rows(x)
+            self.last_input = last = PreparedInput(x, InputSpectra(rows), finite)
         return last
 
     def _real_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,17 +1,43 @@
 """The math: the singular values of a per-example linear-layer gradient (statistics.py).
 
 For a linear map with inputs X (T x d_in) and output gradients G (T x d_out) over one
-example's T tokens, the weight gradient is G^T X (d_out x d_in). With thin QR factors
-X^T = Q_x R_x and G^T = Q_g R_g (Q with orthonormal columns), G^T X = Q_g (R_g R_x^T) Q_x^T,
-so its singular values are those of the small matrix R_g R_x^T (at most T x T). The full
-gradient is formed only when that costs fewer flops (T large against min(d_in, d_out)).
+example's T tokens, the weight gradient is G^T X (d_out x d_in), of rank at most T. Three
+exact routes give its singular values, chosen by a cost model (``choose_route``):
+
+- ``full``: form G^T X and take its SVD (T large against min(d_in, d_out));
+- ``gram``: with X X^T = C C^T, the squared non-zero singular values are the eigenvalues
+  of the symmetric T x T matrix C^T (G G^T) C. The Grams are accumulated in float64 (a Gram
+  squares the condition number), so the square roots are as precise as float32 gradients;
+- ``factor``: with thin QRs X^T = Q_x R_x and G^T = Q_g R_g, the singular values of the
+  small R_g R_x^T; kept for float64 spectra, whose precision a Gram would halve.
+
+Each route splits into GEMM work (``prepare_spectra``, on the model's device, while the
+gradients exist) and a small T x T solve returned as a closure, which may run elsewhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
+Route = Literal["full", "gram", "factor"]
+ROUTES: tuple[Route, ...] = ("full", "gram", "factor")
+Solve = Callable[[], torch.Tensor]
+
+# Costs in float32-GEMM flop equivalents. On a CPU the Gram route's float64 GEMMs, T x T
+# products and eigvalsh cost more thread time than the QRs and SVD of the factor route at
+# every measured shape (bench/README.md), so CPUs take it only where the cost model's
+# GPU_GRAM_FACTOR lets it: on a GPU, GEMMs are its fast kernels and Householder QRs and
+# SVDs its slow ones.
 SVD_COST_FACTOR = 3.0  # an SVD runs at about a third of the flop rate of QR and GEMM
+FLOAT64_COST_FACTOR = 2.0  # a float64 GEMM against a float32 one
+EIGVALSH_COST_FACTOR = 4.0  # float64 eigvalsh per (4/3) T^3 flops, mostly matrix-vector bound
+# Measured on a CPU: the Gram route takes 1.2-1.7x the factor route's thread time at
+# T = 150-1024 and widths 576-14336; on a GPU assumed GEMM-bound (bench --parts phases).
+GRAM_DEVICE_FACTOR = {"cpu": 0.7, "cuda": 0.2}
 
 
 def _qr_flops(rows: int, cols: int) -> float:
@@ -24,17 +50,36 @@ def _svd_flops(rows: int, cols: int) -> float:
     return SVD_COST_FACTOR * (4.0 * long * short**2 - 4.0 * short**3 / 3)
 
 
-def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
-    """Whether forming G^T X and taking its SVD costs fewer flops than the factor route."""
+def route_costs(tokens: int, d_out: int, d_in: int, device_type: str = "cpu") -> dict[Route, float]:
+    """Estimated cost of each route for one example (no input work shared)."""
     k_out, k_in = min(d_out, tokens), min(d_in, tokens)
-    factor = (
-        _qr_flops(d_out, tokens)
+    gram_products = 2.0 * tokens**2 * (d_out + d_in) + tokens**3 / 3 + 4.0 * tokens**3
+    gram = FLOAT64_COST_FACTOR * gram_products + EIGVALSH_COST_FACTOR * 4 / 3 * tokens**3
+    return {
+        "full": 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in),
+        "gram": GRAM_DEVICE_FACTOR.get(device_type, 1.0) * gram,
+        "factor": _qr_flops(d_out, tokens)
         + _qr_flops(d_in, tokens)
         + 2.0 * k_out * tokens * k_in
-        + _svd_flops(k_out, k_in)
-    )
-    full = 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in)
-    return full < factor
+        + _svd_flops(k_out, k_in),
+    }
+
+
+def choose_route(
+    tokens: int, d_out: int, d_in: int, dtype: torch.dtype, device_type: str = "cpu"
+) -> Route:
+    """The cheapest exact route on the device; float64 spectra never take the Gram route,
+    which would halve their precision."""
+    costs = route_costs(tokens, d_out, d_in, device_type)
+    if dtype == torch.float64:
+        del costs["gram"]
+    return min(costs, key=costs.__getitem__)
+
+
+def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
+    """Whether forming G^T X costs less than the factor route (the per-matrix benchmark's
+    'full' column)."""
+    return choose_route(tokens, d_out, d_in, torch.float64) == "full"
 
 
 def tall_singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -47,16 +92,97 @@ def token_factor(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(a.mT, mode="r").R
 
 
+@dataclass
+class InputGram:
+    """X X^T in float64 with padding rows set to the identity, and which rows are real.
+
+    A zero row of X adds nothing to G^T X; an identity row there (and the matching row of
+    G G^T zeroed) keeps the Gram positive definite without changing the spectrum.
+    ``factor`` (C with C C^T = the Gram) is computed once by the first solve needing it.
+    """
+
+    gram: torch.Tensor
+    kept: torch.Tensor
+    factor: torch.Tensor | None = None
+
+
+def input_gram(x: torch.Tensor) -> InputGram:
+    """The float64 Gram of the rows of x (..., T, d_in), rows of zeros marked as padding."""
+    x64 = x.to(torch.float64)
+    gram = x64 @ x64.mT
+    kept = gram.diagonal(dim1=-2, dim2=-1) > 0
+    gram.diagonal(dim1=-2, dim2=-1).masked_fill_(~kept, 1.0)
+    return InputGram(gram, kept)
+
+
+def output_gram(g: torch.Tensor, x_gram: InputGram) -> torch.Tensor:
+    """G G^T in float64, zero on the rows and columns where X is zero."""
+    g64 = g.to(torch.float64).masked_fill(~x_gram.kept.unsqueeze(-1), 0.0)
+    return g64 @ g64.mT
+
+
+def gram_factor(x_gram: InputGram) -> torch.Tensor:
+    """C with C C^T = X X^T: Cholesky, or from eigh where the Gram is singular
+    (repeated tokens), both backward stable. Cached on ``x_gram``."""
+    if x_gram.factor is None:
+        factor, info = torch.linalg.cholesky_ex(x_gram.gram)
+        failed = info != 0
+        if failed.any():
+            values, vectors = torch.linalg.eigh(x_gram.gram[failed])
+            factor[failed] = vectors * values.clamp(min=0).sqrt().unsqueeze(-2)
+        x_gram.factor = factor
+    return x_gram.factor
+
+
+def gram_singular_values(x_gram: InputGram, g_gram: torch.Tensor) -> torch.Tensor:
+    """Descending singular values of G^T X from the two Grams (float64, on their device)."""
+    factor = gram_factor(x_gram)
+    core = factor.mT @ g_gram @ factor
+    eigenvalues = torch.linalg.eigvalsh(core)
+    return eigenvalues.clamp(min=0).sqrt().flip(-1)
+
+
+class InputSpectra:
+    """One input X as the routes read it, each factor computed once for all the matrices
+    that read X (q/k/v, gate/up)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self._qr: torch.Tensor | None = None
+        self._gram: InputGram | None = None
+
+    def qr_factor(self) -> torch.Tensor:
+        if self._qr is None:
+            self._qr = token_factor(self.rows)
+        return self._qr
+
+    def gram(self) -> InputGram:
+        if self._gram is None:
+            self._gram = input_gram(self.rows)
+        return self._gram
+
+
+def prepare_spectra(g: torch.Tensor, x: InputSpectra, route: Route) -> Solve:
+    """Do a route's GEMMs now and return its small solve: descending singular values of
+    each example's g^T x, in g's dtype (zero rows, such as padding, change nothing)."""
+    if route == "full":
+        gradient = g.mT @ x.rows
+        return lambda: tall_singular_values(gradient)
+    if route == "factor":
+        core = token_factor(g) @ x.qr_factor().mT
+        return lambda: tall_singular_values(core)
+    x_gram = x.gram()
+    g_gram = output_gram(g, x_gram)
+    return lambda: gram_singular_values(x_gram, g_gram).to(g.dtype)
+
+
 def gradient_singular_values(
-    g: torch.Tensor, x: torch.Tensor, x_factor: torch.Tensor | None = None
+    g: torch.Tensor, x: torch.Tensor, route: Route | None = None
 ) -> torch.Tensor:
     """Descending singular values of g^T x, without building it when T is small.
 
     ``g`` is (..., T, d_out) and ``x`` (..., T, d_in); leading dimensions are a batch of
-    examples (zero rows for padding change nothing). ``x_factor`` may pass a precomputed
-    ``token_factor(x)``, shared by matrices that read the same input (q/k/v, gate/up).
+    examples. ``route`` defaults to the cost model's choice.
     """
-    if builds_full_gradient(g.shape[-2], g.shape[-1], x.shape[-1]):
-        return tall_singular_values(g.mT @ x)
-    r_x = token_factor(x) if x_factor is None else x_factor
-    return tall_singular_values(token_factor(g) @ r_x.mT)
+    chosen = route or choose_route(g.shape[-2], g.shape[-1], x.shape[-1], g.dtype, g.device.type)
+    return prepare_spectra(g, InputSpectra(x), chosen)()
