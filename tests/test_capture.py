@@ -1,0 +1,94 @@
+"""The spectra solves on the worker thread: same results in the same order, errors surface."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import pandas as pd
+import pytest
+import torch
+from conftest import SHARED_DATA
+from transformers import AutoModelForCausalLM
+
+import gradspec
+from gradspec import capture
+from gradspec.adapters import find_targets
+
+DATA = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+OPTIONS = dict(limit=6, chunk_size=3, batch_size=2)
+
+
+class InlineExecutor:
+    """An executor that runs each task at once in the calling thread."""
+
+    def __init__(self, **_: object):
+        pass
+
+    def submit(self, task: Callable[[], torch.Tensor]) -> Future:
+        future: Future = Future()
+        future.set_result(task())
+        return future
+
+    def shutdown(self, **_: object) -> None:
+        pass
+
+
+def recording_prepare(threads: set[str]) -> Callable[..., Callable[[], torch.Tensor]]:
+    """capture.prepare_spectra whose solves note the thread they run on."""
+    prepare = capture.prepare_spectra
+
+    def wrapped(*args: object) -> Callable[[], torch.Tensor]:
+        solve = prepare(*args)
+
+        def noted() -> torch.Tensor:
+            threads.add(threading.current_thread().name)
+            return solve()
+
+        return noted
+
+    return wrapped
+
+
+def test_worker_solves_give_the_inline_results_in_order(tiny_model, tmp_path, monkeypatch):
+    model_dir = tiny_model("llama")
+    threads: set[str] = set()
+    with monkeypatch.context() as patch:
+        patch.setattr(capture, "prepare_spectra", recording_prepare(threads))
+        worker = gradspec.profile(model_dir, DATA, tmp_path / "worker", device="cpu", **OPTIONS)
+    with monkeypatch.context() as patch:
+        patch.setattr(capture, "ThreadPoolExecutor", InlineExecutor)
+        inline = gradspec.profile(model_dir, DATA, tmp_path / "inline", device="cpu", **OPTIONS)
+    assert {name.split("_")[0] for name in threads} == {"gradspec-solve"}
+    pd.testing.assert_frame_equal(worker.spectra, inline.spectra)
+    assert list(worker.spectra["example_index"].unique()) == list(range(6))
+
+
+def test_worker_failure_surfaces_and_the_run_resumes(tiny_model, tmp_path, monkeypatch):
+    model_dir, out = tiny_model("llama"), tmp_path / "run"
+    calls = [0]
+    prepare = capture.prepare_spectra
+    per_chunk = 2 * len(find_targets(AutoModelForCausalLM.from_pretrained(model_dir)))
+
+    def failing(*args: object) -> Callable[[], torch.Tensor]:
+        calls[0] += 1
+        if calls[0] <= per_chunk:
+            return prepare(*args)
+
+        def broken() -> torch.Tensor:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+        return broken
+
+    with monkeypatch.context() as patch:
+        patch.setattr(capture, "prepare_spectra", failing)
+        with pytest.raises(torch.linalg.LinAlgError, match="failed to converge"):
+            gradspec.profile(model_dir, DATA, out, device="cpu", **OPTIONS)
+    assert len(list((out / "spectra").glob("part-*.parquet"))) == 1
+    assert not any(t.name.startswith("gradspec-solve") for t in threading.enumerate())
+
+    resumed = gradspec.profile(model_dir, DATA, out, device="cpu", **OPTIONS)
+    straight = gradspec.profile(model_dir, DATA, tmp_path / "straight", device="cpu", **OPTIONS)
+    pd.testing.assert_frame_equal(resumed.spectra, straight.spectra)
+    assert len(resumed.manifest["sessions"]) == 2
