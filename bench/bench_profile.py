@@ -41,15 +41,35 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from gradspec import load_run
 from gradspec.adapters import find_targets
-from gradspec.batching import Batch, collate
-from gradspec.capture import SpectraCapture
+from gradspec.batching import (
+    Batch,
+    collate,
+    per_example_losses,
+    plan_batches,
+    response_logits,
+)
+from gradspec.capture import SpectraCapture, TargetResult
 from gradspec.data import Example, encode_example, load_examples
 from gradspec.default_model import TRAINING_FILES, tokenizer_texts
 from gradspec.engine import ChunkRunner
-from gradspec.modeling import load_model_and_tokenizer, resolve_spectra_dtype
+from gradspec.modeling import (
+    load_model_and_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_spectra_dtype,
+)
 from gradspec.options import ProfileOptions
 from gradspec.paths import cache_root, shared_data_dir
-from gradspec.spectra import builds_full_gradient, gradient_singular_values
+from gradspec.spectra import (
+    InputGram,
+    InputSpectra,
+    builds_full_gradient,
+    choose_route,
+    gradient_singular_values,
+    gram_singular_values,
+    output_gram,
+    prepare_spectra,
+)
 from gradspec.vocab import train_tokenizer
 
 BENCH = Path(__file__).resolve().parent
@@ -82,6 +102,9 @@ class Settings:
     matrix_scale: int = 1  # divides the 8B shapes
     extra_tokens: tuple[int, ...] = (1024,)
     parts: tuple[str, ...] = ("e2e", "matrix", "overhead")
+    model: Path | None = None  # a real checkpoint (or, when absent, SmolLM2's config)
+    device: str = "cpu"  # for the phases part
+    auto_examples: int = 8  # examples of the automatic-batch overhead row
 
     @property
     def shapes(self) -> list[tuple[str, int, int]]:
@@ -99,6 +122,17 @@ QUICK = Settings(
     batch_sizes=(1, 2),
     matrix_scale=8,
     extra_tokens=(),
+    auto_examples=4,
+)
+# SmolLM2-135M-Instruct's shapes, for --model when the checkpoint is absent.
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
 )
 
 
@@ -209,6 +243,18 @@ def bench_model(config: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> Path
     return directory
 
 
+def subject_model(path: Path, tokenizer: PreTrainedTokenizerFast) -> tuple[Path, str]:
+    """The real checkpoint with its chat template, or where it is absent a random Llama
+    with SmolLM2-135M's shapes and the bench tokenizer (plain template)."""
+    if (path / "config.json").is_file():
+        return path, "chat"
+    console.print(f"{path} not found: a random model with SmolLM2-135M's config", style="dim")
+    config = bench_config(576, 30, tokenizer)
+    for key, value in SMOLLM2.items():
+        setattr(config, key, value)
+    return bench_model(config, tokenizer), "plain"
+
+
 def token_count_section(lengths: list[int], limit: int) -> Section:
     frame = pd.DataFrame(
         [
@@ -238,7 +284,9 @@ def token_count_section(lengths: list[int], limit: int) -> Section:
 # ---------------------------------------------------------------- end to end
 
 
-def run_profile_process(model_dir: Path, data: Path, out: Path, method: str, limit: int) -> float:
+def run_profile_process(
+    model_dir: Path, data: Path, out: Path, method: str, limit: int, template: str
+) -> float:
     """Wall time of a whole ``python -m gradspec profile`` process."""
     command = [
         sys.executable,
@@ -257,6 +305,8 @@ def run_profile_process(model_dir: Path, data: Path, out: Path, method: str, lim
         method,
         "--device",
         "cpu",
+        "--template",
+        template,
     ]
     started = time.perf_counter()
     threads = str(torch.get_num_threads())  # as in this process
@@ -286,7 +336,9 @@ def max_relative_differences(
     }
 
 
-def end_to_end_section(model_dir: Path, data: Path, settings: Settings) -> tuple[Section, bool]:
+def end_to_end_section(
+    model_dir: Path, data: Path, template: str, settings: Settings
+) -> tuple[Section, bool]:
     """Reference and fast whole processes, interleaved; and whether their statistics agree."""
     times: dict[str, list[float]] = {"reference": [], "fast": []}
     with tempfile.TemporaryDirectory(prefix="gradspec-bench-") as tmp:
@@ -295,7 +347,7 @@ def end_to_end_section(model_dir: Path, data: Path, settings: Settings) -> tuple
                 console.print(f"end to end: {method} run {repeat + 1}", style="dim")
                 out = Path(tmp) / f"{method}-{repeat}"
                 times[method].append(
-                    run_profile_process(model_dir, data, out, method, settings.limit)
+                    run_profile_process(model_dir, data, out, method, settings.limit, template)
                 )
         runs = {method: load_run(Path(tmp) / f"{method}-0") for method in times}
     spectra = max_relative_differences(
@@ -326,7 +378,8 @@ def end_to_end_section(model_dir: Path, data: Path, settings: Settings) -> tuple
     )
     agree = max(spectra[c] for c in COMPARED) <= TOLERANCE and losses["loss"] <= TOLERANCE
     notes = [
-        f"Whole `python -m gradspec profile --limit {settings.limit} --device cpu` "
+        f"Model {model_dir.name}. Whole `python -m gradspec profile --limit "
+        f"{settings.limit} --device cpu --template {template}` "
         "processes (start-up and model load included), fresh run directories, "
         f"median of {settings.e2e_repeats} interleaved run(s) each.",
         f"Statistics {'agree' if agree else 'DISAGREE'} (tolerance {TOLERANCE:g}); "
@@ -494,7 +547,8 @@ def layer_section(
 
 
 class TimedCapture(SpectraCapture):
-    """SpectraCapture that adds up the time its backward hooks spend on spectra."""
+    """SpectraCapture that adds up the time its backward hooks spend on spectra and the time
+    spent waiting for the worker's solves after the backward (what the overlap did not hide)."""
 
     seconds = 0.0
 
@@ -502,6 +556,12 @@ class TimedCapture(SpectraCapture):
         started = time.perf_counter()
         super()._on_output_grad(index, grad)
         self.seconds += time.perf_counter() - started
+
+    def batch_results(self) -> list[TargetResult]:
+        started = time.perf_counter()
+        results = super().batch_results()
+        self.seconds += time.perf_counter() - started
+        return results
 
 
 class ForwardTimer:
@@ -521,42 +581,61 @@ class ForwardTimer:
         self.seconds = time.perf_counter() - self.started
 
 
-def plain_step(model: nn.Module, batch: Batch, timer: ForwardTimer) -> dict[str, float]:
-    """One training-style forward and backward with weight gradients (HF loss with labels)."""
+def plain_step(model: nn.Module, batches: list[Batch], timer: ForwardTimer) -> dict[str, float]:
+    """Training-style forward and backward with weight gradients (HF loss with labels) of
+    each batch; forward time summed over the batches."""
     model.requires_grad_(True)
-    started = time.perf_counter()
-    loss = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        labels=batch.labels,
-        use_cache=False,
-    ).loss
-    loss.backward()
-    total = time.perf_counter() - started
-    model.zero_grad(set_to_none=True)
+    total = forward = 0.0
+    for batch in batches:
+        started = time.perf_counter()
+        loss = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
+            use_cache=False,
+        ).loss
+        loss.backward()
+        total += time.perf_counter() - started
+        forward += timer.seconds
+        model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-    return {"total": total, "forward": timer.seconds}
+    return {"total": total, "forward": forward}
 
 
 def fast_step(
     runner: ChunkRunner, capture: TimedCapture, examples: list[Example], timer: ForwardTimer
 ) -> dict[str, float]:
-    """gradspec's fast path on one batch: ChunkRunner.run, statistics rows included."""
+    """gradspec's fast path on examples: ChunkRunner.run, statistics rows included."""
     capture.seconds = 0.0
+    forward = [0.0]
+
+    def add_forward(done: int) -> None:
+        forward[0] += timer.seconds
+
     with capture:
         started = time.perf_counter()
-        runner.run(examples, lambda done: None)
+        runner.run(examples, add_forward)
         total = time.perf_counter() - started
     return {
         "total": total,
-        "forward": timer.seconds,
+        "forward": forward[0],
         "spectra": capture.seconds,
-        "rest": total - timer.seconds - capture.seconds,
+        "rest": total - forward[0] - capture.seconds,
     }
 
 
-def overhead_section(model_dir: Path, examples: list[Example], settings: Settings) -> Section:
+def runner_batches(runner: ChunkRunner, examples: list[Example]) -> list[Batch]:
+    """The batches ``runner.run`` forms from the examples, for the plain steps."""
+    opts = runner.opts
+    encoded = [encode_example(runner.tokenizer, ex, opts.template) for ex in examples]
+    plan = plan_batches([len(e.input_ids) for e in encoded], opts.batch_size, opts.token_budget)
+    return [collate(members, encoded, runner.pad_id, "right", runner.device) for members in plan]
+
+
+def overhead_section(
+    model_dir: Path, examples: list[Example], template: str, settings: Settings
+) -> Section:
     """Fast path vs plain forward+backward of the same batches, interleaved, medians."""
     cpu = torch.device("cpu")
     model, tokenizer = load_model_and_tokenizer(model_dir, torch.float32, cpu)
@@ -564,27 +643,29 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
     spectra_dtype = resolve_spectra_dtype("auto", torch.float32)
     capture = TimedCapture(targets, spectra_dtype)
     timer = ForwardTimer(model)
+    cases = [(str(size), examples[:size], size) for size in settings.batch_sizes]
+    cases.append(("auto", examples[: settings.auto_examples], None))
     rows = []
-    for size in settings.batch_sizes:
-        console.print(f"overhead: batch of {size}", style="dim")
-        runner = ChunkRunner(
-            model, tokenizer, targets, ProfileOptions(batch_size=size), cpu, capture
-        )
-        encoded = [encode_example(tokenizer, ex) for ex in examples[:size]]
-        batch = collate(list(range(size)), encoded, runner.pad_id, "right", cpu)
-        plain_step(model, batch, timer)  # warm-up
-        fast_step(runner, capture, examples[:size], timer)
+    for label, chosen, size in cases:
+        console.print(f"overhead on {model_dir.name}: batches {label}", style="dim")
+        options = ProfileOptions(batch_size=size, template=template)
+        runner = ChunkRunner(model, tokenizer, targets, options, cpu, capture)
+        batches = runner_batches(runner, chosen)
+        plain_step(model, batches, timer)  # warm-up
+        fast_step(runner, capture, chosen, timer)
         plain: list[dict[str, float]] = []
         fast: list[dict[str, float]] = []
         for _ in range(settings.repeats):
-            plain.append(plain_step(model, batch, timer))
-            fast.append(fast_step(runner, capture, examples[:size], timer))
+            plain.append(plain_step(model, batches, timer))
+            fast.append(fast_step(runner, capture, chosen, timer))
         plain_total = statistics.median(p["total"] for p in plain)
         fast_total = statistics.median(f["total"] for f in fast)
         rows.append(
             {
-                "batch": size,
-                "padded tokens": batch.input_ids.numel(),
+                "batch": label,
+                "examples": len(chosen),
+                "batches": len(batches),
+                "padded tokens": sum(b.input_ids.numel() for b in batches),
                 "plain fwd+bwd s": seconds(plain_total),
                 "plain forward s": median_seconds([p["forward"] for p in plain]),
                 "fast s": seconds(fast_total),
@@ -596,17 +677,126 @@ def overhead_section(model_dir: Path, examples: list[Example], settings: Setting
             }
         )
     notes = [
-        f"Random Llama {model_dir.name}, float32, eval mode. Plain: all parameters "
-        "require grad, HF loss with labels, .backward(). Fast: frozen weights, "
-        "SpectraCapture hooks, ChunkRunner.run (tokenizing, fast_spectra with the "
-        f"default {str(spectra_dtype).removeprefix('torch.')} spectra, statistics "
-        "rows for every (example, matrix)). Fast parts: forward; "
-        "spectra = time inside the backward hooks; rest = backward autograd, loss, "
-        "tokenizing, statistics. Batches are the first examples of the data, "
-        f"right-padded; median of {settings.repeats} interleaved repetitions after one "
-        "warm-up each."
+        f"Model {model_dir.name}, float32, eval mode, template {template}. Plain: all "
+        "parameters require grad, HF loss with labels, .backward(), on the same batches. "
+        "Fast: frozen weights, SpectraCapture hooks, ChunkRunner.run (tokenizing, "
+        f"fast_spectra with the default {str(spectra_dtype).removeprefix('torch.')} "
+        "spectra, statistics rows for every (example, matrix)). Fast parts: forward; "
+        "spectra = time inside the backward hooks (the routes' GEMMs and QRs; the small "
+        "solves run on a worker thread meanwhile) plus the wait for the worker after the "
+        "backward; rest = backward autograd, loss, tokenizing, statistics. Batch "
+        "'auto': the engine's automatic "
+        f"batches (token budget 4096, padding <= 10%) of the first {settings.auto_examples} "
+        f"examples. Median of {settings.repeats} interleaved repetitions after one warm-up."
     ]
-    return Section("Overhead: fast path vs plain forward+backward", pd.DataFrame(rows), notes)
+    return Section(
+        f"Overhead on {model_dir.name}: fast path vs plain forward+backward",
+        pd.DataFrame(rows),
+        notes,
+    )
+
+
+# ---------------------------------------------------------------- phases (CPU or CUDA)
+
+
+class GradientCollector(SpectraCapture):
+    """SpectraCapture that keeps each target's prepared G and X instead of solving."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.collected: list[tuple[torch.Tensor, InputSpectra]] = []
+
+    def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
+        x = self._prepared_input(self.inputs.pop(index))
+        self.collected.append((self._real_rows(grad)[0], x.spectra))
+
+
+def synchronized(device: torch.device, compute: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of ``compute()`` with the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    result = compute()
+    sync()
+    return time.perf_counter() - started, result
+
+
+def batch_phases(
+    model: nn.Module, collector: GradientCollector, batch: Batch, device: torch.device
+) -> dict[str, float]:
+    """Seconds of each phase of the fast path on one batch, every phase synchronised."""
+    collector.start_batch(batch.token_mask)
+    collector.collected.clear()
+    phases = dict.fromkeys(
+        ("forward", "backward", "Gram/QR", "eigen/SVD on device", "transfers", "eigen on CPU"),
+        0.0,
+    )
+    with torch.enable_grad():
+        phases["forward"], losses = synchronized(
+            device, lambda: per_example_losses(*response_logits(model, batch))
+        )
+        phases["backward"], _ = synchronized(device, lambda: losses.sum().backward())
+    for g, x in collector.collected:
+        for phase, value in matrix_phases(g, x, collector.spectra_dtype, device).items():
+            phases[phase] += value
+    return phases
+
+
+def matrix_phases(
+    g: torch.Tensor, x: InputSpectra, dtype: torch.dtype, device: torch.device
+) -> dict[str, float]:
+    """Seconds of one matrix's GEMMs, solve and transfers (and of its solve on the CPU)."""
+    route = choose_route(g.shape[1], g.shape[2], x.rows.shape[2], dtype, device.type)
+    phases = {"eigen on CPU": 0.0}
+    phases["Gram/QR"], solve = synchronized(device, lambda: prepare_spectra(g, x, route))
+    phases["eigen/SVD on device"], values = synchronized(device, solve)
+    phases["transfers"], _ = synchronized(device, values.cpu)
+    if route == "gram" and device.type != "cpu":
+        x_gram = x.gram()
+        g_gram = output_gram(g, x_gram)
+        copy, on_cpu = synchronized(
+            device, lambda: (InputGram(x_gram.gram.cpu(), x_gram.kept.cpu()), g_gram.cpu())
+        )
+        phases["transfers"] += copy
+        phases["eigen on CPU"] = timed(lambda: gram_singular_values(*on_cpu))[0]
+    return phases
+
+
+def phases_section(
+    model_dir: Path, examples: list[Example], template: str, settings: Settings
+) -> Section:
+    """Each phase of the fast path timed on its own, on the chosen device."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype("auto", device, model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype, device)
+    targets = find_targets(model)
+    collector = GradientCollector(targets, resolve_spectra_dtype("auto", dtype))
+    runner = ChunkRunner(
+        model, tokenizer, targets, ProfileOptions(template=template), device, collector
+    )
+    rows = []
+    with collector:
+        for batch in runner_batches(runner, examples[: settings.auto_examples]):
+            console.print(f"phases: batch {tuple(batch.input_ids.shape)}", style="dim")
+            batch_phases(model, collector, batch, device)  # warm-up
+            repeats = [batch_phases(model, collector, batch, device) for _ in range(3)]
+            rows.append(
+                {
+                    "batch x T": "x".join(map(str, batch.input_ids.shape)),
+                    **{k: median_seconds([r[k] for r in repeats]) for k in repeats[0]},
+                }
+            )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    notes = [
+        f"Model {model_dir.name} in {str(dtype).removeprefix('torch.')} on {device} "
+        f"({name or platform.machine()}); the engine's automatic batches of the first "
+        f"{settings.auto_examples} examples; each phase synchronised on its own (no overlap), "
+        "median of 3 after a warm-up, seconds summed over all matrices. Gram/QR: the "
+        "routes' GEMMs and QRs; eigen/SVD: their small solves on the device; transfers: "
+        "values (and, for the Gram route on a GPU, both Grams) to the CPU; eigen on CPU: "
+        "the Gram route's solves in one CPU thread instead, to choose where solves run."
+    ]
+    return Section(f"Phases on {device}", pd.DataFrame(rows), notes)
 
 
 # ---------------------------------------------------------------- report
@@ -646,8 +836,16 @@ def main(
         ),
     ] = None,
     parts: Annotated[
-        str, typer.Option(help="Comma list of e2e, matrix, overhead.")
+        str, typer.Option(help="Comma list of e2e, matrix, overhead, phases.")
     ] = "e2e,matrix,overhead",
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="A real checkpoint (chat template) for e2e, overhead and phases; a path "
+            "that does not exist builds a random model with SmolLM2-135M's config."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device of the phases part: cpu or cuda.")] = "cpu",
     threads: Annotated[
         int | None,
         typer.Option(
@@ -676,6 +874,8 @@ def main(
     settings = replace(
         settings,
         parts=tuple(parts.split(",")),
+        model=model,
+        device=device,
         **{k: v for k, v in overrides.items() if v is not None},
     )
     markdown = markdown or (bench_cache() / "results-quick.md" if quick else BENCH / "results.md")
@@ -699,9 +899,13 @@ def main(
         f"vocab {config.vocab_size})"
     )
 
+    subject, template = model_dir, "plain"
+    if settings.model is not None:
+        subject, template = subject_model(settings.model, tokenizer)
+        header.append(f"subject model: {subject} (template {template})")
     agree = True
     if "e2e" in settings.parts:
-        section, agree = end_to_end_section(model_dir, data, settings)
+        section, agree = end_to_end_section(subject, data, template, settings)
         sections.append(section)
         section.show()
     if "matrix" in settings.parts:
@@ -715,7 +919,13 @@ def main(
         )
         sections[-1].show()
     if "overhead" in settings.parts:
-        sections.append(overhead_section(model_dir, examples, settings))
+        for overhead_model, overhead_template in dict.fromkeys(
+            [(model_dir, "plain"), (subject, template)]
+        ):
+            sections.append(overhead_section(overhead_model, examples, overhead_template, settings))
+            sections[-1].show()
+    if "phases" in settings.parts:
+        sections.append(phases_section(subject, examples, template, settings))
         sections[-1].show()
 
     header.append(f"machine at end: {machine_line()}")

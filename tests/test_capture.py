@@ -92,3 +92,27 @@ def test_worker_failure_surfaces_and_the_run_resumes(tiny_model, tmp_path, monke
     straight = gradspec.profile(model_dir, DATA, tmp_path / "straight", device="cpu", **OPTIONS)
     pd.testing.assert_frame_equal(resumed.spectra, straight.spectra)
     assert len(resumed.manifest["sessions"]) == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gram_route_in_the_engine_gives_the_cpu_results(tiny_model, tmp_path, monkeypatch, dtype):
+    """Every matrix through the Gram route (a GPU's choice at real shapes), run on the CPU
+    with padded batches, against the CPU's own routes."""
+    model_dir = tiny_model("llama")
+    taken: list[str] = []
+
+    def gram_everywhere(*args: object) -> str:
+        taken.append("gram")
+        return "gram"
+
+    options = {**OPTIONS, "dtype": dtype}
+    cpu = gradspec.profile(model_dir, DATA, tmp_path / "cpu", device="cpu", **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(capture, "choose_route", gram_everywhere)
+        gpu = gradspec.profile(model_dir, DATA, tmp_path / "gram", device="cpu", **options)
+    assert taken
+    columns = ["nuclear_norm", "spectral_norm", "frobenius_norm"]
+    pd.testing.assert_frame_equal(gpu.spectra[columns], cpu.spectra[columns], rtol=1e-4)
+    pd.testing.assert_series_equal(
+        gpu.spectra["effective_rank"], cpu.spectra["effective_rank"], rtol=1e-3
+    )
