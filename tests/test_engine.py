@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,12 +13,12 @@ from conftest import GSM8K, SHARED_DATA, read_shared
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gradspec
-from gradspec import spectra
+from gradspec import capture
 from gradspec.adapters import find_decoder_layers
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
-from gradspec.spectra import builds_full_gradient
+from gradspec.spectra import choose_route
 
 WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "stable_rank"]
@@ -25,15 +26,15 @@ STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "s
 
 @pytest.fixture
 def routes(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """The routes (``factor`` or ``full`` gradient) the spectra of the test actually took."""
+    """The routes (``full``, ``gram`` or ``factor``) the spectra of the test actually took."""
     taken: set[str] = set()
 
-    def recording(tokens: int, d_out: int, d_in: int) -> bool:
-        full = builds_full_gradient(tokens, d_out, d_in)
-        taken.add("full" if full else "factor")
-        return full
+    def recording(*args: Any) -> str:
+        route = choose_route(*args)
+        taken.add(route)
+        return route
 
-    monkeypatch.setattr(spectra, "builds_full_gradient", recording)
+    monkeypatch.setattr(capture, "choose_route", recording)
     return taken
 
 

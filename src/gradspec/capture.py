@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import Target
-from .spectra import InputSpectra, Route, choose_route, prepare_spectra
+from .spectra import InputSpectra, choose_route, prepare_spectra
 
 
 @dataclass
@@ -51,7 +51,6 @@ class SpectraCapture:
         self.all_real = True  # whether the batch has no padding: token_mask.all(), once
         self.inputs: dict[int, torch.Tensor] = {}
         self.results: dict[int, tuple[Future[torch.Tensor], torch.Tensor]] = {}
-        self.routes: dict[int, Route] = {}  # the route each target took in the last batch
         self.solver: ThreadPoolExecutor | None = None
         # The last input prepared for the spectra, for the matrices that read the same
         # input (q/k/v, gate/up), whose output gradients arrive one after the other.
@@ -82,7 +81,6 @@ class SpectraCapture:
         self.inputs.clear()
         self.last_input = None
         self.results = {}
-        self.routes = {}
 
     def batch_results(self) -> list[TargetResult]:
         """Per target, the batch's singular values on the CPU; all zero if never reached.
@@ -124,7 +122,6 @@ class SpectraCapture:
         gs, g_finite = self._real_rows(grad)
         tokens, d_out, d_in = gs.shape[1], gs.shape[2], x.spectra.rows.shape[2]
         route = choose_route(tokens, d_out, d_in, self.spectra_dtype, gs.device.type)
-        self.routes[index] = route
         solve = prepare_spectra(gs, x.spectra, route)
         if self.solver is None:
             raise RuntimeError("SpectraCapture hooks ran outside its with-block")
