@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,6 +103,21 @@ def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, 
         yield update
 
 
+@contextmanager
+def rank_progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """The progress bar on rank 0 (showing its share of the work), none on other ranks."""
+    if is_main_process():
+        with progress_bar(description) as update:
+            yield update
+    else:
+        yield None
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or a process started alone (no torch import)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def profile_option_parameters() -> list[inspect.Parameter]:
     """One keyword parameter per ProfileOptions field with CLI help, in its help panel."""
     hints = typing.get_type_hints(ProfileOptions)
@@ -163,8 +179,10 @@ def profile(
     from .engine import profile as run_profile
 
     prepare_checkpoints([model])
-    with progress_bar("profiling") as update:
+    with rank_progress_bar("profiling") as update:
         tables = run_profile(model, data, out, device=device, progress=update, **options)
+    if not is_main_process():
+        return
     statuses = tables.examples["status"].value_counts().to_dict()
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
     console.print(

@@ -13,7 +13,7 @@ import os
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,16 @@ from .data import (
     load_examples,
     resolve_data_files,
 )
+from .distributed import (
+    Ranks,
+    agree,
+    barrier,
+    from_main,
+    gather_strided,
+    process_group,
+    rank_device,
+    split_by_weight,
+)
 from .modeling import (
     Checkpoint,
     load_model_and_tokenizer,
@@ -49,6 +59,7 @@ from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 
 # Test hook: exit hard (as a kill would) after writing this many chunks in one session.
 STOP_AFTER_CHUNKS = "GRADSPEC_TEST_STOP_AFTER_CHUNKS"
+STOP_RANK = "GRADSPEC_TEST_STOP_RANK"
 STOPPED_EXIT_CODE = 75
 
 
@@ -69,7 +80,86 @@ def profile(
     Options are those of :class:`ProfileOptions`. Finished chunks already in ``out`` are
     kept, so an interrupted call can simply be repeated. ``progress(done, total)`` is
     called after each chunk and each batch. Returns the run's tables.
+
+    Under ``torchrun`` (or inside a process group the caller set up) every rank calls this
+    with the same arguments: the missing chunks are split across the ranks, each returns
+    the whole run's tables, and ``progress`` counts this rank's share.
     """
+    with process_group(device) as ranks:
+        return profile_on(ranks, model, data, out, device=device, progress=progress, **options)
+
+
+@dataclass
+class _Plan:
+    """What every rank resolved before anything is written."""
+
+    opts: ProfileOptions
+    model_dir: Path
+    examples: list[Example]
+    store: RunStore
+    manifest: dict[str, Any]
+    dtype: torch.dtype
+    spectra_dtype: torch.dtype
+    device: torch.device
+
+
+def profile_on(
+    ranks: Ranks,
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> RunTables:
+    """:func:`profile` on the given ranks (``LOCAL``: this process alone)."""
+    plan = agree(ranks, lambda: _plan(model, data, out, rank_device(device), options))
+    opts, examples, store = plan.opts, plan.examples, plan.store
+    # Rank 0's view of the finished parts is everyone's, so all split the same chunks.
+    todo = from_main(ranks, store.missing_chunks(len(examples), opts.chunk_size))
+    done = len(examples) - sum(last - first + 1 for first, last in todo)
+    # Everything that can fail is resolved on every rank before the first write: a failed
+    # start leaves no trace, and an existing run stays as it was.
+    if todo:
+        net, tokenizer, targets = agree(
+            ranks,
+            lambda: _load_checked_model(plan.model_dir, plan.dtype, plan.device, opts, examples[0]),
+        )
+        todo = _my_chunks(ranks, todo, examples, tokenizer, opts)
+    # Rank 0 alone writes the manifest; the others start writing parts once it exists.
+    agree(ranks, lambda: store.open(plan.manifest, ranks.size) if ranks.is_main else None)
+
+    total = done + sum(last - first + 1 for first, last in todo)
+    report = progress or (lambda done, total: None)
+    report(done, total)
+    if todo:
+        fast = opts.method == Method.fast
+        capture = SpectraCapture(targets, plan.spectra_dtype) if fast else None
+        runner = ChunkRunner(net, tokenizer, targets, opts, plan.device, capture)
+        with capture or nullcontext():
+            for position, (first, last) in enumerate(todo, start=1):
+                chunk = examples[first : last + 1]
+                spectra_rows, example_rows = runner.run(
+                    chunk, functools.partial(_report_within_chunk, report, done, total)
+                )
+                store.write_chunk(first, last, spectra_rows, example_rows)
+                _exit_if_a_test_stops_here(position, ranks)
+                done += len(chunk)
+                report(done, total)
+    barrier(ranks)  # every rank's parts are written
+    agree(ranks, lambda: store.close() if ranks.is_main else None)
+    return load_run(out)
+
+
+def _plan(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    device: str,
+    options: dict[str, Any],
+) -> _Plan:
+    """Check the options, model, data and run directory, without writing anything."""
     opts = ProfileOptions(**options)
     checkpoint = resolve_checkpoint(model)
     model_dir = checkpoint.directory
@@ -88,35 +178,33 @@ def profile(
     fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
     store = RunStore(out, fingerprint, opts.top_k)
     store.check()
-    todo = store.missing_chunks(len(examples), opts.chunk_size)
-    # Everything that can fail is resolved before the first write: a failed start leaves
-    # no trace, and an existing run stays as it was.
-    if todo:
-        net, tokenizer, targets = _load_checked_model(
-            model_dir, dtype, torch_device, opts, examples[0]
-        )
-    store.open(
-        _manifest(checkpoint, signature, files, data_hash, len(examples), resolved, torch_device)
+    manifest = _manifest(
+        checkpoint, signature, files, data_hash, len(examples), resolved, torch_device
     )
+    return _Plan(opts, model_dir, examples, store, manifest, dtype, spectra_dtype, torch_device)
 
-    done = len(examples) - sum(last - first + 1 for first, last in todo)
-    report = progress or (lambda done, total: None)
-    report(done, len(examples))
-    if todo:
-        capture = SpectraCapture(targets, spectra_dtype) if opts.method == Method.fast else None
-        runner = ChunkRunner(net, tokenizer, targets, opts, torch_device, capture)
-        with capture or nullcontext():
-            for first, last in todo:
-                chunk = examples[first : last + 1]
-                spectra_rows, example_rows = runner.run(
-                    chunk, functools.partial(_report_within_chunk, report, done, len(examples))
-                )
-                store.write_chunk(first, last, spectra_rows, example_rows)
-                _exit_if_a_test_stops_here(todo.index((first, last)) + 1)
-                done += len(chunk)
-                report(done, len(examples))
-    store.close()
-    return load_run(out)
+
+def _my_chunks(
+    ranks: Ranks,
+    todo: list[tuple[int, int]],
+    examples: list[Example],
+    tokenizer: Any,
+    opts: ProfileOptions,
+) -> list[tuple[int, int]]:
+    """This rank's chunks: the split of ``todo`` balanced by the chunks' token counts
+    (each rank counts every size-th chunk; the counts are exchanged)."""
+    if not ranks.distributed:
+        return todo
+
+    def tokens(chunk: tuple[int, int]) -> int:
+        first, last = chunk
+        return sum(
+            len(encode_example(tokenizer, ex, opts.template, opts.max_length).input_ids)
+            for ex in examples[first : last + 1]
+        )
+
+    weights = gather_strided(ranks, todo, tokens)
+    return [todo[i] for i in split_by_weight(weights, ranks.size)[ranks.rank]]
 
 
 def _load_checked_model(
@@ -137,9 +225,14 @@ def _load_checked_model(
     return net, tokenizer, targets
 
 
-def _exit_if_a_test_stops_here(chunks_written: int) -> None:
-    """Let a test kill the run at a known point: no cleanup, no manifest update."""
-    if os.environ.get(STOP_AFTER_CHUNKS) == str(chunks_written):
+def _exit_if_a_test_stops_here(chunks_written: int, ranks: Ranks) -> None:
+    """Let a test kill the run (only rank ``STOP_RANK`` if set) at a known point: no
+    cleanup, no manifest update."""
+    stop_rank = os.environ.get(STOP_RANK)
+    if os.environ.get(STOP_AFTER_CHUNKS) == str(chunks_written) and stop_rank in (
+        None,
+        str(ranks.rank),
+    ):
         os._exit(STOPPED_EXIT_CODE)
 
 

@@ -119,8 +119,9 @@ class RunStore:
             )
         return None
 
-    def open(self, manifest: dict[str, Any]) -> None:
-        """Create the directory, or continue an existing one made with the same inputs."""
+    def open(self, manifest: dict[str, Any], world_size: int = 1) -> None:
+        """Create the directory, or continue an existing one made with the same inputs;
+        the session records how many processes (ranks) write its parts."""
         old = self.check()
         if old is not None:
             manifest = {
@@ -133,7 +134,7 @@ class RunStore:
         (self.root / "spectra").mkdir(parents=True, exist_ok=True)
         manifest.setdefault("created", now_iso())
         manifest.setdefault("sessions", [])
-        manifest["sessions"].append({"started": now_iso(), "ended": None})
+        manifest["sessions"].append({"started": now_iso(), "ended": None, "ranks": world_size})
         manifest["fingerprint"] = self.fingerprint
         self.manifest = manifest
         write_json_atomic(self.manifest_path, manifest)
