@@ -59,16 +59,16 @@ def test_interrupted_study_resumes_without_recomputing(
     tiny_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     spec = load_study(write_study(tmp_path / "study.toml", tiny_model("llama")))
-    real_profile = study_module.profile
+    real_profile = study_module.profile_on
     calls: list[Path] = []
 
-    def interrupted_profile(model, data, out, **kwargs):
+    def interrupted_profile(ranks, model, data, out, **kwargs):
         calls.append(Path(out))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_profile(model, data, out, **kwargs)
+        return real_profile(ranks, model, data, out, **kwargs)
 
-    monkeypatch.setattr(study_module, "profile", interrupted_profile)
+    monkeypatch.setattr(study_module, "profile_on", interrupted_profile)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_study(spec, out)
@@ -101,7 +101,7 @@ def test_interrupted_study_resumes_without_recomputing(
     assert (out / "report.html").stat().st_size > 1_000_000  # plotly.js inlined
 
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(study_module, "profile", real_profile)
+    monkeypatch.setattr(study_module, "profile_on", real_profile)
     run_study(spec, fresh)
     for cell in spec.cells():
         resumed, uninterrupted = load_run(out / cell.run), load_run(fresh / cell.run)

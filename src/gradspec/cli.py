@@ -374,8 +374,10 @@ def study(
     spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
     prepare_checkpoints([m.path for m in spec.models])
     cells = run_study(
-        spec, out, device=device, limit=limit, progress=lambda cell: progress_bar(cell.name)
+        spec, out, device=device, limit=limit, progress=lambda cell: rank_progress_bar(cell.name)
     )
+    if not is_main_process():
+        return  # rank 0 writes the report, after every rank's cells are recorded
     ran = sum(1 for _, was_run in cells if was_run)
     console.print(f"[green]profiled:[/] {ran} cells; {len(cells) - ran} already done")
     path = write_report(

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import data_sha256, resolve_data_files
-from .engine import profile
+from .distributed import LOCAL, Ranks, agree, all_gather, process_group, split_by_weight
+from .engine import profile_on
 from .errors import GradspecError
 from .labels import LABEL_KEYS, normalize_labels
 from .modeling import check_model_path, model_signature, resolve_checkpoint
@@ -297,29 +298,70 @@ def run_study(
 
     ``device`` and ``limit`` override the study's [profile] options. ``study.json`` is
     rewritten after each cell, so an interrupted study resumes where it stopped.
+
+    Under ``torchrun`` the cells to profile are dealt out to the ranks (cell i of them to
+    rank i mod N), each profiled by its rank alone; only rank 0 writes ``study.json``
+    (its own cells as they finish, every rank's once all are done). A cell that fails on
+    one rank stops every rank with its message once the others finished their cells.
     """
     root = Path(out)
     options = {**study.profile, **({"limit": limit} if limit else {})}
     device = device or options.pop("device", "auto")
     options.pop("device", None)  # when --device overrode it
-    previous = {entry["name"]: entry for entry in _read_record(root).get("cells", [])}
     cells = study.cells()
+    with process_group(device) as ranks:
+        record, pending = agree(ranks, lambda: _plan_study(study, root, cells, options))
+        agree(ranks, lambda: _write_record(ranks, root, record))
+        share = split_by_weight([1] * len(pending), ranks.size)[ranks.rank]
+        mine = [pending[i] for i in share]
+        agree(
+            ranks,
+            lambda: _profile_cells(ranks, root, cells, record, mine, device, options, progress),
+        )
+        ran = {index for indices in all_gather(ranks, [i for i, _ in mine]) for index in indices}
+        for index, inputs in pending:
+            if index in ran:
+                record["cells"][index].update(inputs=inputs)
+        agree(ranks, lambda: _write_record(ranks, root, record))
+    return [(cell, index in ran) for index, cell in enumerate(cells)]
+
+
+def _plan_study(
+    study: Study, root: Path, cells: list[Cell], options: dict[str, Any]
+) -> tuple[dict[str, Any], list[tuple[int, dict[str, Any]]]]:
+    """study.json's new content (cells to profile marked unfinished), and the cells to
+    profile with the inputs they will have finished with."""
+    previous = {entry["name"]: entry for entry in _read_record(root).get("cells", [])}
     record = {
         "title": study.title,
         "study_file": str(study.source.resolve()),
         "cells": [_cell_record(c, previous.get(c.name)) for c in cells],
     }
-    root.mkdir(parents=True, exist_ok=True)
-    results = []
-    for cell, entry in zip(cells, record["cells"], strict=True):
+    pending = []
+    for index, (cell, entry) in enumerate(zip(cells, record["cells"], strict=True)):
         inputs = cell_inputs(cell, options)
-        if entry["inputs"] == inputs and (root / cell.run / "manifest.json").exists():
-            results.append((cell, False))
-            continue
-        entry.update(inputs=None)
-        write_json_atomic(root / STUDY_FILE, record)
+        if entry["inputs"] != inputs or not (root / cell.run / "manifest.json").exists():
+            entry.update(inputs=None)
+            pending.append((index, inputs))
+    return record, pending
+
+
+def _profile_cells(
+    ranks: Ranks,
+    root: Path,
+    cells: list[Cell],
+    record: dict[str, Any],
+    mine: list[tuple[int, dict[str, Any]]],
+    device: str,
+    options: dict[str, Any],
+    progress: ProgressFactory | None,
+) -> None:
+    """Profile this rank's cells one after the other, each by this process alone."""
+    for index, inputs in mine:
+        cell = cells[index]
         with progress(cell) if progress else nullcontext(None) as update:
-            profile(
+            profile_on(
+                LOCAL,
                 cell.model.path,
                 cell.dataset.path,
                 root / cell.run,
@@ -328,11 +370,15 @@ def run_study(
                 template=cell.model.template,
                 **options,
             )
-        entry.update(inputs=inputs)
+        record["cells"][index].update(inputs=inputs)
+        _write_record(ranks, root, record)
+
+
+def _write_record(ranks: Ranks, root: Path, record: dict[str, Any]) -> None:
+    """Rank 0 alone writes study.json (other ranks' cells are added once all finished)."""
+    if ranks.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(root / STUDY_FILE, record)
-        results.append((cell, True))
-    write_json_atomic(root / STUDY_FILE, record)
-    return results
 
 
 def cell_inputs(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
