@@ -1,0 +1,204 @@
+"""Data-parallel profiling and studies on 2 CPU processes (gloo) against 1 process.
+
+The ranks are real processes: started by ``torch.distributed.run`` (torchrun), or one by
+one with the launcher's environment variables, as a multi-node job sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA
+from test_study import write_study
+
+import gradspec
+from gradspec.distributed import LOCAL, agree, split_by_weight
+from gradspec.engine import STOP_AFTER_CHUNKS, STOP_RANK
+from gradspec.errors import GradspecError
+from gradspec.study import load_study, run_study
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+OPTIONS = dict(limit=12, chunk_size=2, batch_size=2, device="cpu")  # six chunks
+
+
+def test_split_balances_token_counts_greedily_longest_first():
+    # 5 -> rank 0, 4 -> 1, 3 -> 1 (4 < 5), 3 -> 0 (5 < 7), 3 -> 1 (7 < 8)
+    assert split_by_weight([5, 4, 3, 3, 3], 2) == [[0, 3], [1, 2, 4]]
+    assert split_by_weight([1] * 5, 2) == [[0, 2, 4], [1, 3]]  # ties: by index, then rank
+    assert split_by_weight([7], 3) == [[0], [], []]
+    weights = [(i * 37) % 11 + 1 for i in range(40)]
+    shares = split_by_weight(weights, 3)
+    assert sorted(i for share in shares for i in share) == list(range(40))
+    loads = [sum(weights[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(weights)
+
+
+def test_agree_on_one_process_raises_the_error_itself():
+    with pytest.raises(GradspecError, match="bad"):
+        agree(LOCAL, lambda: (_ for _ in ()).throw(GradspecError("bad")))
+    assert agree(LOCAL, lambda: 3) == 3
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """One thread per process, as torchrun sets it, so CPU results are bit for bit equal."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _torchrun(ranks: int, *args: str, env: dict[str, str] | None = None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", str(ranks), *args]
+    return subprocess.run(command, env=env or _env(), capture_output=True, text=True, check=False)
+
+
+def _profile(ranks: int, model: Path, out: Path, own_group: bool = False, **env: str):
+    args = [str(WORKER), str(model), str(LONG), str(out), json.dumps(OPTIONS)]
+    return _torchrun(ranks, *args, *(["--own-group"] if own_group else []), env=_env(**env))
+
+
+def _parts(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("part-*.parquet")}
+
+
+def _assert_same_tables(a: gradspec.RunTables, b: gradspec.RunTables) -> None:
+    pd.testing.assert_frame_equal(a.examples, b.examples, check_exact=True)
+    pd.testing.assert_frame_equal(a.spectra, b.spectra, check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory) -> gradspec.RunTables:
+    """The run profiled by one process (torchrun with one rank: no process group)."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    done = _profile(1, tiny_model("llama"), out)
+    assert done.returncode == 0, done.stderr
+    tables = gradspec.load_run(out)
+    assert len(tables.examples) == 12 and tables.manifest["sessions"][-1]["ranks"] == 1
+    return tables
+
+
+@pytest.mark.slow
+def test_two_ranks_in_the_callers_group_equal_one_process_bit_for_bit(
+    one_process, tiny_model, tmp_path
+):
+    done = _profile(2, tiny_model("llama"), tmp_path / "run", own_group=True)
+    assert done.returncode == 0, done.stderr
+    two = gradspec.load_run(tmp_path / "run")
+    _assert_same_tables(two, one_process)
+    assert two.manifest["sessions"][-1]["ranks"] == 2
+    assert len(list((tmp_path / "run" / "examples").iterdir())) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rerun_ranks", [1, 2])
+def test_a_killed_rank_leaves_a_run_that_resumes_identically(
+    rerun_ranks, one_process, tiny_model, tmp_path
+):
+    model, out = tiny_model("llama"), tmp_path / "run"
+    killed = _profile(2, model, out, **{STOP_AFTER_CHUNKS: "1", STOP_RANK: "1"})
+    assert killed.returncode != 0
+    finished = _parts(out)
+    assert 2 <= len(finished) < 12  # rank 1 wrote one chunk (two parts), then died
+    assert gradspec.load_run(out).manifest["sessions"][-1]["ended"] is None
+
+    resumed = _profile(rerun_ranks, model, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {p: t for p, t in _parts(out).items() if p in finished} == finished  # not redone
+    tables = gradspec.load_run(out)
+    _assert_same_tables(tables, one_process)
+    assert [s["ranks"] for s in tables.manifest["sessions"]] == [2, rerun_ranks]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_ranks(per_rank_args: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """``python -m gradspec ...`` once per rank, started with the launcher's variables."""
+    port, size = str(_free_port()), str(len(per_rank_args))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gradspec", *args],
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=size,
+                LOCAL_WORLD_SIZE=size,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, args in enumerate(per_rank_args)
+    ]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        status = process.returncode
+        results.append(subprocess.CompletedProcess(process.args, status, stdout, stderr))
+    return results
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_bad_input_on_one_rank_stops_every_rank_with_its_error(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    out = tmp_path / "run"
+    common = ["profile", "--model", str(tiny_model("llama")), "--out", str(out), "--limit", "2"]
+    ranks = _cli_ranks([[*common, "--data", str(LONG)], [*common, "--data", str(bad)]])
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert _error_line(ranks[0]) == _error_line(ranks[1])
+    assert f"{bad}:2: field 'output'" in _error_line(ranks[0])
+    assert not out.exists()
+
+    good = _cli_ranks([[*common, "--data", str(LONG)]] * 2)
+    assert [r.returncode for r in good] == [0, 0], good[1].stderr
+    assert "done:" in good[0].stderr and "done:" not in good[1].stderr
+    parts = _parts(out)
+    changed = _cli_ranks([[*common, "--data", str(LONG), "--modules", "mlp"]] * 2)
+    assert [r.returncode for r in changed] == [2, 2]
+    assert _error_line(changed[0]) == _error_line(changed[1])
+    assert "modules: was 'all', now 'mlp'" in _error_line(changed[0])
+    assert _parts(out) == parts
+
+
+@pytest.mark.slow
+def test_study_under_two_ranks_spreads_cells_and_reports_once(tiny_model, tmp_path):
+    study_file = write_study(tmp_path / "study.toml", tiny_model("llama"))
+    out = tmp_path / "out"
+    done = _torchrun(
+        2, "-m", "gradspec", "study", str(study_file), "--out", str(out), "--bootstrap", "50"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("report:") == 1 and (out / "report.html").exists()
+    record = json.loads((out / "study.json").read_text())["cells"]
+    assert all(cell["inputs"] is not None for cell in record)
+
+    spec = load_study(study_file)
+    run_study(spec, tmp_path / "single")
+    for cell in spec.cells():
+        spread = gradspec.load_run(out / cell.run)
+        single = gradspec.load_run(tmp_path / "single" / cell.run)
+        pd.testing.assert_frame_equal(spread.spectra, single.spectra)
+        pd.testing.assert_frame_equal(spread.examples, single.examples)
+        assert spread.manifest["sessions"][-1]["ranks"] == 1  # each cell by one rank alone
+    rerun = _torchrun(
+        2, "-m", "gradspec", "study", str(study_file), "--out", str(out), "--bootstrap", "50"
+    )
+    assert rerun.returncode == 0 and "0 cells; 2 already done" in rerun.stderr
