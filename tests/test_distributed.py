@@ -202,3 +202,13 @@ def test_study_under_two_ranks_spreads_cells_and_reports_once(tiny_model, tmp_pa
         2, "-m", "gradspec", "study", str(study_file), "--out", str(out), "--bootstrap", "50"
     )
     assert rerun.returncode == 0 and "0 cells; 2 already done" in rerun.stderr
+
+
+@pytest.mark.slow
+def test_fsdp2_on_gloo_leaves_every_rank_its_own_full_activations(tiny_model):
+    """The README's choice for big models rests on this: under ``fully_shard`` the hooks
+    give each rank's spectra bit for bit as the unsharded model does (torch 2.13, CPU)."""
+    worker = str(Path(__file__).with_name("fsdp_worker.py"))
+    done = _torchrun(2, worker, str(tiny_model("llama")), str(LONG))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("spectra equal bit for bit: True") == 2
