@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import SHARED_DATA
 from test_study import write_study
 
@@ -58,8 +59,10 @@ def _torchrun(ranks: int, *args: str, env: dict[str, str] | None = None):
     return subprocess.run(command, env=env or _env(), capture_output=True, text=True, check=False)
 
 
-def _profile(ranks: int, model: Path, out: Path, own_group: bool = False, **env: str):
-    args = [str(WORKER), str(model), str(LONG), str(out), json.dumps(OPTIONS)]
+def _profile(
+    ranks: int, model: Path, out: Path, own_group: bool = False, options=OPTIONS, **env: str
+):
+    args = [str(WORKER), str(model), str(LONG), str(out), json.dumps(options)]
     return _torchrun(ranks, *args, *(["--own-group"] if own_group else []), env=_env(**env))
 
 
@@ -167,6 +170,13 @@ def test_bad_input_on_one_rank_stops_every_rank_with_its_error(tiny_model, tmp_p
     assert f"{bad}:2: field 'output'" in _error_line(ranks[0])
     assert not out.exists()
 
+    args = [*common, "--data", str(LONG)]
+    other = _cli_ranks([args, [*args, "--top-k", "2"]])
+    assert [r.returncode for r in other] == [2, 2]
+    assert _error_line(other[0]) == _error_line(other[1])
+    assert "rank 1 was given another run than rank 0 (top_k differ)" in _error_line(other[0])
+    assert not out.exists()
+
     good = _cli_ranks([[*common, "--data", str(LONG)]] * 2)
     assert [r.returncode for r in good] == [0, 0], good[1].stderr
     assert "done:" in good[0].stderr and "done:" not in good[1].stderr
@@ -212,3 +222,17 @@ def test_fsdp2_on_gloo_leaves_every_rank_its_own_full_activations(tiny_model):
     done = _torchrun(2, worker, str(tiny_model("llama")), str(LONG))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("spectra equal bit for bit: True") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_ranks_with_nccl_equal_one_gpu(tiny_model, tmp_path):
+    """Where GPUs are lent: `pytest tests/test_distributed.py -k gpu` (one GPU per rank)."""
+    options = {**OPTIONS, "device": "cuda"}
+    for ranks in (1, 2):
+        done = _profile(ranks, tiny_model("llama"), tmp_path / str(ranks), options=options)
+        assert done.returncode == 0, done.stderr
+    one, two = (gradspec.load_run(tmp_path / str(ranks)) for ranks in (1, 2))
+    assert two.manifest["device"] in ("cuda:0", "cuda:1")
+    pd.testing.assert_frame_equal(one.examples, two.examples, rtol=1e-4)
+    pd.testing.assert_frame_equal(one.spectra, two.spectra, rtol=1e-4)

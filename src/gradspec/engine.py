@@ -37,6 +37,7 @@ from .data import (
 from .distributed import (
     Ranks,
     agree,
+    all_gather,
     barrier,
     from_main,
     gather_strided,
@@ -44,6 +45,7 @@ from .distributed import (
     rank_device,
     split_by_weight,
 )
+from .errors import GradspecError
 from .modeling import (
     Checkpoint,
     load_model_and_tokenizer,
@@ -115,6 +117,7 @@ def profile_on(
 ) -> RunTables:
     """:func:`profile` on the given ranks (``LOCAL``: this process alone)."""
     plan = agree(ranks, lambda: _plan(model, data, out, rank_device(device), options))
+    _refuse_different_runs(ranks, plan, out)
     opts, examples, store = plan.opts, plan.examples, plan.store
     # Rank 0's view of the finished parts is everyone's, so all split the same chunks.
     todo = from_main(ranks, store.missing_chunks(len(examples), opts.chunk_size))
@@ -182,6 +185,22 @@ def _plan(
         checkpoint, signature, files, data_hash, len(examples), resolved, torch_device
     )
     return _Plan(opts, model_dir, examples, store, manifest, dtype, spectra_dtype, torch_device)
+
+
+def _refuse_different_runs(ranks: Ranks, plan: _Plan, out: str | os.PathLike) -> None:
+    """Refuse, on every rank, ranks given different runs (another --out, model, data or
+    option): they would share out one run's chunks among different runs."""
+    if not ranks.distributed:
+        return
+    run = {"out": str(out), "n_examples": len(plan.examples), **plan.store.fingerprint}
+    views = all_gather(ranks, run)
+    for rank, view in enumerate(views):
+        differ = sorted(k for k in set(view) | set(views[0]) if view.get(k) != views[0].get(k))
+        if differ:
+            raise GradspecError(
+                f"rank {rank} was given another run than rank 0 ({', '.join(differ)} differ): "
+                "start every rank with the same arguments"
+            )
 
 
 def _my_chunks(
