@@ -52,13 +52,6 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """Whether this process is rank 0 (or alone), before or after joining the group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
 def local_rank() -> int:
     """This process's index on its machine (``LOCAL_RANK``, else the rank modulo the GPUs)."""
     if "LOCAL_RANK" in os.environ:
