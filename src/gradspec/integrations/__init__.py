@@ -1,0 +1,1 @@
+"""Integrations of gradspec with training frameworks (``gradspec.integrations.transformers``)."""

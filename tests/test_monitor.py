@@ -1,0 +1,275 @@
+"""The training monitor: spectra from the Trainer's own steps equal `gradspec profile` on a
+checkpoint saved just before the step; training itself is unchanged."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import GSM8K, read_shared
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import gradspec
+from gradspec.data import load_examples
+from gradspec.errors import GradspecError
+from gradspec.integrations.transformers import watch
+from gradspec.statistics import STAT_COLUMNS
+from gradspec.store import load_run
+
+N_EXAMPLES = 8
+PROFILED_STEP = 2
+
+
+@pytest.fixture(scope="module")
+def data_file(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight real records, short enough for a fast tiny model."""
+    records = [r for r in read_shared(GSM8K, 40) if len(r["instruction"] + r["output"]) < 600]
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(records[:N_EXAMPLES]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def train_dataset(data_file: Path, tokenizer) -> Dataset:
+    """The records tokenized exactly as `gradspec profile` does, with their example ids."""
+    rows = []
+    for example in load_examples(data_file):
+        input_ids, labels = gradspec.encode(tokenizer, example)
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "labels": labels,
+                "attention_mask": [1] * len(input_ids),
+                "example_id": example.example_id,
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+class SaveBefore(TrainerCallback):
+    """Saves the model (LoRA merged into a copy) just before optimizer step ``step``."""
+
+    def __init__(self, step: int, directory: Path, tokenizer):
+        self.step, self.directory, self.tokenizer = step, directory, tokenizer
+        self.model_before: torch.nn.Module | None = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 != self.step:
+            return
+        self.model_before = copy.deepcopy(model)
+        merged = copy.deepcopy(model)
+        if hasattr(merged, "merge_and_unload"):
+            merged = merged.merge_and_unload()
+        merged.save_pretrained(self.directory)
+        self.tokenizer.save_pretrained(self.directory)
+
+
+def train(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    tokenizer,
+    out: Path,
+    *,
+    monitor: bool = True,
+    trainer_class: type = Trainer,
+    **arguments,
+):
+    """Three optimizer steps; the monitor profiles step 2; a checkpoint is saved before it."""
+    settings = dict(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=PROFILED_STEP,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=True,
+    )
+    settings.update(arguments)
+    if trainer_class is Trainer:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        trainer = Trainer(
+            model, TrainingArguments(**settings), train_dataset=dataset, data_collator=collator
+        )
+    else:
+        from trl import SFTConfig
+
+        trainer = trainer_class(
+            model=model,
+            args=SFTConfig(**settings),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    callback = watch(trainer, out / "run", id_column="example_id") if monitor else None
+    saver = SaveBefore(PROFILED_STEP, out / "checkpoint", tokenizer)
+    trainer.add_callback(saver)
+    trainer.train()
+    return trainer, callback, saver
+
+
+def reference_spectra(checkpoint: Path, data_file: Path, out: Path) -> pd.DataFrame:
+    """`gradspec profile` of every example on the checkpoint, by (example id, param)."""
+    tables = gradspec.profile(checkpoint, data_file, out, device="cpu", batch_size=1)
+    return tables.spectra.set_index(["example_id", "param"])[list(STAT_COLUMNS)]
+
+
+def monitored_spectra(run_dir: Path, base_name=lambda p: p) -> pd.DataFrame:
+    """The monitor's rows of its run directory (one profiled step), by (example id, param)."""
+    spectra = load_run(run_dir).spectra
+    spectra["param"] = spectra["param"].map(base_name)
+    return spectra.set_index(["example_id", "param"])[list(STAT_COLUMNS)]
+
+
+def assert_same_spectra(monitored: pd.DataFrame, reference: pd.DataFrame) -> None:
+    assert len(monitored) > 0
+    expected = reference.loc[monitored.index]
+    np.testing.assert_allclose(monitored.to_numpy(), expected.to_numpy(), rtol=1e-4, atol=1e-9)
+
+
+def tiny(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {},
+        {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+    ],
+    ids=["full", "grad-accumulation", "checkpointing", "checkpointing-reentrant"],
+)
+def test_spectra_equal_profile_of_checkpoint(
+    arguments, tiny_model, tokenizer, train_dataset, data_file, tmp_path
+):
+    train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, **arguments)
+    reference = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref")
+    monitored = monitored_spectra(tmp_path / "run")
+    assert monitored.index.get_level_values(0).nunique() == 4  # the step's four examples
+    assert_same_spectra(monitored, reference)
+
+
+@pytest.mark.slow
+def test_training_unchanged_by_monitor(tiny_model, tokenizer, train_dataset, tmp_path):
+    """Every step profiled, the final weights equal those of a run without the monitor."""
+    runs = []
+    for monitor in (True, False):
+        trainer, *_ = train(
+            tiny(tiny_model("llama")),
+            train_dataset,
+            tokenizer,
+            tmp_path / str(monitor),
+            monitor=monitor,
+            logging_steps=1,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+        )
+        runs.append(trainer.model.state_dict())
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name
+
+
+def lora_model(model_dir: Path) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"])
+    return get_peft_model(tiny(model_dir), config)
+
+
+def base_param_name(param: str) -> str:
+    """The merged model's name of a LoRA model's base matrix; LoRA matrices keep theirs."""
+    if "lora_" in param:
+        return param
+    return param.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+@pytest.mark.slow
+def test_lora_base_and_adapter_matrices(tiny_model, tokenizer, train_dataset, data_file, tmp_path):
+    """Frozen base matrices equal the merged checkpoint's profile; LoRA matrices equal the
+    float64 SVD of the explicitly built per-example gradient."""
+    _, callback, saver = train(lora_model(tiny_model("llama")), train_dataset, tokenizer, tmp_path)
+    monitored = monitored_spectra(tmp_path / "run", base_param_name)
+    is_lora = monitored.index.get_level_values(1).str.contains("lora_")
+    modules = {t.module_name for t in callback.capture.targets}
+    assert {"q_proj", "q_proj.lora_A", "q_proj.lora_B", "down_proj.lora_B"} <= modules
+    reference = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref")
+    assert_same_spectra(monitored[~is_lora], reference)
+
+    by_id = {row["example_id"]: row for row in train_dataset}
+    model = saver.model_before.double()
+    for (example_id, param), values in monitored[is_lora].iterrows():
+        row = by_id[example_id]
+        weight = model.get_parameter(param)
+        model.zero_grad()
+        model(
+            input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])
+        ).loss.backward()
+        singular = torch.linalg.svdvals(weight.grad)
+        np.testing.assert_allclose(values["nuclear_norm"], float(singular.sum()), rtol=1e-4)
+        np.testing.assert_allclose(values["spectral_norm"], float(singular[0]), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sft_trainer(tiny_model, tokenizer, train_dataset, data_file, tmp_path):
+    """TRL's SFTTrainer (fused LM head, completion-only loss) on pre-tokenized rows."""
+    from trl import SFTTrainer
+
+    completion = [
+        {
+            "input_ids": row["input_ids"],
+            "completion_mask": [int(label != -100) for label in row["labels"]],
+            "example_id": row["example_id"],
+        }
+        for row in train_dataset
+    ]
+    dataset = Dataset.from_list(completion)
+    train(
+        tiny(tiny_model("llama")),
+        dataset,
+        tokenizer,
+        tmp_path,
+        trainer_class=SFTTrainer,
+        completion_only_loss=True,
+        bf16=False,  # SFTConfig's default autocast; the profile runs in float32
+    )
+    reference = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref")
+    assert_same_spectra(monitored_spectra(tmp_path / "run"), reference)
+
+
+def test_packed_rows_are_refused(tiny_model, tokenizer, train_dataset, tmp_path):
+    packed = Dataset.from_list(
+        [
+            {
+                "input_ids": row["input_ids"],
+                "labels": row["labels"],
+                "example_id": row["example_id"],
+                "position_ids": list(range(5)) + list(range(len(row["input_ids"]) - 5)),
+            }
+            for row in train_dataset
+        ]
+    )
+    with pytest.raises(GradspecError, match="one example per row"):
+        train(
+            tiny(tiny_model("llama")),
+            packed,
+            tokenizer,
+            tmp_path,
+            max_steps=PROFILED_STEP,
+            per_device_train_batch_size=1,
+        )
