@@ -273,3 +273,90 @@ def test_packed_rows_are_refused(tiny_model, tokenizer, train_dataset, tmp_path)
             max_steps=PROFILED_STEP,
             per_device_train_batch_size=1,
         )
+
+
+@pytest.mark.slow
+def test_aggregates_reach_tensorboard_and_rows_are_scored(
+    tiny_model, tokenizer, train_dataset, tmp_path
+):
+    """The logged aggregates are read back from TensorBoard's event files and equal those of
+    the run directory's rows, which `gradspec score` reads."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradspec.quality import example_scores
+
+    train(
+        tiny(tiny_model("llama")),
+        train_dataset,
+        tokenizer,
+        tmp_path,
+        report_to=["tensorboard"],
+    )
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    tables = load_run(tmp_path / "run")
+    attn = tables.spectra[tables.spectra["kind"] == "attn"]
+    assert logged["train/gradspec/attn/nuclear_norm_mean"] == pytest.approx(
+        attn["nuclear_norm"].mean(), rel=1e-6
+    )
+    assert logged["train/gradspec/mlp/effective_rank_max"] == pytest.approx(
+        tables.spectra.loc[tables.spectra["kind"] == "mlp", "effective_rank"].max(), rel=1e-6
+    )
+    assert "train/gradspec/flagged_frac" in logged
+    scores = example_scores(tables)
+    assert len(scores) == 4 and scores["nuclear_norm"].notna().all()
+
+
+def test_online_flag_is_the_robust_z_against_the_window():
+    from gradspec.integrations.transformers import OnlineFlagger
+
+    rng = np.random.default_rng(0)
+    history = rng.normal(size=(20, 3))
+    flagger = OnlineFlagger(window=10, min_window=5, threshold=2.0)
+    scores = flagger.score(np.vstack([history, history[:1] + 10.0]))
+    window = history[10:20]
+    median = np.median(window, axis=0)
+    mad = 1.4826 * np.median(np.abs(window - median), axis=0)
+    expected = np.mean((history[0] + 10.0 - median) / mad)
+    assert np.isnan(scores[:5]).all() and np.isfinite(scores[5:]).all()
+    assert scores[-1] == pytest.approx(expected)
+    assert flagger.flagged(scores)[-1] and not flagger.flagged(scores)[:5].any()
+
+
+@pytest.mark.slow
+def test_skip_flagged_leaves_flagged_rows_out_of_later_epochs(
+    tiny_model, tokenizer, train_dataset, tmp_path
+):
+    """With a threshold every scored example passes, the examples flagged in epoch 1 are
+    left out of epoch 2: exactly the others are trained on (and profiled) there."""
+    trainer = Trainer(
+        tiny(tiny_model("llama")),
+        TrainingArguments(
+            output_dir=str(tmp_path / "trainer"),
+            per_device_train_batch_size=4,
+            num_train_epochs=2,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+        ),
+        train_dataset=train_dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+    )
+    callback = watch(
+        trainer,
+        tmp_path / "run",
+        id_column="example_id",
+        skip_flagged=True,
+        min_window=1,
+        threshold=-1e9,
+    )
+    trainer.train()
+    flagged = [json.loads(line) for line in (tmp_path / "run" / "flagged.jsonl").open()]
+    first_epoch = {line["row"] for line in flagged if line["epoch"] <= 1}
+    assert 0 < len(first_epoch) < N_EXAMPLES
+    examples = pd.read_parquet(tmp_path / "run" / "examples")
+    later = examples.loc[examples["epoch"] > 1, "source_line"]
+    assert sorted(later) == sorted(set(range(N_EXAMPLES)) - first_epoch)
+    assert callback.flagged_rows == {line["row"] for line in flagged}
