@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +364,39 @@ def test_skip_flagged_leaves_flagged_rows_out_of_later_epochs(
     later = examples.loc[examples["epoch"] > 1, "source_line"]
     assert sorted(later) == sorted(set(range(N_EXAMPLES)) - first_epoch)
     assert callback.flagged_rows == {line["row"] for line in flagged}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tiny_model, train_dataset, data_file, tmp_path):
+    """Each rank profiles its own examples; the gathered rows equal the profile of the
+    checkpoint, and every rank logs the same aggregates and makes the same flag decisions."""
+    train_dataset.save_to_disk(tmp_path / "data")
+    worker = Path(__file__).with_name("monitor_ddp_worker.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(worker),
+        str(tiny_model("llama")),
+        str(tmp_path / "data"),
+        str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0] == ranks[1]
+    assert len(ranks[0]["ids"]) == 4 and "gradspec/attn/nuclear_norm_mean" in ranks[0]["logs"]
+    reference = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref")
+    monitored = monitored_spectra(tmp_path / "run")
+    assert sorted(monitored.index.get_level_values(0).unique()) == sorted(ranks[0]["ids"])
+    assert_same_spectra(monitored, reference)

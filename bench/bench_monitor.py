@@ -1,0 +1,145 @@
+"""Overhead of the training monitor: a profiled optimizer step against a plain one.
+
+One Trainer run per model shape profiles every second step (``every_n_steps=2``), so
+profiled and plain steps alternate side by side in the same run; each step is timed from
+``on_step_begin`` to ``on_step_end`` and the medians are compared. Amortised overhead at the
+default frequency (the Trainer's default ``logging_steps``, 500) is
+(profiled - plain) / (500 x plain). The plain steps carry the idle hooks, so their cost is
+in the baseline; a run without the monitor is timed too, for the idle hooks' own cost.
+
+Shapes: SmolLM2-135M (the real checkpoint, /work/runs/smollm2-hf or ``--model``) and a
+random Llama of width 2048 (SmolLM2-1.7B's layer shapes, 2 layers), batches of 4 real
+examples of the shared data (GSM8K with CoT), float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import gradspec
+from gradspec.integrations.transformers import watch
+
+MODEL = Path("/work/runs/smollm2-hf")
+DATA = Path(__file__).resolve().parents[2] / "shared/data/reasoning_cot/correct/gsm8k_with_cot.json"
+DEFAULT_LOGGING_STEPS = 500
+STEPS = 8
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (forward, backward, spectra, optimizer)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def dataset(tokenizer: Any, n: int) -> Dataset:
+    records = json.loads(DATA.read_text())[:n]
+    rows = []
+    for i, record in enumerate(records):
+        input_ids, labels = gradspec.encode(tokenizer, record, max_length=192)
+        rows.append({"input_ids": input_ids, "labels": labels, "example_id": str(i)})
+    return Dataset.from_list(rows)
+
+
+def timed_run(model: torch.nn.Module, tokenizer: Any, data: Dataset, monitor: bool) -> list[float]:
+    """Step times of one run; with the monitor, even steps (2, 4, ...) are profiled."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model,
+            TrainingArguments(
+                output_dir=out,
+                per_device_train_batch_size=4,
+                max_steps=STEPS,
+                learning_rate=1e-5,
+                report_to=[],
+                save_strategy="no",
+                use_cpu=True,
+                logging_steps=DEFAULT_LOGGING_STEPS,
+            ),
+            train_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        )
+        if monitor:
+            watch(trainer, Path(out) / "run", id_column="example_id", every_n_steps=2)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+    return timer.times
+
+
+def measure(name: str, make_model: Any, tokenizer: Any, data: Dataset) -> dict[str, float]:
+    without = timed_run(make_model(), tokenizer, data, monitor=False)[2:]
+    with_monitor = timed_run(make_model(), tokenizer, data, monitor=True)
+    profiled = statistics.median(with_monitor[1::2][1:])  # steps 2, 4, ... (first dropped)
+    plain = statistics.median(with_monitor[2::2])  # steps 3, 5, ...
+    baseline = statistics.median(without)
+    return {
+        "shape": name,
+        "step without monitor (s)": baseline,
+        "plain step, hooks idle (s)": plain,
+        "profiled step (s)": profiled,
+        "profiled / plain": profiled / plain,
+        "amortised overhead at every 500 steps": (profiled - plain)
+        / (DEFAULT_LOGGING_STEPS * plain)
+        + (plain - baseline) / baseline,
+    }
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else MODEL
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = dataset(tokenizer, 4 * STEPS)
+    rows = [
+        measure(
+            "SmolLM2-135M",
+            lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            tokenizer,
+            data,
+        )
+    ]
+    wide = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    rows.append(measure("width 2048 (2 layers)", lambda: LlamaForCausalLM(wide), tokenizer, data))
+    header = list(rows[0])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row[h] if isinstance(row[h], str) else f"{row[h]:.3g}" for h in header]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
