@@ -283,7 +283,8 @@ def is_main_process() -> bool:
 class TrainingRun:
     """A run directory as ``gradspec profile`` writes it, one part per profiled step; each
     profiled occurrence of an example is one row (``example_index`` counts occurrences),
-    with ``step`` and ``epoch`` columns and the dataset row in ``source_line``."""
+    with ``step``, ``epoch`` and the online ``flag_score`` columns and the dataset row in
+    ``source_line``."""
 
     def __init__(self, root: str | os.PathLike, targets: list[Target], manifest: dict[str, Any]):
         self.root = Path(root)
@@ -293,7 +294,7 @@ class TrainingRun:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.root / "manifest.json", manifest)
 
-    def write_step(self, step: int, epoch: float, records: StepRecords) -> None:
+    def write_step(self, step: int, epoch: float, records: StepRecords, scores: np.ndarray) -> None:
         first, n = self.written, len(records.ids)
         if not n:
             return
@@ -312,7 +313,7 @@ class TrainingRun:
             "response_only_loss": [None] * n,
             "ifd": [None] * n,
         }
-        step_columns = {"step": [step] * n, "epoch": [epoch] * n}
+        step_columns = {"step": [step] * n, "epoch": [epoch] * n, "flag_score": scores}
         examples_table = pa.table(examples, schema=EXAMPLES_SCHEMA)
         for key, column in step_columns.items():
             examples_table = examples_table.append_column(key, pa.array(column))
@@ -489,7 +490,7 @@ class GradspecCallback(TrainerCallback):
         self.pending_logs = self._aggregates(stats, scores, flagged)
         self.last_step = {"step": step, "records": records, "scores": scores, "flagged": flagged}
         if self.run is not None:
-            self.run.write_step(step, epoch, records)
+            self.run.write_step(step, epoch, records, scores)
             self.run.append_flags(_flag_lines(step, epoch, records, scores, flagged))
 
     def _aggregates(
