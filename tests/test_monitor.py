@@ -3,7 +3,6 @@ checkpoint saved just before the step; training itself is unchanged."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -63,21 +62,30 @@ def train_dataset(data_file: Path, tokenizer) -> Dataset:
 
 
 class SaveBefore(TrainerCallback):
-    """Saves the model (LoRA merged into a copy) just before optimizer step ``step``."""
+    """Saves the model just before optimizer step ``step``; a LoRA model is rebuilt from
+    ``rebuild`` with the weights of then and saved merged (a model with the monitor's hooks
+    cannot be deep-copied)."""
 
-    def __init__(self, step: int, directory: Path, tokenizer):
+    def __init__(self, step: int, directory: Path, tokenizer, rebuild=None):
         self.step, self.directory, self.tokenizer = step, directory, tokenizer
-        self.model_before: torch.nn.Module | None = None
+        self.rebuild = rebuild
+        self.state: dict[str, torch.Tensor] = {}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 != self.step:
             return
-        self.model_before = copy.deepcopy(model)
-        merged = copy.deepcopy(model)
-        if hasattr(merged, "merge_and_unload"):
-            merged = merged.merge_and_unload()
-        merged.save_pretrained(self.directory)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.rebuild is None:
+            model.save_pretrained(self.directory)
+        else:
+            self.model_before().merge_and_unload().save_pretrained(self.directory)
         self.tokenizer.save_pretrained(self.directory)
+
+    def model_before(self) -> torch.nn.Module:
+        """A fresh LoRA model with the weights saved before the step."""
+        model = self.rebuild()
+        model.load_state_dict(self.state)
+        return model
 
 
 def train(
@@ -88,6 +96,7 @@ def train(
     *,
     monitor: bool = True,
     trainer_class: type = Trainer,
+    rebuild=None,
     **arguments,
 ):
     """Three optimizer steps; the monitor profiles step 2; a checkpoint is saved before it."""
@@ -119,7 +128,7 @@ def train(
             processing_class=tokenizer,
         )
     callback = watch(trainer, out / "run", id_column="example_id") if monitor else None
-    saver = SaveBefore(PROFILED_STEP, out / "checkpoint", tokenizer)
+    saver = SaveBefore(PROFILED_STEP, out / "checkpoint", tokenizer, rebuild)
     trainer.add_callback(saver)
     trainer.train()
     return trainer, callback, saver
@@ -207,7 +216,14 @@ def base_param_name(param: str) -> str:
 def test_lora_base_and_adapter_matrices(tiny_model, tokenizer, train_dataset, data_file, tmp_path):
     """Frozen base matrices equal the merged checkpoint's profile; LoRA matrices equal the
     float64 SVD of the explicitly built per-example gradient."""
-    _, callback, saver = train(lora_model(tiny_model("llama")), train_dataset, tokenizer, tmp_path)
+    model_dir = tiny_model("llama")
+    _, callback, saver = train(
+        lora_model(model_dir),
+        train_dataset,
+        tokenizer,
+        tmp_path,
+        rebuild=lambda: lora_model(model_dir),
+    )
     monitored = monitored_spectra(tmp_path / "run", base_param_name)
     is_lora = monitored.index.get_level_values(1).str.contains("lora_")
     modules = {t.module_name for t in callback.capture.targets}
@@ -216,7 +232,7 @@ def test_lora_base_and_adapter_matrices(tiny_model, tokenizer, train_dataset, da
     assert_same_spectra(monitored[~is_lora], reference)
 
     by_id = {row["example_id"]: row for row in train_dataset}
-    model = saver.model_before.double()
+    model = saver.model_before().double()
     for (example_id, param), values in monitored[is_lora].iterrows():
         row = by_id[example_id]
         weight = model.get_parameter(param)
