@@ -94,6 +94,13 @@ def answer_spans(task: str, response: str, instruction: str) -> list[AnswerSpan]
     raise ValueError(f"no final answer rule for task {task!r}")
 
 
+def extract_answer(task: str, text: str, instruction: str) -> str | None:
+    """The answer a (generated) response gives: its last candidate of the task's kind,
+    normalised as ``normalise_gold`` normalises the gold answer; None if it states none."""
+    spans = answer_spans(task, text, instruction)
+    return spans[-1].value if spans else None
+
+
 def normalise_number(text: str) -> str:
     """'1,000.00' -> '1000', '-2.50' -> '-2.5': one spelling per value."""
     value = float(text.replace(",", ""))
