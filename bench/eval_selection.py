@@ -452,21 +452,31 @@ def markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def kept_table(results: list[dict[str, Any]], methods: list[str]) -> list[dict[str, str]]:
-    """Per method: the share of irrelevant examples kept and the seconds per run."""
+def kept_table(
+    results: list[dict[str, Any]], methods: list[str], pool: list[Item]
+) -> list[dict[str, str]]:
+    """Per method: the share of irrelevant examples kept, what it kept of each style (with
+    the irrelevant share among them; averaged over seeds) and the seconds per run."""
+    styles = list(dict.fromkeys(item.style for item in pool))
     rows = []
     for method in methods:
-        mine = [r for r in results if r["method"] == method]
+        mine = [r for r in results if r["method"] == method and r["kept"]]
         if not mine:
             continue
-        rows.append(
-            {
-                "method": method,
-                "seeds": str(len(mine)),
-                "irrelevant kept": f"{np.mean([r['irrelevant_kept'] for r in mine]):.1%}",
-                "seconds per run": f"{np.mean([r['seconds'] for r in mine]):.0f}",
-            }
-        )
+        row = {
+            "method": method,
+            "seeds": str(len(mine)),
+            "irrelevant kept": f"{np.mean([r['irrelevant_kept'] for r in mine]):.1%}",
+        }
+        for style in styles:
+            kept = [[pool[i] for i in r["kept"] if pool[i].style == style] for r in mine]
+            count = np.mean([len(k) for k in kept])
+            bad = [it.kind == "irrelevant" for k in kept for it in k]
+            row[f"{style} kept (irrelevant)"] = (
+                f"{count:.1f} ({np.mean(bad):.0%})" if bad else f"{count:.1f}"
+            )
+        row["seconds per run"] = f"{np.mean([r['seconds'] for r in mine]):.0f}"
+        rows.append(row)
     return rows
 
 
@@ -498,9 +508,9 @@ def report(
     correct = item_table(results, accuracy, "correct")
     sections = [
         header,
-        "### Irrelevant examples kept (pool: "
+        "### What each method kept (irrelevant in the pool: "
         f"{np.mean([it.kind == 'irrelevant' for it in context['pool']]):.1%})\n\n"
-        + markdown(kept_table(results, methods)),
+        + markdown(kept_table(results, methods, context["pool"])),
     ]
     for title, table, items, by in (
         ("Held-out response loss per style (lower is better)", losses, held_out, "style"),

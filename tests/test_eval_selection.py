@@ -175,6 +175,7 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
     assert runs["base", 0]["loss"] != runs["random", 0]["loss"]  # fine-tuning changed the model
     text = report.read_text()
     assert "| random |" in text and "| flag |" in text and set(METHODS) >= {"flag", "diverse"}
+    assert "no_cot kept (irrelevant)" in text and "wiki kept (irrelevant)" in text
 
     before = {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")}
     main(argv)  # a rerun reads every result back
