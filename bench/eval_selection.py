@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from mixes import ANSWER_TASKS, CellFiles, build_mix, extract_answer, normalise_gold, read_records
 from rich.console import Console
@@ -108,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accuracy-per-task", type=int, default=12, help="generated answers")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per answer")
     parser.add_argument("--pool-seed", type=int, default=0, help="which responses are replaced")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the (method, seed) results already finished",
+    )
     parser.add_argument("--work", type=Path, default=Path(".cache/eval-selection"))
     parser.add_argument("--markdown", type=Path, default=None, help="default WORK/.../results.md")
     args = parser.parse_args(argv)
@@ -357,6 +361,18 @@ def evaluate(model: torch.nn.Module, context: dict[str, Any], args: argparse.Nam
     }
 
 
+def result_path(method: str, seed: int, context: dict[str, Any], args: argparse.Namespace) -> Path:
+    return context["work"] / setting_name(args) / f"{method}_seed{seed}.json"
+
+
+def cached_result(
+    method: str, seed: int, context: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """The finished result of a (method, seed), or None."""
+    path = result_path(method, seed, context, args)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_one(
     method: str,
     seed: int,
@@ -364,7 +380,7 @@ def run_one(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Select, fine-tune and evaluate one (method, seed), or read its cached result."""
-    path = context["work"] / setting_name(args) / f"{method}_seed{seed}.json"
+    path = result_path(method, seed, context, args)
     if path.exists():
         return json.loads(path.read_text())
     started = time.perf_counter()
@@ -405,38 +421,43 @@ def bootstrap_mean(values: np.ndarray, rng: np.random.Generator, repeats: int = 
     return float(np.nanmean(values)), float(low), float(high)
 
 
-def item_table(results: list[dict[str, Any]], items: list[Item], metric: str) -> pd.DataFrame:
-    """Items x methods: each item's metric averaged over the method's seeds."""
-    frames = []
-    for r in results:
-        frames.append(
-            pd.DataFrame(
-                {
-                    "method": r["method"],
-                    "seed": r["seed"],
-                    "item": range(len(items)),
-                    "value": np.asarray(r[metric], dtype=float),
-                }
-            )
-        )
-    long = pd.concat(frames)
-    return long.groupby(["item", "method"])["value"].mean().unstack("method")
+def item_values(results: list[dict[str, Any]], metric: str) -> dict[tuple[str, int], np.ndarray]:
+    """Each (method, seed)'s per-item values of a metric."""
+    return {(r["method"], r["seed"]): np.asarray(r[metric], dtype=float) for r in results}
+
+
+def seeds_of(values: dict[tuple[str, int], np.ndarray], method: str) -> list[int]:
+    return sorted(seed for m, seed in values if m == method)
 
 
 def summary_rows(
-    table: pd.DataFrame, items: list[Item], by: str, methods: list[str], versus_random: bool
+    values: dict[tuple[str, int], np.ndarray],
+    items: list[Item],
+    by: str,
+    methods: list[str],
+    versus_random: bool,
 ) -> list[dict[str, str]]:
-    """One row per method: its mean [95% CI] over all items and per group of ``by``, or
-    (``versus_random``) its paired difference from random."""
+    """One row per method: its mean [95% CI] over all items and per group of ``by``, each
+    item averaged over the method's seeds; or (``versus_random``) its difference from
+    random, paired by item and seed (over the seeds both have)."""
     groups = np.array([getattr(it, by) for it in items])
     rows = []
     for method in methods:
-        if method not in table or (versus_random and method in ("random", "base")):
+        seeds = seeds_of(values, method)
+        if versus_random:
+            if method in ("random", "base"):
+                continue
+            seeds = [s for s in seeds if s in seeds_of(values, "random")]
+        if not seeds:
             continue
-        values = table[method] - table["random"] if versus_random else table[method]
-        row = {"method": method}
+        per_seed = [
+            values[method, s] - values["random", s] if versus_random else values[method, s]
+            for s in seeds
+        ]
+        per_item = np.mean(per_seed, axis=0)
+        row = {"method": method, "seeds": str(len(seeds))}
         for group in ["all", *dict.fromkeys(groups)]:
-            part = values.to_numpy() if group == "all" else values[groups == group].to_numpy()
+            part = per_item if group == "all" else per_item[groups == group]
             mean, low, high = bootstrap_mean(part, np.random.default_rng(0))
             sign = "+" if versus_random else ""
             row[group] = f"{mean:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
@@ -504,8 +525,8 @@ def report(
 ) -> str:
     """The Markdown report: kept shares, losses and accuracies per style/task, seeds."""
     held_out, accuracy = context["held_out"], context["accuracy"]
-    losses = item_table(results, held_out, "loss")
-    correct = item_table(results, accuracy, "correct")
+    losses = item_values(results, "loss")
+    correct = item_values(results, "correct")
     sections = [
         header,
         "### What each method kept (irrelevant in the pool: "
@@ -584,7 +605,10 @@ def main(argv: list[str] | None = None) -> Path:
     results = [run_one("base", 0, context, args)]
     for seed in seeds:
         for method in methods:
-            result = run_one(method, seed, context, args)
+            result = cached_result(method, seed, context, args)
+            if result is None and args.report_only:
+                continue
+            result = result or run_one(method, seed, context, args)
             console.print(
                 f"{method} seed {seed}: loss {np.nanmean(result['loss']):.3f}, accuracy "
                 f"{np.mean(result['correct']):.1%}, irrelevant kept "
@@ -596,10 +620,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"Model `{context['model']}` (template {args.template}, max length {args.max_length}); "
         f"pool {len(pool)} ({args.share:.0%} irrelevant, pool seed {args.pool_seed}); k = "
         f"{args.k}; LoRA {LORA}, {args.steps} steps x batch {args.batch_size}, lr {args.lr}; "
-        f"seeds {args.seeds}; {len(context['held_out'])} held-out loss items, "
+        f"seeds {args.seeds}{' (finished ones only)' if args.report_only else ''}; "
+        f"{len(context['held_out'])} held-out loss items, "
         f"{len(context['accuracy'])} accuracy items ({args.new_tokens} new tokens). `base` = "
         "the model before fine-tuning. Cells: mean [95% bootstrap CI over items, each item "
-        "averaged over seeds]; `m-random`: paired difference from random."
+        "averaged over seeds]; differences from random are paired by item and seed."
     )
     text = report(results, context, ["base", *methods], header)
     path = args.markdown or context["work"] / setting_name(args) / "results.md"

@@ -109,14 +109,17 @@ def test_extract_answer_reads_the_last_answer_of_the_tasks_kind(
 # ---------------------------------------------------------------- summary
 
 
-def test_differences_from_random_are_paired_means_with_an_interval_around_them():
+def test_differences_from_random_are_paired_by_item_and_seed_with_an_interval():
     from eval_selection import Item
 
     items = [Item({}, "gsm8k" if i < 3 else "aqua", "no_cot", i) for i in range(5)]
-    table = pd.DataFrame({"random": [1.0, 2, 3, 4, 5], "loss": [0.5, 2, 2, 4, 4.5]})
-    rows = summary_rows(table, items, "task", ["random", "loss"], versus_random=True)
-    assert [r["method"] for r in rows] == ["loss"]
-    differences = table["loss"] - table["random"]
+    random = {0: np.array([1.0, 2, 3, 4, 5]), 1: np.array([2.0, 2, 2, 2, 2])}
+    loss = {0: np.array([0.5, 2, 2, 4, 4.5]), 1: np.array([1.0, 1, 1, 1, 5]), 2: np.ones(5)}
+    values = {("random", s): v for s, v in random.items()}
+    values |= {("loss", s): v for s, v in loss.items()}
+    rows = summary_rows(values, items, "task", ["random", "loss"], versus_random=True)
+    assert [(r["method"], r["seeds"]) for r in rows] == [("loss", "2")]  # seed 2 has no twin
+    differences = ((loss[0] - random[0]) + (loss[1] - random[1])) / 2
     for group, part in [
         ("all", differences),
         ("gsm8k", differences[:3]),
@@ -126,6 +129,11 @@ def test_differences_from_random_are_paired_means_with_an_interval_around_them()
         low, high = (float(v) for v in interval.strip("[]").split(", "))
         assert float(mean) == pytest.approx(part.mean(), abs=5e-4)
         assert part.min() - 1e-3 <= low <= float(mean) <= high <= part.max() + 1e-3
+    means = summary_rows(values, items, "task", ["loss"], versus_random=False)
+    assert means[0]["seeds"] == "3"
+    assert float(means[0]["all"].split()[0]) == pytest.approx(
+        np.mean(list(loss.values())), abs=5e-4
+    )
 
 
 # ---------------------------------------------------------------- a tiny end-to-end run
@@ -179,4 +187,6 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
 
     before = {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")}
     main(argv)  # a rerun reads every result back
+    assert {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")} == before
+    main([*argv, "--seeds", "0,1,2", "--report-only"])  # seed 2 is reported, not trained
     assert {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")} == before
