@@ -85,7 +85,7 @@ console = Console(width=200)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("/work/runs/smollm2-hf"))
+    parser.add_argument("--model", type=Path, required=True, help="a checkpoint folder")
     parser.add_argument("--template", choices=("plain", "chat"), default="chat")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--pool-size", type=int, default=160, help="split evenly over 16 cells")
