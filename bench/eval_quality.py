@@ -27,13 +27,12 @@ scales can be pooled. Runs and per-cell scores are cached in ``--work``; a rerun
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mixes import KINDS, CellFiles, MixExample, build_mix
+from mixes import KINDS, CellFiles, MixExample, build_mix, write_json
 from rich.console import Console
 from transformers import AutoTokenizer
 
@@ -162,14 +161,6 @@ def visible_to(tokenizer: object, template: str, max_length: int):
         return tokens[0] != tokens[1]
 
     return visible
-
-
-def write_json(records: list[dict[str, str]], path: Path) -> None:
-    """Write an Alpaca JSON array, leaving an identical file untouched (runs hash the data)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(records, indent=1)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
 
 
 def score_cell(

@@ -49,7 +49,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from mixes import ANSWER_TASKS, CellFiles, build_mix, extract_answer, normalise_gold, read_records
+from mixes import (
+    ANSWER_TASKS,
+    CellFiles,
+    build_mix,
+    extract_answer,
+    normalise_gold,
+    read_records,
+    write_json,
+)
 from rich.console import Console
 from transformers import (
     AutoModelForCausalLM,
@@ -214,14 +222,6 @@ def checked_disjoint(items: list[Item], pool: list[Item]) -> list[Item]:
 
 
 # ---------------------------------------------------------------- profile and select
-
-
-def write_json(records: list[dict[str, Any]], path: Path) -> None:
-    """Write a JSON array, leaving an identical file untouched (runs hash their data)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(records, indent=1)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
 
 
 def examples_of(items: list[Item], path: Path) -> list[Example]:

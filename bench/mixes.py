@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -325,3 +326,11 @@ def wrong_answers(
             if changed is not None:
                 found[i] = changed
     return found
+
+
+def write_json(records: list[dict[str, Any]], path: Path) -> None:
+    """Write a JSON array, leaving an identical file untouched (runs hash their data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(records, indent=1)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
