@@ -20,9 +20,11 @@ from conftest import SHARED_DATA
 from test_study import write_study
 
 import gradspec
-from gradspec.distributed import LOCAL, agree, split_by_weight
+from gradspec.distributed import LOCAL, Ranks, agree, split_by_weight
 from gradspec.engine import STOP_AFTER_CHUNKS, STOP_RANK
 from gradspec.errors import GradspecError
+from gradspec.options import Method, Shard
+from gradspec.sharding import check_shard
 from gradspec.study import load_study, run_study
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -212,6 +214,45 @@ def test_study_under_two_ranks_spreads_cells_and_reports_once(tiny_model, tmp_pa
         2, "-m", "gradspec", "study", str(study_file), "--out", str(out), "--bootstrap", "50"
     )
     assert rerun.returncode == 0 and "0 cells; 2 already done" in rerun.stderr
+
+
+def test_shard_fsdp_is_refused_where_it_cannot_work(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(GradspecError, match=r"--shard fsdp splits the model .* one process"):
+        gradspec.profile(tiny_model("llama"), LONG, out, shard="fsdp", **OPTIONS)
+    with pytest.raises(GradspecError, match="--shard zero: use one of none, fsdp"):
+        gradspec.profile(tiny_model("llama"), LONG, out, shard="zero", **OPTIONS)
+    assert not out.exists()
+    with pytest.raises(GradspecError, match="--method fast only"):
+        check_shard(Shard.fsdp, Ranks(0, 2), Method.reference)
+    check_shard(Shard.fsdp, Ranks(1, 2), Method.fast)
+
+
+# Chunks of 4, 4 and 2 examples in batches of up to 3, with the IFD forward passes: the two
+# ranks have different numbers and kinds of passes, so the sharded run must keep them in step.
+UNEVEN = dict(limit=10, chunk_size=4, batch_size=3, ifd=True, device="cpu")
+
+
+@pytest.mark.slow
+def test_a_model_sharded_over_two_ranks_gives_the_unsharded_tables_bit_for_bit(
+    tiny_model, tmp_path
+):
+    """FSDP2 all-gathers exact copies of the weights before each layer runs, and each
+    rank's batches are the ones a single process forms, so on CPU nothing changes a bit."""
+    model = tiny_model("llama")
+    one = _profile(1, model, tmp_path / "one", options=UNEVEN)
+    assert one.returncode == 0, one.stderr
+    two = _profile(2, model, tmp_path / "two", options={**UNEVEN, "shard": "fsdp"})
+    assert two.returncode == 0, two.stderr
+    sharded = gradspec.load_run(tmp_path / "two")
+    _assert_same_tables(sharded, gradspec.load_run(tmp_path / "one"))
+    assert sharded.examples["ifd"].notna().all()
+    assert sharded.manifest["sessions"][-1] | {"started": 0, "ended": 0} == {
+        "started": 0,
+        "ended": 0,
+        "ranks": 2,
+        "shard": "fsdp",
+    }
 
 
 @pytest.mark.slow

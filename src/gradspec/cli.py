@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GradspecError
-from .options import MODEL_PANEL, ProfileOptions, ReportStatistic
+from .options import MODEL_PANEL, ProfileOptions, ReportStatistic, Shard
 from .statistics import statistic_help
 
 app = typer.Typer(
@@ -173,6 +173,14 @@ def profile(
     device: Annotated[
         str, typer.Option(help="cpu, cuda, cuda:N or auto.", rich_help_panel=MODEL_PANEL)
     ] = "auto",
+    shard: Annotated[
+        Shard,
+        typer.Option(
+            help="fsdp: split the model over the ranks of a torchrun (FSDP2), for a model "
+            "that does not fit one device; none: each rank holds the whole model.",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = Shard.none,
     **options: Any,
 ) -> None:
     """Profile per-example gradient spectra of every decoder-layer matrix into RUN_DIR."""
@@ -180,7 +188,9 @@ def profile(
 
     prepare_checkpoints([model])
     with rank_progress_bar("profiling") as update:
-        tables = run_profile(model, data, out, device=device, progress=update, **options)
+        tables = run_profile(
+            model, data, out, device=device, shard=shard, progress=update, **options
+        )
     if not is_main_process():
         return
     statuses = tables.examples["status"].value_counts().to_dict()

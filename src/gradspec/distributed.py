@@ -170,3 +170,28 @@ def split_by_weight(weights: Sequence[int], n_ranks: int) -> list[list[int]]:
         shares[rank].append(index)
         loads[rank] += weights[index]
     return [sorted(share) for share in shares]
+
+
+class Lockstep:
+    """Runs passes so that every rank runs the same sequence of kinds of pass, as FSDP's
+    collectives need: before each pass the ranks exchange the kind of their next one; the
+    least kind wins (by name), ranks with another kind or none left run it on ``idle``,
+    whose results are dropped. On one rank (or ``LOCAL``) a pass simply runs."""
+
+    def __init__(self, ranks: Ranks, passes: dict[str, Callable[[Any], Any]], idle: Any):
+        self.ranks, self.passes, self.idle = ranks, passes, idle
+
+    def run(self, kind: str, work: Any) -> Any:
+        """``passes[kind](work)``, after the passes other ranks need first."""
+        while (agreed := self._agreed_kind(kind)) != kind:
+            self.passes[agreed](self.idle)
+        return self.passes[kind](work)
+
+    def finish(self) -> None:
+        """Run idle passes until every rank has run its last pass."""
+        while (agreed := self._agreed_kind(None)) is not None:
+            self.passes[agreed](self.idle)
+
+    def _agreed_kind(self, kind: str | None) -> str | None:
+        pending = [k for k in all_gather(self.ranks, kind) if k is not None]
+        return min(pending, default=None)

@@ -24,8 +24,9 @@ import transformers
 from . import __version__
 from .adapters import Target, find_targets
 from .batching import Batch, collate, per_example_losses, plan_batches, response_logits
-from .capture import SpectraCapture
+from .capture import SpectraCapture, TargetResult
 from .data import (
+    IGNORE_INDEX,
     Encoded,
     Example,
     data_sha256,
@@ -35,6 +36,8 @@ from .data import (
     resolve_data_files,
 )
 from .distributed import (
+    LOCAL,
+    Lockstep,
     Ranks,
     agree,
     all_gather,
@@ -55,7 +58,8 @@ from .modeling import (
     resolve_dtype,
     resolve_spectra_dtype,
 )
-from .options import Method, ProfileOptions
+from .options import Method, ProfileOptions, Shard, parse_choice
+from .sharding import check_shard, shard_model
 from .statistics import spectrum_statistics
 from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 
@@ -63,6 +67,8 @@ from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 STOP_AFTER_CHUNKS = "GRADSPEC_TEST_STOP_AFTER_CHUNKS"
 STOP_RANK = "GRADSPEC_TEST_STOP_RANK"
 STOPPED_EXIT_CODE = 75
+# The kinds of model pass the ranks of a sharded model keep in step (distributed.Lockstep).
+SPECTRA_PASS, FORWARD_PASS = "spectra", "forward"
 
 
 # ---------------------------------------------------------------- public entry point
@@ -74,6 +80,7 @@ def profile(
     out: str | os.PathLike,
     *,
     device: str = "auto",
+    shard: str = "none",
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> RunTables:
@@ -85,10 +92,13 @@ def profile(
 
     Under ``torchrun`` (or inside a process group the caller set up) every rank calls this
     with the same arguments: the missing chunks are split across the ranks, each returns
-    the whole run's tables, and ``progress`` counts this rank's share.
+    the whole run's tables, and ``progress`` counts this rank's share. ``shard="fsdp"``
+    splits the model itself over the ranks (FSDP2) for a model that does not fit one device.
     """
     with process_group(device) as ranks:
-        return profile_on(ranks, model, data, out, device=device, progress=progress, **options)
+        return profile_on(
+            ranks, model, data, out, device=device, shard=shard, progress=progress, **options
+        )
 
 
 @dataclass
@@ -103,6 +113,7 @@ class _Plan:
     dtype: torch.dtype
     spectra_dtype: torch.dtype
     device: torch.device
+    shard: Shard
 
 
 def profile_on(
@@ -112,36 +123,41 @@ def profile_on(
     out: str | os.PathLike,
     *,
     device: str = "auto",
+    shard: str = "none",
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> RunTables:
     """:func:`profile` on the given ranks (``LOCAL``: this process alone)."""
-    plan = agree(ranks, lambda: _plan(model, data, out, rank_device(device), options))
+    plan = agree(ranks, lambda: _plan(ranks, model, data, out, rank_device(device), shard, options))
     _refuse_different_runs(ranks, plan, out)
     opts, examples, store = plan.opts, plan.examples, plan.store
     # Rank 0's view of the finished parts is everyone's, so all split the same chunks.
-    todo = from_main(ranks, store.missing_chunks(len(examples), opts.chunk_size))
-    done = len(examples) - sum(last - first + 1 for first, last in todo)
+    missing = from_main(ranks, store.missing_chunks(len(examples), opts.chunk_size))
+    done = len(examples) - sum(last - first + 1 for first, last in missing)
     # Everything that can fail is resolved on every rank before the first write: a failed
     # start leaves no trace, and an existing run stays as it was.
-    if todo:
+    mine: list[tuple[int, int]] = []
+    if missing:
         net, tokenizer, targets = agree(
-            ranks,
-            lambda: _load_checked_model(plan.model_dir, plan.dtype, plan.device, opts, examples[0]),
+            ranks, lambda: _load_checked_model(ranks, plan, examples[0])
         )
-        todo = _my_chunks(ranks, todo, examples, tokenizer, opts)
+        mine = _my_chunks(ranks, missing, examples, tokenizer, opts)
     # Rank 0 alone writes the manifest; the others start writing parts once it exists.
-    agree(ranks, lambda: store.open(plan.manifest, ranks.size) if ranks.is_main else None)
+    agree(
+        ranks,
+        lambda: store.open(plan.manifest, ranks.size, plan.shard.value) if ranks.is_main else None,
+    )
 
-    total = done + sum(last - first + 1 for first, last in todo)
+    total = done + sum(last - first + 1 for first, last in mine)
     report = progress or (lambda done, total: None)
     report(done, total)
-    if todo:
+    if missing:  # a sharded model's ranks all run passes, even those with no chunk of their own
         fast = opts.method == Method.fast
         capture = SpectraCapture(targets, plan.spectra_dtype) if fast else None
-        runner = ChunkRunner(net, tokenizer, targets, opts, plan.device, capture)
+        in_step = ranks if plan.shard == Shard.fsdp else LOCAL
+        runner = ChunkRunner(net, tokenizer, targets, opts, plan.device, capture, in_step)
         with capture or nullcontext():
-            for position, (first, last) in enumerate(todo, start=1):
+            for position, (first, last) in enumerate(mine, start=1):
                 chunk = examples[first : last + 1]
                 spectra_rows, example_rows = runner.run(
                     chunk, functools.partial(_report_within_chunk, report, done, total)
@@ -150,20 +166,25 @@ def profile_on(
                 _exit_if_a_test_stops_here(position, ranks)
                 done += len(chunk)
                 report(done, total)
+            runner.passes.finish()
     barrier(ranks)  # every rank's parts are written
     agree(ranks, lambda: store.close() if ranks.is_main else None)
     return load_run(out)
 
 
 def _plan(
+    ranks: Ranks,
     model: str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
     device: str,
+    shard: str,
     options: dict[str, Any],
 ) -> _Plan:
     """Check the options, model, data and run directory, without writing anything."""
     opts = ProfileOptions(**options)
+    sharding = parse_choice(Shard, "shard", shard)
+    check_shard(sharding, ranks, opts.method)
     checkpoint = resolve_checkpoint(model)
     model_dir = checkpoint.directory
     files = resolve_data_files(data)
@@ -184,7 +205,9 @@ def _plan(
     manifest = _manifest(
         checkpoint, signature, files, data_hash, len(examples), resolved, torch_device
     )
-    return _Plan(opts, model_dir, examples, store, manifest, dtype, spectra_dtype, torch_device)
+    return _Plan(
+        opts, model_dir, examples, store, manifest, dtype, spectra_dtype, torch_device, sharding
+    )
 
 
 def _refuse_different_runs(ranks: Ranks, plan: _Plan, out: str | os.PathLike) -> None:
@@ -227,19 +250,21 @@ def _my_chunks(
 
 
 def _load_checked_model(
-    model_dir: Path,
-    dtype: torch.dtype,
-    device: torch.device,
-    opts: ProfileOptions,
-    first_example: Example,
+    ranks: Ranks, plan: _Plan, first_example: Example
 ) -> tuple[torch.nn.Module, Any, list[Target]]:
-    """The model, its tokenizer and the targets ``--modules`` selects, after checking that
-    the template encodes the first example (so a bad option fails before anything is written).
-    """
+    """The model (sharded over the ranks if asked), its tokenizer and the targets
+    ``--modules`` selects, after checking that the template encodes the first example (so a
+    bad option fails before anything is written)."""
+    opts, sharded = plan.opts, plan.shard == Shard.fsdp
     net, tokenizer = load_model_and_tokenizer(
-        model_dir, dtype, device, eager_attention=opts.padding_side == "left"
+        plan.model_dir,
+        plan.dtype,
+        torch.device("cpu") if sharded else plan.device,  # fully_shard moves each shard
+        eager_attention=opts.padding_side == "left",
     )
     targets = find_targets(net, opts.modules)
+    if sharded:
+        shard_model(net, plan.device, ranks)
     encode_example(tokenizer, first_example, opts.template, opts.max_length)
     return net, tokenizer, targets
 
@@ -307,12 +332,21 @@ class ChunkRunner:
         opts: ProfileOptions,
         device: torch.device,
         capture: SpectraCapture | None,
+        in_step: Ranks = LOCAL,
     ):
-        """``capture`` holds the hooks of the fast method; None for the reference method."""
+        """``capture`` holds the hooks of the fast method; None for the reference method.
+        The model's passes run in step over ``in_step`` (all ranks of a sharded model)."""
         self.model, self.tokenizer, self.targets = model, tokenizer, targets
         self.opts, self.device, self.capture = opts, device, capture
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        # What a rank with no pass of the agreed kind runs: two pad tokens, one predicted.
+        idle = Encoded([self.pad_id] * 2, [IGNORE_INDEX, self.pad_id], 1, False)
+        self.passes = Lockstep(
+            in_step,
+            {SPECTRA_PASS: self._spectra_pass, FORWARD_PASS: self._forward_pass},
+            collate([0], [idle], self.pad_id, opts.padding_side, device),
+        )
 
     def run(
         self, chunk: list[Example], on_progress: Callable[[int], None]
@@ -350,8 +384,7 @@ class ChunkRunner:
                 )
             return
         batch = collate(members, encoded, self.pad_id, self.opts.padding_side, self.device)
-        losses = fast_spectra(self.model, self.capture, batch)
-        results = self.capture.batch_results()
+        losses, results = self.passes.run(SPECTRA_PASS, batch)
         for position, member in enumerate(members):
             values = [r.values[position] if r.finite[position] else None for r in results]
             yield member, losses[position], values
@@ -396,12 +429,22 @@ class ChunkRunner:
             batch = collate(
                 [todo[m] for m in members], alone, self.pad_id, self.opts.padding_side, self.device
             )
-            with torch.no_grad():
-                losses = per_example_losses(*response_logits(self.model, batch))
-            for member, loss in zip(batch.members, losses.tolist(), strict=True):
+            losses = self.passes.run(FORWARD_PASS, batch)
+            for member, loss in zip(batch.members, losses, strict=True):
                 row = example_rows[member]
                 row["response_only_loss"] = loss
                 row["ifd"] = row["loss"] / loss if loss > 0 else None
+
+    def _spectra_pass(self, batch: Batch) -> tuple[list[float], list[TargetResult]]:
+        """Per-example losses and, per target, the batch's spectra (the fast method)."""
+        if self.capture is None:
+            raise RuntimeError("the reference method has no batched spectra pass")
+        return fast_spectra(self.model, self.capture, batch), self.capture.batch_results()
+
+    def _forward_pass(self, batch: Batch) -> list[float]:
+        """Per-example losses from a forward pass alone."""
+        with torch.no_grad():
+            return per_example_losses(*response_logits(self.model, batch)).tolist()
 
 
 def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
+from typing import TypeVar
 
 from .errors import GradspecError
 from .statistics import REPORT_STATISTICS
@@ -47,12 +48,21 @@ class SpectraDtype(StrEnum):
     float64 = "float64"
 
 
+class Shard(StrEnum):
+    """How each rank holds the model: ``none`` a whole copy, ``fsdp`` 1/N of it (FSDP2)."""
+
+    none = "none"
+    fsdp = "fsdp"
+
+
 class PaddingSide(StrEnum):
     """Where padding goes in a batch."""
 
     left = "left"
     right = "right"
 
+
+E = TypeVar("E", bound=StrEnum)
 
 # The statistics the report can draw (statistics.py's registry and its derived ones).
 ReportStatistic = StrEnum("ReportStatistic", {name: name for name in REPORT_STATISTICS})
@@ -133,7 +143,8 @@ class ProfileOptions:
         for option in fields(self):
             kind = hints[option.name]
             if isinstance(kind, type) and issubclass(kind, Enum):
-                object.__setattr__(self, option.name, _choice(kind, option.name, self))
+                value = parse_choice(kind, option.name, getattr(self, option.name))
+                object.__setattr__(self, option.name, value)
         self.check()
 
     def check(self) -> None:
@@ -146,8 +157,8 @@ class ProfileOptions:
             raise GradspecError("--top-k must be >= 0; chunk size and token budget >= 1")
 
 
-def _choice(kind: type[StrEnum], name: str, options: ProfileOptions) -> StrEnum:
-    value = getattr(options, name)
+def parse_choice(kind: type[E], name: str, value: object) -> E:
+    """``value`` as a member of ``kind``, or a GradspecError naming the option ``--name``."""
     try:
         return kind(value)
     except ValueError:

@@ -119,9 +119,10 @@ class RunStore:
             )
         return None
 
-    def open(self, manifest: dict[str, Any], world_size: int = 1) -> None:
+    def open(self, manifest: dict[str, Any], world_size: int = 1, shard: str = "none") -> None:
         """Create the directory, or continue an existing one made with the same inputs;
-        the session records how many processes (ranks) write its parts."""
+        the session records how many processes (ranks) write its parts, and how they held
+        the model (``shard``)."""
         old = self.check()
         if old is not None:
             manifest = {
@@ -134,7 +135,8 @@ class RunStore:
         (self.root / "spectra").mkdir(parents=True, exist_ok=True)
         manifest.setdefault("created", now_iso())
         manifest.setdefault("sessions", [])
-        manifest["sessions"].append({"started": now_iso(), "ended": None, "ranks": world_size})
+        session = {"started": now_iso(), "ended": None, "ranks": world_size, "shard": shard}
+        manifest["sessions"].append(session)
         manifest["fingerprint"] = self.fingerprint
         self.manifest = manifest
         write_json_atomic(self.manifest_path, manifest)
