@@ -28,6 +28,7 @@ from gradspec.sharding import check_shard
 from gradspec.study import load_study, run_study
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
 LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
 OPTIONS = dict(limit=12, chunk_size=2, batch_size=2, device="cpu")  # six chunks
 
@@ -124,6 +125,60 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _worker_args(model: Path, out: Path) -> list[str]:
+    return [str(WORKER), str(model), str(LONG), str(out), json.dumps(OPTIONS)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed")
+def test_accelerate_launch_on_two_cpu_processes_equals_one_process(
+    one_process, tiny_model, tmp_path
+):
+    """``accelerate launch --multi_gpu`` starts torchrun's agent, on a CPU too (gloo)."""
+    launcher = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", "0"]
+    out = tmp_path / "run"
+    # HF_HOME: no accelerate config of the user's is read.
+    env = _env(HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run(
+        [*launcher, *_worker_args(tiny_model("llama"), out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    tables = gradspec.load_run(out)
+    _assert_same_tables(tables, one_process)
+    assert tables.manifest["sessions"][-1]["ranks"] == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_of_torchrun_on_localhost_equal_one_process(one_process, tiny_model, tmp_path):
+    """Multi-node torchrun as SLURM starts it (one agent per node, static rendezvous at the
+    head node), both nodes on this machine."""
+    out, port = tmp_path / "run", str(_free_port())
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    launcher += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    nodes = [
+        subprocess.Popen(
+            [*launcher, "--node-rank", str(node), *_worker_args(tiny_model("llama"), out)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr
+    tables = gradspec.load_run(out)
+    _assert_same_tables(tables, one_process)
+    assert tables.manifest["sessions"][-1]["ranks"] == 2
 
 
 def _cli_ranks(per_rank_args: list[list[str]]) -> list[subprocess.CompletedProcess]:
