@@ -16,15 +16,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import SHARED_DATA
 from test_study import write_study
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
 
 import gradspec
 from gradspec.distributed import LOCAL, Ranks, agree, split_by_weight
 from gradspec.engine import STOP_AFTER_CHUNKS, STOP_RANK
 from gradspec.errors import GradspecError
 from gradspec.options import Method, Shard
-from gradspec.sharding import check_shard
+from gradspec.sharding import check_shard, shard_model
 from gradspec.study import load_study, run_study
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -310,14 +314,19 @@ def test_a_model_sharded_over_two_ranks_gives_the_unsharded_tables_bit_for_bit(
     }
 
 
-@pytest.mark.slow
-def test_fsdp2_on_gloo_leaves_every_rank_its_own_full_activations(tiny_model):
-    """The README's choice for big models rests on this: under ``fully_shard`` the hooks
-    give each rank's spectra bit for bit as the unsharded model does (torch 2.13, CPU)."""
-    worker = str(Path(__file__).with_name("fsdp_worker.py"))
-    done = _torchrun(2, worker, str(tiny_model("llama")), str(LONG))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("spectra equal bit for bit: True") == 2
+def test_shard_model_makes_each_decoder_layer_and_the_rest_an_fsdp2_group(tiny_model, tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+        shard_model(model, torch.device("cpu"), Ranks(0, 1))
+        groups = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+        assert groups == ["", "model.layers.0", "model.layers.1"]
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        with pytest.raises(GradspecError, match="Linear names no decoder layer class"):
+            shard_model(torch.nn.Linear(2, 2), torch.device("cpu"), Ranks(0, 1))
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
