@@ -131,8 +131,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker_args(model: Path, out: Path) -> list[str]:
-    return [str(WORKER), str(model), str(LONG), str(out), json.dumps(OPTIONS)]
+def _worker_args(model: Path, out: Path, options=OPTIONS) -> list[str]:
+    return [str(WORKER), str(model), str(LONG), str(out), json.dumps(options)]
 
 
 @pytest.mark.slow
@@ -161,15 +161,19 @@ def test_accelerate_launch_on_two_cpu_processes_equals_one_process(
 
 
 @pytest.mark.slow
-def test_two_nodes_of_torchrun_on_localhost_equal_one_process(one_process, tiny_model, tmp_path):
+@pytest.mark.parametrize("shard", ["none", "hsdp"])
+def test_two_nodes_of_torchrun_on_localhost_equal_one_process(
+    shard, one_process, tiny_model, tmp_path
+):
     """Multi-node torchrun as SLURM starts it (one agent per node, static rendezvous at the
-    head node), both nodes on this machine."""
+    head node), both nodes on this machine; hsdp: a model copy per node (a 2 x 1 mesh)."""
     out, port = tmp_path / "run", str(_free_port())
+    model, options = tiny_model("llama"), {**OPTIONS, "shard": shard}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
     launcher += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
     nodes = [
         subprocess.Popen(
-            [*launcher, "--node-rank", str(node), *_worker_args(tiny_model("llama"), out)],
+            [*launcher, "--node-rank", str(node), *_worker_args(model, out, options)],
             env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -183,6 +187,7 @@ def test_two_nodes_of_torchrun_on_localhost_equal_one_process(one_process, tiny_
     tables = gradspec.load_run(out)
     _assert_same_tables(tables, one_process)
     assert tables.manifest["sessions"][-1]["ranks"] == 2
+    assert tables.manifest["sessions"][-1]["shard"] == shard
 
 
 def _cli_ranks(per_rank_args: list[list[str]]) -> list[subprocess.CompletedProcess]:
@@ -275,16 +280,20 @@ def test_study_under_two_ranks_spreads_cells_and_reports_once(tiny_model, tmp_pa
     assert rerun.returncode == 0 and "0 cells; 2 already done" in rerun.stderr
 
 
-def test_shard_fsdp_is_refused_where_it_cannot_work(tiny_model, tmp_path):
+def test_shard_fsdp_is_refused_where_it_cannot_work(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(GradspecError, match=r"--shard fsdp splits the model .* one process"):
         gradspec.profile(tiny_model("llama"), LONG, out, shard="fsdp", **OPTIONS)
-    with pytest.raises(GradspecError, match="--shard zero: use one of none, fsdp"):
+    with pytest.raises(GradspecError, match="--shard zero: use one of none, fsdp, hsdp"):
         gradspec.profile(tiny_model("llama"), LONG, out, shard="zero", **OPTIONS)
     assert not out.exists()
     with pytest.raises(GradspecError, match="--method fast only"):
         check_shard(Shard.fsdp, Ranks(0, 2), Method.reference)
     check_shard(Shard.fsdp, Ranks(1, 2), Method.fast)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(GradspecError, match="4 ranks do not make nodes of 3"):
+        check_shard(Shard.hsdp, Ranks(0, 4), Method.fast)
+    check_shard(Shard.hsdp, Ranks(0, 6), Method.fast)
 
 
 # Chunks of 4, 4 and 2 examples in batches of up to 3, with the IFD forward passes: the two
@@ -319,12 +328,12 @@ def test_shard_model_makes_each_decoder_layer_and_the_rest_an_fsdp2_group(tiny_m
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
-        shard_model(model, torch.device("cpu"), Ranks(0, 1))
+        shard_model(model, torch.device("cpu"), Ranks(0, 1), Shard.fsdp)
         groups = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
         assert groups == ["", "model.layers.0", "model.layers.1"]
         assert all(isinstance(p, DTensor) for p in model.parameters())
         with pytest.raises(GradspecError, match="Linear names no decoder layer class"):
-            shard_model(torch.nn.Linear(2, 2), torch.device("cpu"), Ranks(0, 1))
+            shard_model(torch.nn.Linear(2, 2), torch.device("cpu"), Ranks(0, 1), Shard.fsdp)
     finally:
         dist.destroy_process_group()
 

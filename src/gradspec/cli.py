@@ -176,8 +176,9 @@ def profile(
     shard: Annotated[
         Shard,
         typer.Option(
-            help="fsdp: split the model over the ranks of a torchrun (FSDP2), for a model "
-            "that does not fit one device; none: each rank holds the whole model.",
+            help="For a model that does not fit one device, under torchrun: fsdp splits it "
+            "over all ranks (FSDP2), hsdp over each node's ranks (a copy per node); none: "
+            "each rank holds the whole model.",
             rich_help_panel=MODEL_PANEL,
         ),
     ] = Shard.none,

@@ -154,7 +154,7 @@ def profile_on(
     if missing:  # a sharded model's ranks all run passes, even those with no chunk of their own
         fast = opts.method == Method.fast
         capture = SpectraCapture(targets, plan.spectra_dtype) if fast else None
-        in_step = ranks if plan.shard == Shard.fsdp else LOCAL
+        in_step = ranks if plan.shard != Shard.none else LOCAL
         runner = ChunkRunner(net, tokenizer, targets, opts, plan.device, capture, in_step)
         with capture or nullcontext():
             for position, (first, last) in enumerate(mine, start=1):
@@ -255,7 +255,7 @@ def _load_checked_model(
     """The model (sharded over the ranks if asked), its tokenizer and the targets
     ``--modules`` selects, after checking that the template encodes the first example (so a
     bad option fails before anything is written)."""
-    opts, sharded = plan.opts, plan.shard == Shard.fsdp
+    opts, sharded = plan.opts, plan.shard != Shard.none
     net, tokenizer = load_model_and_tokenizer(
         plan.model_dir,
         plan.dtype,
@@ -264,7 +264,7 @@ def _load_checked_model(
     )
     targets = find_targets(net, opts.modules)
     if sharded:
-        shard_model(net, plan.device, ranks)
+        shard_model(net, plan.device, ranks, plan.shard)
     encode_example(tokenizer, first_example, opts.template, opts.max_length)
     return net, tokenizer, targets
 

@@ -49,10 +49,12 @@ class SpectraDtype(StrEnum):
 
 
 class Shard(StrEnum):
-    """How each rank holds the model: ``none`` a whole copy, ``fsdp`` 1/N of it (FSDP2)."""
+    """How each rank holds the model: ``none`` a whole copy, ``fsdp`` 1/N of it (FSDP2 over
+    all N ranks), ``hsdp`` 1/n of it (n ranks per node; each node holds a whole copy)."""
 
     none = "none"
     fsdp = "fsdp"
+    hsdp = "hsdp"
 
 
 class PaddingSide(StrEnum):
