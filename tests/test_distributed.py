@@ -340,11 +340,14 @@ def test_shard_model_makes_each_decoder_layer_and_the_rest_an_fsdp2_group(tiny_m
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpu_ranks_with_nccl_equal_one_gpu(tiny_model, tmp_path):
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_two_gpu_ranks_with_nccl_equal_one_gpu(shard, tiny_model, tmp_path):
     """Where GPUs are lent: `pytest tests/test_distributed.py -k gpu` (one GPU per rank)."""
     options = {**OPTIONS, "device": "cuda"}
     for ranks in (1, 2):
-        done = _profile(ranks, tiny_model("llama"), tmp_path / str(ranks), options=options)
+        sharding = {"shard": shard} if ranks == 2 else {}
+        out = tmp_path / str(ranks)
+        done = _profile(ranks, tiny_model("llama"), out, options={**options, **sharding})
         assert done.returncode == 0, done.stderr
     one, two = (gradspec.load_run(tmp_path / str(ranks)) for ranks in (1, 2))
     assert two.manifest["device"] in ("cuda:0", "cuda:1")
