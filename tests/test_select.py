@@ -15,13 +15,17 @@ from typer.testing import CliRunner
 
 import gradspec
 from gradspec.cli import app
-from gradspec.errors import GradspecError
+from gradspec.data import Example
+from gradspec.errors import DataError, GradspecError
 from gradspec.formats.json_array import parse_json_array, render_json_array
 from gradspec.selection import (
     greedy_facility_location,
     parse_keep,
+    rank_eligible,
+    rank_within,
     rbf_similarity,
     select,
+    strata_of,
 )
 
 N = 8
@@ -190,6 +194,69 @@ def test_diverse_selection_keeps_n_from_the_quality_pool(profiled, tmp_path):
     in_pool = report[(report["rank"] <= 4) & ~report["kept"]]
     assert in_pool["reason"].str.contains("covered by kept example").all()
     assert report.loc[report["rank"] > 4, "reason"].str.contains("outside the best 4").all()
+
+
+def test_ranking_within_strata_spreads_the_best_over_the_strata_by_size():
+    # Stratum "answer" (0-3) has the largest scores, so the pooled ranking puts all of
+    # "cot" (4-11) first; within strata each example is placed by its rank / stratum size.
+    scores = pd.DataFrame(
+        {
+            "example_index": range(13),
+            "loss": [13.0, 10, 12, 11, 8, 1, 7, 2, 6, 3, 5, 4, np.nan],
+        }
+    )
+    strata = pd.Series(["answer"] * 4 + ["cot"] * 8 + ["answer"])
+    ranked = rank_eligible(scores, "loss", "low")
+    assert list(ranked.index[:8]) == [5, 7, 9, 11, 10, 8, 6, 4]
+    within = rank_within(ranked, strata)
+    # Places: 5 1/8; 1 and 7 1/4; 9 3/8; 3 and 11 1/2; 10 5/8; 2 and 8 3/4; 6 7/8; 0 and 4 1.
+    assert list(within.index) == [5, 1, 7, 9, 3, 11, 10, 2, 8, 6, 0, 4]
+    assert within.to_dict() == ranked.to_dict()  # the scores themselves are unchanged
+    assert sum(strata[i] == "answer" for i in within.index[:6]) == 2  # 6 x 4/12
+    highest = rank_within(rank_eligible(scores, "loss", "high"), strata)
+    assert list(highest.index) == [4, 0, 6, 8, 2, 10, 11, 3, 9, 7, 1, 5]
+
+
+def test_strata_are_source_files_or_a_record_field():
+    def example(index: int, source: str, record: dict) -> Example:
+        return Example(index, source, index, index + 2, record, "alpaca")
+
+    examples = [
+        example(0, "a.json", {"instruction": "q", "output": "1", "style": "short"}),
+        example(1, "b.json", {"instruction": "q", "output": "2", "style": "long"}),
+    ]
+    assert strata_of(examples, "source").to_dict() == {0: "a.json", 1: "b.json"}
+    assert strata_of(examples, "style").to_dict() == {0: "short", 1: "long"}
+    examples.append(example(2, "b.json", {"instruction": "q", "output": "3"}))
+    with pytest.raises(DataError, match=r"^b\.json:4: field 'style': missing, so --within"):
+        strata_of(examples, "style")
+
+
+def test_select_within_a_field_keeps_the_best_of_each_stratum(tiny_model, tmp_path):
+    records = [
+        {**record, "style": "cot" if i < 4 else "answer"}
+        for i, record in enumerate(read_shared(GSM8K, 6))
+    ]
+    data = alpaca_array(tmp_path / "d.json", records)
+    run = tmp_path / "run"
+    gradspec.profile(tiny_model("llama"), data, run, device="cpu")
+    losses = gradspec.load_run(run).examples["loss"].to_numpy()
+    best = [*sorted(np.argsort(losses[:4])[:2].tolist()), 4 + int(np.argmin(losses[4:]))]
+    result = CliRunner().invoke(
+        app,
+        [
+            *("select", str(run), "--data", str(data), "--keep", "3", "--by", "loss"),
+            *("--within", "style", "--out", str(tmp_path / "k.json")),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "k.json").read_text()) == [records[i] for i in best]
+    sidecar = pd.read_csv(tmp_path / "k.selection.csv")
+    assert sidecar["stratum"].tolist() == ["cot"] * 4 + ["answer"] * 2
+    assert sidecar.loc[sidecar["kept"], "example_index"].tolist() == best
+    assert sidecar.loc[sidecar["rank"] == 1, "reason"].item() == (
+        "kept: rank 1 of 6 by loss within style (lowest first)"
+    )
 
 
 @pytest.mark.parametrize(

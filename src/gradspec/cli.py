@@ -302,12 +302,28 @@ def select(
             help="Why each example was kept or dropped (.csv or .parquet); default beside --out."
         ),
     ] = None,
+    within: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank within strata: 'source' (each input file) or a record field (e.g. "
+            "style); the kept count is spread over the strata in proportion to their sizes."
+        ),
+    ] = None,
 ) -> None:
     """Write the best examples by a score back out in the input's own format."""
     from .selection import select as run_select
 
     selection = run_select(
-        run_dir, data, out, keep, by=by, prefer=prefer, diverse=diverse, pool=pool, sidecar=sidecar
+        run_dir,
+        data,
+        out,
+        keep,
+        by=by,
+        prefer=prefer,
+        diverse=diverse,
+        pool=pool,
+        sidecar=sidecar,
+        within=within,
     )
     kept = int(selection.report["kept"].sum())
     written = ", ".join(str(p) for p in selection.outputs)

@@ -6,7 +6,11 @@ folders with the same schema and row values), with a sidecar table saying why ea
 example was kept or dropped. ``diverse`` selection first takes a quality pool (the best
 ``pool`` x N by the score) and then picks N of it by greedy facility location over
 standardised per-example gradient signatures, so the kept set is both good and
-representative of the pool.
+representative of the pool. ``within`` ranks each example by its place within its own
+stratum (its source file, or a field of the records) rather than by the raw score, so
+the kept examples are spread over the strata in proportion to their sizes: scores whose
+scale follows the response style (gradient norms grow for short answer-only responses)
+then compare examples of the same style only.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .data import Example, data_sha256, load_examples, resolve_data_files
-from .errors import GradspecError
+from .errors import DataError, GradspecError
 from .formats import format_of
 from .quality import SCORES, SUSPECT_DIRECTION, example_scores, gradient_signature, save_table
 from .store import load_run
@@ -48,13 +52,15 @@ def select(
     diverse: bool = False,
     pool: float = 2.0,
     sidecar: str | os.PathLike | None = None,
+    within: str | None = None,
 ) -> Selection:
     """Write the examples of ``data`` kept by score (and coverage) to ``out``.
 
     ``keep`` is a count N or a fraction in (0, 1] of the examples that have the score;
     ``prefer`` is 'low' or 'high' (default: the less suspect end of ``by``). Refuses data
     that differs from what the run profiled. ``out`` is a file for one data file, a
-    directory (one file per input file, same names) for several.
+    directory (one file per input file, same names) for several. ``within`` ('source' or
+    a record field) ranks by the place within each stratum (``rank_within``).
     """
     tables = load_run(run_dir)
     files = check_data_unchanged(tables.manifest, data)
@@ -62,13 +68,22 @@ def select(
     scores = example_scores(tables)
     prefer = prefer or ("low" if SUSPECT_DIRECTION.get(by, 1) > 0 else "high")
     ranked = rank_eligible(scores, by, prefer)
+    examples = load_examples(data)
+    order, strata = by, None
+    if within is not None:
+        strata = strata_of(examples, within)
+        ranked = rank_within(ranked, strata)
+        order = f"{by} within {within}"
     n_keep = parse_keep(keep, len(ranked))
     if diverse:
-        decisions = diverse_decisions(tables.spectra, ranked, n_keep, pool, by)
+        decisions = diverse_decisions(tables.spectra, ranked, n_keep, pool, order)
     else:
-        decisions = top_decisions(ranked, n_keep, by, prefer)
-    examples = load_examples(data)
+        decisions = top_decisions(ranked, n_keep, order, prefer)
     report = selection_report(examples, scores, by, ranked, decisions)
+    if strata is not None:
+        report.insert(
+            report.columns.get_loc("rank"), "stratum", report["example_index"].map(strata)
+        )
     kept = set(report.loc[report["kept"], "example_index"])
     outputs = write_selected(examples, files, kept, out_path)
     sidecar_path = Path(sidecar) if sidecar else default_sidecar(out_path, len(files))
@@ -132,6 +147,44 @@ def rank_eligible(scores: pd.DataFrame, by: str, prefer: str) -> pd.Series:
     eligible = scores.loc[scores[by].notna(), ["example_index", by]]
     ordered = eligible.sort_values([by, "example_index"], ascending=[prefer == "low", True])
     return ordered.set_index("example_index")[by]
+
+
+def strata_of(examples: list[Example], column: str) -> pd.Series:
+    """Each example's stratum: its source file ('source') or the value of a record field."""
+    if column == "source":
+        return pd.Series({ex.index: ex.source for ex in examples}, dtype=object)
+    values = {}
+    for ex in examples:
+        if column not in ex.record:
+            raise DataError(
+                ex.source,
+                ex.line,
+                "missing, so --within cannot stratify by it (give a field every record has, "
+                "or 'source' for the source file)",
+                field=column,
+                row=ex.row,
+            )
+        values[ex.index] = str(ex.record[column])
+    return pd.Series(values, dtype=object)
+
+
+def rank_within(ranked: pd.Series, strata: pd.Series) -> pd.Series:
+    """The ranking reordered by each example's place within its stratum, best first.
+
+    An example's place is its position in its stratum's own ranking divided by the
+    stratum's number of ranked examples (1/n for a stratum's best, 1 for its worst), so
+    the best k of the new order hold about k/N of every stratum; equal places go to the
+    lower example index. ``strata`` maps example index to stratum.
+    """
+    frame = pd.DataFrame(
+        {
+            "example_index": ranked.index.to_numpy(),
+            "stratum": strata.reindex(ranked.index).to_numpy(),
+        }
+    )
+    by_stratum = frame.groupby("stratum", sort=False)["example_index"]
+    frame["place"] = (by_stratum.cumcount() + 1) / by_stratum.transform("size")
+    return ranked.loc[frame.sort_values(["place", "example_index"])["example_index"]]
 
 
 # ---------------------------------------------------------------- decisions
