@@ -42,8 +42,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +85,18 @@ GRADIENT_SCORES = (
     "layer_mad",
     "flag",
 )
-METHODS = ("random", "loss", "ifd", *GRADIENT_SCORES, "diverse")
+SCORED = ("loss", "ifd", *GRADIENT_SCORES, "diverse")
+# ``<method>_within``: ranked by the place within the example's source file (``select
+# --within cell``), so k is spread over the files as the pool is: pooled gradient scores
+# select by response style (answer-only responses have the largest gradients).
+WITHIN = "cell"
+METHODS = ("random", *SCORED, *(f"{method}_within" for method in SCORED))
 # LoRA rather than a full fine-tune: a fraction of the optimizer state and of the weight
 # gradients (the CPU budget), the adapter setting LESS fine-tunes with, and the model's
 # instruction following is kept so that differences come from the subset.
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 ITEM_SETS = ("pool", "held_out", "accuracy")
+POOL_LAYOUT = 2  # in the pool folder's name: bump when the pool's records change (2: + cell)
 console = Console(width=200)
 
 
@@ -104,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     parser.add_argument("--max-length", type=int, default=128, help="truncate to L tokens")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="(method, seed) runs in parallel, one thread each"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument(
         "--diverse-pool",
@@ -171,10 +183,15 @@ def build_pool(cells: list[CellFiles], size: int, share: float, seed: int) -> li
     if per_cell < 1:
         raise SystemExit(f"--pool-size {size}: needs at least one example per cell ({len(cells)})")
     return [
-        Item(m.record, files.task, files.style, m.index, m.kind)
+        Item({**m.record, WITHIN: cell_name(files)}, files.task, files.style, m.index, m.kind)
         for files in cells
         for m in build_mix(files, ["irrelevant"], share, seed, per_cell)
     ]
+
+
+def cell_name(files: CellFiles) -> str:
+    """The name of a cell's source file in the shared data, without its suffix."""
+    return files.correct.stem
 
 
 def build_eval(cells: list[CellFiles], per_cell: int, pool: list[Item]) -> list[Item]:
@@ -230,7 +247,7 @@ def examples_of(items: list[Item], path: Path) -> list[Example]:
     return load_examples(path)
 
 
-def profile_pool(model: Path, work: Path, args: argparse.Namespace) -> Path:
+def profile_pool(model: Path, work: Path, args: argparse.Namespace) -> None:
     """Profile the pool (already in WORK/pool.json) once, resumably, with IFD."""
     gradspec.profile(
         model,
@@ -241,19 +258,32 @@ def profile_pool(model: Path, work: Path, args: argparse.Namespace) -> Path:
         template=args.template,
         max_length=args.max_length,
     )
-    return work / "profile"
 
 
 def selected_indices(
-    method: str, seed: int, run: Path, work: Path, n_pool: int, k: int, diverse_pool: float
+    method: str, seed: int, context: dict[str, Any], args: argparse.Namespace
 ) -> list[int]:
     """Pool positions kept by a method (random depends on the seed, the scores do not)."""
+    if method == "base":
+        return []
     if method == "random":
-        return sorted(int(i) for i in np.random.default_rng(seed).permutation(n_pool)[:k])
-    by, diverse = ("flag", True) if method == "diverse" else (method, False)
-    out = work / "selections" / f"{method}.json"
-    chosen = select(run, work / "pool.json", out, str(k), by=by, diverse=diverse, pool=diverse_pool)
-    return sorted(int(i) for i in chosen.report.loc[chosen.report["kept"], "example_index"])
+        chosen = np.random.default_rng(seed).permutation(len(context["pool"]))[: args.k]
+        return sorted(int(i) for i in chosen)
+    score = method.removesuffix("_within")
+    by, diverse = ("flag", True) if score == "diverse" else (score, False)
+    work = context["work"]
+    selection = select(
+        context["run"],
+        work / "pool.json",
+        work / "selections" / f"{method}.json",
+        str(args.k),
+        by=by,
+        diverse=diverse,
+        pool=args.diverse_pool,
+        within=WITHIN if method.endswith("_within") else None,
+    )
+    report = selection.report
+    return sorted(int(i) for i in report.loc[report["kept"], "example_index"])
 
 
 # ---------------------------------------------------------------- fine-tune and evaluate
@@ -374,26 +404,17 @@ def cached_result(
 
 
 def run_one(
-    method: str,
-    seed: int,
-    context: dict[str, Any],
-    args: argparse.Namespace,
+    method: str, seed: int, kept: list[int], context: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Select, fine-tune and evaluate one (method, seed), or read its cached result."""
-    path = result_path(method, seed, context, args)
-    if path.exists():
-        return json.loads(path.read_text())
+    """Fine-tune on the kept pool positions (none: the base model), evaluate, and save the
+    result atomically (a rename), so an interrupted run never leaves a partial file."""
     started = time.perf_counter()
     pool, tokenizer = context["pool"], context["tokenizer"]
-    if method == "base":
-        kept: list[int] = []
-        model = AutoModelForCausalLM.from_pretrained(context["model"], dtype=torch.float32).eval()
-    else:
-        kept = selected_indices(
-            method, seed, context["run"], context["work"], len(pool), args.k, args.diverse_pool
-        )
+    if kept:
         examples = [context["examples"]["pool"][i] for i in kept]
         model = fine_tune(context["model"], tokenizer, examples, seed, args)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(context["model"], dtype=torch.float32).eval()
     model.to(args.device)
     result = {
         "method": method,
@@ -405,9 +426,52 @@ def run_one(
         **evaluate(model, context, args),
     }
     result["seconds"] = time.perf_counter() - started
+    path = result_path(method, seed, context, args)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(result))
+    partial.replace(path)
     return result
+
+
+WORKER: dict[str, Any] = {}  # a --jobs worker's context, built once per process
+
+
+def start_worker(args: argparse.Namespace) -> None:
+    """A --jobs worker: one thread, the pool and items of the parent (already profiled)."""
+    torch.set_num_threads(1)
+    WORKER.update(context_of(args))
+
+
+def run_in_worker(method: str, seed: int, kept: list[int], args: argparse.Namespace) -> dict:
+    return run_one(method, seed, kept, WORKER, args)
+
+
+def run_units(
+    units: list[tuple[str, int]], context: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """Fine-tune and evaluate each (method, seed), ``--jobs`` at a time; selections are made
+    here first (they are cheap and some are shared between seeds)."""
+    kept = {unit: selected_indices(*unit, context, args) for unit in units}
+    if args.jobs == 1:
+        for unit in units:
+            show(run_one(*unit, kept[unit], context, args))
+        return
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args,)
+    ) as workers:
+        futures = [workers.submit(run_in_worker, *unit, kept[unit], args) for unit in units]
+        for future in as_completed(futures):
+            show(future.result())
+
+
+def show(result: dict[str, Any]) -> None:
+    """One line per finished (method, seed)."""
+    console.print(
+        f"{result['method']} seed {result['seed']}: loss {np.nanmean(result['loss']):.3f}, "
+        f"accuracy {np.mean(result['correct']):.1%}, irrelevant kept "
+        f"{result['irrelevant_kept']:.1%} ({result['seconds']:.0f} s)"
+    )
 
 
 # ---------------------------------------------------------------- summary
@@ -559,6 +623,7 @@ def pool_name(args: argparse.Namespace) -> str:
     """The folder of one pool and its profile, shared by every training setting."""
     return (
         f"pool{args.pool_size}_s{args.share}_p{args.pool_seed}_{args.template}_L{args.max_length}"
+        f"_v{POOL_LAYOUT}"
     )
 
 
@@ -570,8 +635,8 @@ def setting_name(args: argparse.Namespace) -> str:
     )
 
 
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """Pool, held-out items, the profile of the pool and the tokenizer."""
+def context_of(args: argparse.Namespace) -> dict[str, Any]:
+    """Pool, held-out items, their examples and the tokenizer (no model loaded)."""
     model = check_model_dir(args.model)
     key = model_signature(model)["config_and_tokenizer_sha256"][:12]
     work = args.work / f"{model.name}-{key}" / pool_name(args)
@@ -583,17 +648,24 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     context = {
         "model": model,
         "work": work,
+        "run": work / "profile",
         "pool": pool,
         "held_out": build_eval(cells, args.eval_per_cell, pool),
         "accuracy": build_accuracy(cells, args.accuracy_per_task, pool),
         "tokenizer": tokenizer,
     }
-    started = time.perf_counter()
     context["examples"] = {
         name: examples_of(context[name], work / f"{name}.json") for name in ITEM_SETS
     }
-    context["run"] = profile_pool(model, work, args)
-    console.print(f"pool profiled in {time.perf_counter() - started:.0f} s ({work})")
+    return context
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """The context, after profiling the pool (once: a finished profile is reused)."""
+    context = context_of(args)
+    started = time.perf_counter()
+    profile_pool(context["model"], context["work"], args)
+    console.print(f"pool profiled in {time.perf_counter() - started:.0f} s ({context['work']})")
     return context
 
 
@@ -602,19 +674,11 @@ def main(argv: list[str] | None = None) -> Path:
     context = prepare(args)
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = [run_one("base", 0, context, args)]
-    for seed in seeds:
-        for method in methods:
-            result = cached_result(method, seed, context, args)
-            if result is None and args.report_only:
-                continue
-            result = result or run_one(method, seed, context, args)
-            console.print(
-                f"{method} seed {seed}: loss {np.nanmean(result['loss']):.3f}, accuracy "
-                f"{np.mean(result['correct']):.1%}, irrelevant kept "
-                f"{result['irrelevant_kept']:.1%} ({result['seconds']:.0f} s)"
-            )
-            results.append(result)
+    units = [("base", 0), *((method, seed) for seed in seeds for method in methods)]
+    if not args.report_only:
+        pending = [unit for unit in units if cached_result(*unit, context, args) is None]
+        run_units(pending, context, args)
+    results = [r for unit in units if (r := cached_result(*unit, context, args)) is not None]
     pool = context["pool"]
     header = (
         f"Model `{context['model']}` (template {args.template}, max length {args.max_length}); "

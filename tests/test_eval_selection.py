@@ -147,7 +147,8 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
         *("--model", str(tiny_model("llama")), "--template", "plain", "--work", str(tmp_path)),
         *("--pool-size", "32", "--k", "8", "--steps", "2", "--seeds", "0,1"),
         *("--max-length", "64", "--eval-per-cell", "1", "--accuracy-per-task", "2"),
-        *("--new-tokens", "4", "--methods", "random,loss,flag,diverse"),
+        *("--new-tokens", "4", "--methods", "random,loss,flag,diverse,loss_within,flag_within"),
+        *("--jobs", "2"),
     ]
     report = main(argv)
     args = parse_args(argv)
@@ -163,7 +164,7 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
     }
     assert len(irrelevant) == 16 * round(0.3 * 2)
     runs = {}
-    for method in ("base", "random", "loss", "flag", "diverse"):
+    for method in ("base", "random", "loss", "flag", "diverse", "loss_within", "flag_within"):
         for seed in (0,) if method == "base" else (0, 1):
             runs[method, seed] = json.loads((results / f"{method}_seed{seed}.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(tiny_model("llama"))
@@ -178,6 +179,16 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
             assert run["irrelevant_kept"] == np.mean([i in irrelevant for i in run["kept"]])
     lowest_loss = examples.sort_values(["loss", "example_index"])["example_index"][:8]
     assert runs["loss", 0]["kept"] == sorted(lowest_loss) == runs["loss", 1]["kept"]
+    # Within each source file the better of its two scored examples has place 1/2 (the
+    # files of long examples have none: truncated away at 64 tokens); k = 8 takes those 7,
+    # then one of place 1, the lowest index (equal places go to the lower index).
+    loss = examples.set_index("example_index")["loss"].dropna()
+    files = sorted({i // 2 for i in loss.index})
+    assert len(files) == 7 and len(loss) == 14
+    best_of_file = [min((2 * f, 2 * f + 1), key=lambda i: (loss[i], i)) for f in files]
+    expected = sorted([*best_of_file, min(set(loss.index) - set(best_of_file))])
+    assert runs["loss_within", 0]["kept"] == expected == runs["loss_within", 1]["kept"]
+    assert [record["cell"] for record in pool[::2]] == [c.correct.stem for c in cells]
     assert runs["random", 0]["kept"] != runs["random", 1]["kept"]
     assert runs["loss", 0]["loss"] != runs["loss", 1]["loss"]  # the seed moves training
     assert runs["base", 0]["loss"] != runs["random", 0]["loss"]  # fine-tuning changed the model
@@ -185,8 +196,20 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
     assert "| random |" in text and "| flag |" in text and set(METHODS) >= {"flag", "diverse"}
     assert "no_cot kept (irrelevant)" in text and "wiki kept (irrelevant)" in text
 
+    assert not list(results.glob(".*.tmp"))  # every result was renamed into place
     before = {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")}
     main(argv)  # a rerun reads every result back
     assert {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")} == before
+    redone = results / "flag_within_seed1.json"
+    redone.unlink()  # as if interrupted there: only that one is run again
+    main([*argv[:-2], "--jobs", "1"])  # in this process, not in a one-thread worker
+    again = json.loads(redone.read_text())
+    assert again["kept"] == runs["flag_within", 1]["kept"]
+    assert again["loss"] == pytest.approx(runs["flag_within", 1]["loss"], rel=1e-4, nan_ok=True)
+    after = {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")}
+    assert after.keys() == before.keys() and after[redone] != before[redone]
+    assert {p: t for p, t in after.items() if p != redone} == {
+        p: t for p, t in before.items() if p != redone
+    }
     main([*argv, "--seeds", "0,1,2", "--report-only"])  # seed 2 is reported, not trained
-    assert {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")} == before
+    assert {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")} == after
