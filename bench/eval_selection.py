@@ -6,8 +6,12 @@ response style and every Wikipedia set, the first ``--pool-size`` / 16 instructi
 profiled once with gradspec (with IFD) and scored (``gradspec.quality``). ``--k`` examples
 are then kept by each method: ``random``, the baselines ``loss`` and ``ifd``, every gradient
 score, ``flag``, and ``diverse`` (``gradspec select --diverse``: facility location over the
-gradient signatures of the best 1.5k by flag). Score methods go through
-``gradspec.selection.select``, the function behind ``gradspec select``.
+gradient signatures of the best 1.5k by flag). Each scored method also has a
+``<method>_within`` variant that ranks an example by its place within its own source file
+(``gradspec select --within cell``; the pool's records carry their file as ``cell``), so k
+is spread over the files as the pool is: pooled over styles, gradient scores select by
+style (answer-only responses have the largest gradients), not by quality. Score methods go
+through ``gradspec.selection.select``, the function behind ``gradspec select``.
 
 Each subset fine-tunes the model with ``transformers.Trainer`` under the same budget
 (``--steps`` steps of ``--batch-size``; LoRA, see ``LORA``) and seed. Evaluation uses
@@ -28,14 +32,24 @@ from ``random`` with a paired bootstrap. Every (method, seed) result is cached a
 Defaults, chosen for a 2-core CPU: pool 160 (10 per cell, 48 irrelevant), k = 64 (40%:
 a perfect filter can drop every irrelevant response; random keeps about 19), 16 steps of 4
 (one epoch of k), 128 tokens, 4 held-out instructions per cell (64 loss items), 12 per
-answer task (48 generations of 32 tokens), 3 seeds, 10 methods: 31 runs with ``base``.
-On SmolLM2-135M one LoRA step (4 x 110 tokens) costs 4.0 s of one core and a forward of
-the same 1.9 s, so a run is about 115 core-seconds (64 s training, ~25 s loss, ~25 s
-generation) and the pool's profile a few minutes: about 40-45 minutes on two idle cores.
+answer task (48 generations of 32 tokens), 3 seeds, ``DEFAULT_METHODS`` (11: random, loss,
+ifd, nuclear_norm, flag, diverse and the five ``_within`` variants; the attention/MLP
+nuclear norms, effective rank and layer MAD behaved like nuclear_norm in the first run and
+are left to ``--methods``): 34 runs with ``base``, two at a time (``--jobs 2``: processes
+of one thread each, each run's result its own JSON file renamed into place).
+
+Estimated wall time of the default run on two idle cores: about 40 minutes (under 45 with
+a 10% margin for two processes sharing the memory bus). From CPU seconds of one thread
+(``time.process_time``; the machine was loaded, so not wall seconds) on SmolLM2-135M:
+profile with IFD 1.4 s per pool example (16 examples: 22.5 s), so 225 s for 160; a
+fine-tune 2.2 s + 4.45 s per step of 4 (1 and 5 steps: 6.6 and 24.4 s), so 73 s; the 64
+loss items 24.8 s and the 48 greedy answers about 28 s on the merged model (29.4 and 32.7
+s with the LoRA adapters unmerged): a run about 127 s, ``base`` about 54 s. 225 s +
+(33 x 127 s + 54 s) / 2 + about 40 s of selections and worker start = 2390 s.
 
     .venv/bin/python bench/eval_selection.py --model /work/runs/smollm2-hf
-    .venv/bin/python bench/eval_selection.py --model M --device cuda --pool-size 1600 \\
-        --k 800 --steps 400 --max-length 512 --seeds 0,1,2,3,4
+    .venv/bin/python bench/eval_selection.py --model M --device cuda --jobs 1 \\
+        --pool-size 1600 --k 800 --steps 400 --max-length 512 --seeds 0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -91,6 +105,8 @@ SCORED = ("loss", "ifd", *GRADIENT_SCORES, "diverse")
 # select by response style (answer-only responses have the largest gradients).
 WITHIN = "cell"
 METHODS = ("random", *SCORED, *(f"{method}_within" for method in SCORED))
+DEFAULT_SCORED = ("loss", "ifd", "nuclear_norm", "flag", "diverse")
+DEFAULT_METHODS = ("random", *DEFAULT_SCORED, *(f"{method}_within" for method in DEFAULT_SCORED))
 # LoRA rather than a full fine-tune: a fraction of the optimizer state and of the weight
 # gradients (the CPU budget), the adapter setting LESS fine-tunes with, and the model's
 # instruction following is kept so that differences come from the subset.
@@ -114,9 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128, help="truncate to L tokens")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="(method, seed) runs in parallel, one thread each"
+        "--jobs",
+        type=int,
+        default=2,
+        help="(method, seed) runs at a time, in processes of one thread (1: in this one)",
     )
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)}"
+    )
     parser.add_argument(
         "--diverse-pool",
         type=float,
@@ -300,7 +321,8 @@ def training_rows(
 def fine_tune(
     model_dir: Path, tokenizer: Any, examples: list[Example], seed: int, args: argparse.Namespace
 ) -> torch.nn.Module:
-    """A LoRA fine-tune of the model on the examples: same steps, batch and seed for all."""
+    """A LoRA fine-tune of the model on the examples (same steps, batch and seed for all),
+    merged into the weights so that evaluating it costs what the base model costs."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -326,7 +348,7 @@ def fine_tune(
     data = training_rows(tokenizer, examples, args.template, args.max_length)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     Trainer(model=model, args=training, train_dataset=data, data_collator=collator).train()
-    return model.eval()
+    return model.merge_and_unload().eval()
 
 
 @torch.no_grad()
