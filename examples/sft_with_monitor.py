@@ -5,7 +5,8 @@ The mix: GSM8K questions of the shared data with their chain-of-thought answers,
 on the CPU with TensorBoard logs (``<out>/trainer/runs``); the monitor profiles every
 ``--every`` steps and flags online. At the end the script draws ``--figure``: the mean
 nuclear norm per layer kind over steps for correct vs irrelevant examples, and the AUROC
-of the online flag score against the known irrelevant examples, next to the loss.
+of the online flag score against the known irrelevant examples, next to that of the loss
+(both over the examples the flag scored).
 
     .venv/bin/python examples/sft_with_monitor.py --model /work/runs/smollm2-hf
 """
@@ -69,10 +70,10 @@ def draw(run: Path, records: list[dict], figure: Path) -> dict[str, float]:
     examples["irrelevant"] = bad[examples["source_line"]]
     spectra = spectra.merge(examples[["example_index", "irrelevant"]], on="example_index")
     curves = spectra.groupby(["step", "kind", "irrelevant"])["nuclear_norm"].mean().unstack()
-    scored = examples.dropna(subset=["flag_score"])
+    scored = examples.dropna(subset=["flag_score"])  # the flag's window was full enough
     result = {
-        "online flag": auroc(scored["flag_score"].to_numpy(), scored["irrelevant"].to_numpy()),
-        "loss": auroc(examples["loss"].to_numpy(), examples["irrelevant"].to_numpy()),
+        name: auroc(scored[column].to_numpy(), scored["irrelevant"].to_numpy())
+        for name, column in (("online flag", "flag_score"), ("loss", "loss"))
     }
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for (kind, irrelevant), series in curves.stack().groupby(level=[1, 2]):

@@ -97,6 +97,7 @@ def train(
     monitor: bool = True,
     trainer_class: type = Trainer,
     rebuild=None,
+    watch_options: dict | None = None,
     **arguments,
 ):
     """Three optimizer steps; the monitor profiles step 2; a checkpoint is saved before it."""
@@ -127,7 +128,11 @@ def train(
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-    callback = watch(trainer, out / "run", id_column="example_id") if monitor else None
+    callback = (
+        watch(trainer, out / "run", id_column="example_id", **(watch_options or {}))
+        if monitor
+        else None
+    )
     saver = SaveBefore(PROFILED_STEP, out / "checkpoint", tokenizer, rebuild)
     trainer.add_callback(saver)
     trainer.train()
@@ -326,6 +331,75 @@ def test_aggregates_reach_tensorboard_and_rows_are_scored(
     assert "train/gradspec/flagged_frac" in logged
     scores = example_scores(tables)
     assert len(scores) == 4 and scores["nuclear_norm"].notna().all()
+
+
+def read_parts(folder: Path) -> pd.DataFrame:
+    """All Parquet parts of a run directory's folder, read directly."""
+    return pd.concat(pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet")))
+
+
+@pytest.mark.slow
+def test_report_score_and_flag_read_a_training_run(tiny_model, tokenizer, train_dataset, tmp_path):
+    """Every step profiled: `gradspec report` draws each layer kind over the steps (mean,
+    10th-90th percentile band) and the online flagged fraction, equal to a pandas groupby
+    of the run's Parquet rows; `gradspec score` and `flag` keep each row's step."""
+    from typer.testing import CliRunner
+
+    from gradspec.cli import app
+
+    train(
+        tiny(tiny_model("llama")),
+        train_dataset,
+        tokenizer,
+        tmp_path,
+        logging_steps=1,
+        watch_options={"min_window": 4, "threshold": 0.0},  # flags about half the scored
+    )
+    run = tmp_path / "run"
+    html = tmp_path / "report.html"
+    commands = [
+        ["report", str(run), "--out", str(html), "--bootstrap", "50"],
+        ["score", str(run)],
+        ["flag", str(run)],
+    ]
+    for command in commands:
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, result.output
+
+    spectra, examples = read_parts(run / "spectra"), read_parts(run / "examples")
+    by_step = spectra.groupby(["step", "kind"])["nuclear_norm"]
+    expected = pd.DataFrame(
+        {
+            "mean": by_step.mean(),
+            "p10": by_step.agg(lambda v: np.percentile(v, 10)),
+            "p90": by_step.agg(lambda v: np.percentile(v, 90)),
+        }
+    )
+    curves = pd.read_csv(tmp_path / "report_tables" / "steps.csv").set_index(["step", "kind"])
+    assert list(curves.index) == [(s, k) for s in (1, 2, 3) for k in ("attn", "mlp")]
+    np.testing.assert_allclose(curves[expected.columns], expected.loc[curves.index], rtol=1e-12)
+    assert (curves["examples"] == 4).all()
+
+    flags = pd.read_csv(tmp_path / "report_tables" / "step_flags.csv").set_index("step")
+    flagged_lines = [json.loads(line) for line in (run / "flagged.jsonl").read_text().splitlines()]
+    flagged = pd.Series([line["step"] for line in flagged_lines]).value_counts()
+    scored = examples.groupby("step")["flag_score"].count()
+    assert list(scored) == [0, 4, 4]  # the window holds 4 examples after step 1
+    assert list(flags["scored"]) == list(scored)
+    assert list(flags["flagged"]) == [flagged.get(step, 0) for step in (1, 2, 3)]
+    assert 0 < flags["flagged"].sum() < 8
+    assert np.isnan(flags.loc[1, "flagged_frac"])
+    np.testing.assert_allclose(
+        flags.loc[[2, 3], "flagged_frac"], flagged.reindex([2, 3], fill_value=0) / 4
+    )
+    page = html.read_text()
+    assert "id='steps'" in page and "nuclear norm over training steps" in page
+
+    for table in ("scores", "flags"):
+        rows = pd.read_parquet(run / f"{table}.parquet").set_index("example_index")
+        assert len(rows) == 12
+        steps = examples.set_index("example_index").loc[rows.index, "step"]
+        assert (rows["step"] == steps).all()
 
 
 def test_online_flag_is_the_robust_z_against_the_window():

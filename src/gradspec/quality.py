@@ -28,6 +28,11 @@ Each score also has a ``<score>_pct`` column: the fraction of the run's scored e
 whose score is smaller than or equal to this one, in (0, 1]. Examples that were not
 profiled (status other than 'ok') get null scores.
 
+A training run (the monitor's) is scored row by row, one row per profiled occurrence with
+its ``step`` and ``epoch``; its ``flag`` compares an occurrence with all of the run's
+occurrences, of every step (the online ``flag_score`` of its examples table compares it
+with the recent ones only).
+
 Which end of a score is suspect is fixed a priori (``SUSPECT_DIRECTION``): higher norms,
 MAD, loss, IFD and flag, and lower effective rank.
 
@@ -63,6 +68,7 @@ from .store import RunTables
 
 KINDS = ("attn", "mlp", "other")
 ID_COLUMNS = ("example_index", "example_id", "source", "source_line", "status")
+TRAINING_ID_COLUMNS = ("step", "epoch")  # when a training run profiled each occurrence
 # Direction fixed a priori from the studies (arXiv:2410.23743, 2504.10766): +1 where a higher
 # value is more suspect (an irrelevant or low-quality response), -1 where a lower one is.
 SPECTRAL_SCORES = tuple(stat for stat in STATISTICS if stat.suspect)
@@ -95,8 +101,13 @@ def example_scores(tables: RunTables) -> pd.DataFrame:
     scores = scores.reindex(examples.index)[list(SCORES)].astype("float64")
     for name in SCORES:
         scores[f"{name}_pct"] = percentile_within(scores[name])
-    frame = pd.concat([examples[list(ID_COLUMNS)], scores], axis=1)
+    frame = pd.concat([examples[id_columns(examples)], scores], axis=1)
     return frame.reset_index(drop=True)
+
+
+def id_columns(table: pd.DataFrame) -> list[str]:
+    """The columns that say which example a row is: in a training run, also its step."""
+    return [c for c in (*ID_COLUMNS, *TRAINING_ID_COLUMNS) if c in table]
 
 
 def gradient_scores(spectra: pd.DataFrame) -> pd.DataFrame:
@@ -201,7 +212,7 @@ def flag_ranking(scores: pd.DataFrame, labels: pd.DataFrame | None = None) -> pd
         order = "probability"
     ranked = ranked.sort_values([order, "example_index"], ascending=[False, True])
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
-    columns = ["rank", *ID_COLUMNS, "flag", "flag_pct", "probability", "label"]
+    columns = ["rank", *id_columns(ranked), "flag", "flag_pct", "probability", "label"]
     return ranked[columns].reset_index(drop=True)
 
 

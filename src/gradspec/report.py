@@ -32,7 +32,7 @@ from .findings import Finding, evaluate_findings
 from .runs import Run, load_runs, study_order
 from .statistics import DERIVED_STATISTICS, REPORT_STATISTICS
 from .store import now_iso
-from .tables import build_tables, twin_key
+from .tables import build_tables, training_runs, twin_key
 
 SKIPPED_SHOWN = 200  # rows of the skipped-examples table shown in the HTML; the CSV has all
 
@@ -163,6 +163,17 @@ class ReportContext:
             "runs barely differ the interval can lie below the study's (biased) estimate; "
             "intervals of quantities that cannot be negative are cut at zero.",
             "Findings use the nuclear norm whatever statistic the curves show.",
+            *(
+                [
+                    "Training runs (the monitor's): one row per profiled occurrence of an "
+                    "example, so a layer curve averages every profiled step. Over steps: mean "
+                    "and 10th-90th percentile of the statistic over the step's (example, "
+                    "matrix) values of each layer kind; flagged fraction: examples whose "
+                    "online flag score exceeds the run's threshold, over those scored."
+                ]
+                if training_runs(self.runs)
+                else []
+            ),
         ]
 
 
@@ -196,31 +207,15 @@ def curve_figures(
                 data = curves[(curves["run"] == run.name) & (curves["module"] == module)]
                 if data.empty:
                     continue
-                traces += [
-                    go.Scatter(
-                        x=np.concatenate([data["layer"], data["layer"][::-1]]),
-                        y=np.concatenate([data["mean_high"], data["mean_low"][::-1]]),
-                        mode="lines",
-                        fill="toself",
-                        fillcolor=_transparent(color),
-                        line=dict(width=0),
-                        hoverinfo="skip",
-                        showlegend=False,
-                        legendgroup=run.name,
-                    ),
-                    go.Scatter(
-                        x=data["layer"],
-                        y=data["mean"],
-                        mode="lines",
-                        name=run.name,
-                        line=dict(color=color, dash=dash, width=2),
-                        legendgroup=run.name,
-                        showlegend=j == 0,
-                        customdata=data[["mean_low", "mean_high"]],
-                        hovertemplate=f"{html.escape(run.name)}<br>layer %{{x}}: %{{y:.4g}} "
-                        "[%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>",
-                    ),
-                ]
+                traces += line_with_band(
+                    data["layer"],
+                    data[["mean", "mean_low", "mean_high"]],
+                    name=run.name,
+                    color=color,
+                    dash=dash,
+                    showlegend=j == 0,
+                    x_label="layer",
+                )
                 rows_ += [j // columns + 1] * 2
                 cols_ += [j % columns + 1] * 2
         figure.add_traces(traces, rows=rows_, cols=cols_)
@@ -235,6 +230,98 @@ def curve_figures(
         figure.update_xaxes(title_text="layer", title_standoff=4, dtick=max(1, -(-depth // 8)))
         figures.append((key, figure))
     return figures
+
+
+def step_figure(
+    runs: Sequence[Run], steps: pd.DataFrame, flags: pd.DataFrame, statistic_name: str
+) -> go.Figure:
+    """The training runs over optimizer steps: a panel per layer kind (mean line, 10th-90th
+    percentile band), and one of the online flag's flagged fraction; a colour per run."""
+    kinds = list(dict.fromkeys(sorted(steps["kind"])))
+    panels = [f"{statistic_name}: {kind}" for kind in kinds] + ["flagged fraction (online)"]
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=panels, horizontal_spacing=0.06)
+    names = [run.name for run in runs if run.name in set(steps["run"])]
+    for i, name in enumerate(names):
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]
+        for j, kind in enumerate(kinds):
+            data = steps[(steps["run"] == name) & (steps["kind"] == kind)]
+            figure.add_traces(
+                line_with_band(
+                    data["step"],
+                    data[["mean", "p10", "p90"]],
+                    name=name,
+                    color=color,
+                    showlegend=j == 0,
+                    x_label="step",
+                ),
+                rows=1,
+                cols=j + 1,
+            )
+        data = flags[flags["run"] == name]
+        figure.add_trace(
+            go.Scatter(
+                x=data["step"],
+                y=data["flagged_frac"],
+                mode="lines+markers",
+                name=name,
+                line=dict(color=color, width=2),
+                legendgroup=name,
+                showlegend=False,
+                hovertemplate=f"{html.escape(name)}<br>step %{{x}}: %{{y:.3g}}<extra></extra>",
+            ),
+            row=1,
+            col=len(panels),
+        )
+    figure.update_layout(
+        height=380,
+        margin=dict(l=50, r=20, t=60, b=40),
+        legend=dict(orientation="h", y=-0.2),
+        template="plotly_white",
+        title=dict(text=f"{statistic_name} over training steps", x=0.01),
+    )
+    figure.update_xaxes(title_text="optimizer step", title_standoff=4)
+    return figure
+
+
+def line_with_band(
+    x: pd.Series,
+    values: pd.DataFrame,
+    *,
+    name: str,
+    color: str,
+    showlegend: bool,
+    x_label: str,
+    dash: str = "solid",
+) -> list[go.Scatter]:
+    """A line through ``values``' first column and a shaded band between its other two
+    (low, high); hovering shows 'name, x_label x: value [low, high]'."""
+    line, low, high = (values.iloc[:, i].to_numpy(dtype=float) for i in range(3))
+    x = np.asarray(x)
+    return [
+        go.Scatter(
+            x=np.concatenate([x, x[::-1]]),
+            y=np.concatenate([high, low[::-1]]),
+            mode="lines",
+            fill="toself",
+            fillcolor=_transparent(color),
+            line=dict(width=0),
+            hoverinfo="skip",
+            showlegend=False,
+            legendgroup=name,
+        ),
+        go.Scatter(
+            x=x,
+            y=line,
+            mode="lines",
+            name=name,
+            line=dict(color=color, dash=dash, width=2),
+            legendgroup=name,
+            showlegend=showlegend,
+            customdata=np.column_stack([low, high]),
+            hovertemplate=f"{html.escape(name)}<br>{x_label} %{{x}}: %{{y:.4g}} "
+            "[%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>",
+        ),
+    ]
 
 
 def _transparent(hex_color: str, alpha: float = 0.18) -> str:
@@ -270,8 +357,10 @@ def render_html(
 ) -> str:
     """The self-contained report page."""
     esc = html.escape
+    training = not tables["steps"].empty
     sections = [
         ("findings", "Findings of the study"),
+        *([("steps", "Training steps")] if training else []),
         ("curves", "Layer curves"),
         ("mad", "MAD across layers"),
         ("rd", "Relative differences"),
@@ -295,12 +384,26 @@ def render_html(
             f"<p class='method'>{esc(finding.method)}</p>",
             _html_table(finding.table),
         ]
+    config = {"displaylogo": False, "responsive": True}
+    if training:
+        figure = step_figure(
+            context.runs, tables["steps"], tables["step_flags"], context.statistic_name
+        )
+        body += [
+            "<h2 id='steps'>Training steps</h2><p class='method'>Training runs (the monitor's) "
+            "at each profiled optimizer step: lines, mean over the step's (example, matrix) "
+            "values of each layer kind; bands, 10th to 90th percentile; last panel, the share "
+            "of the step's scored examples the online flag flagged.</p>",
+            "<div class='plot'>"
+            + figure.to_html(full_html=False, include_plotlyjs=False, config=config)
+            + "</div>",
+            _html_table(tables["step_flags"]),
+        ]
     body.append(
         "<h2 id='curves'>Layer curves</h2><p class='method'>Lines: mean over examples; "
         "bands: 95% bootstrap intervals; dotted: irrelevant responses. Click a legend "
         "entry to hide a run.</p>"
     )
-    config = {"displaylogo": False, "responsive": True}
     for _, figure in curve_figures(context.runs, tables["curves"], context.statistic_name):
         body.append(
             "<div class='plot'>"
@@ -380,11 +483,15 @@ def render_markdown(
         )
         parts += [f"### {segment}", "", md(mad_table_), ""]
     for name, heading in (
+        ("steps", "Training steps"),
+        ("step_flags", "Online flags over training steps"),
         ("relative_difference", "Relative differences"),
         ("examples", "Examples"),
         ("skipped", "Skipped examples"),
         ("runs", "Runs"),
     ):
+        if name in ("steps", "step_flags") and tables[name].empty:
+            continue  # no training run
         parts += [f"## {heading}", "", md(tables[name]), ""]
     parts += ["## Method", "", *(f"- {note}" for note in context.method_notes()), ""]
     return "\n".join(parts)

@@ -63,12 +63,37 @@ SPECTRA_FIELDS = [
     *((stat.name, pa.type_for_alias(stat.column_type)) for stat in STATISTICS),
 ]
 TOP_K_FIELD = ("top_singular_values", pa.list_(pa.float64()))
+# A training run (the monitor of integrations/transformers.py; manifest kind "training")
+# adds the optimizer step of each profiled occurrence, its epoch and its online flag score.
+TRAINING_RUN = "training"
+TRAINING_EXAMPLE_FIELDS = [
+    ("step", pa.int64()),
+    ("epoch", pa.float64()),
+    ("flag_score", pa.float64()),
+]
+TRAINING_SPECTRA_FIELDS = [("step", pa.int64())]
 PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 
 
 def spectra_schema(top_k: int) -> pa.Schema:
     """Schema of the spectra table; the top-k list column exists only when asked for."""
     return pa.schema(SPECTRA_FIELDS + ([TOP_K_FIELD] if top_k else []))
+
+
+def is_training_run(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest is that of a training run (rows carry their optimizer step)."""
+    return manifest.get("kind") == TRAINING_RUN
+
+
+def run_schemas(manifest: dict[str, Any]) -> tuple[pa.Schema, pa.Schema]:
+    """The examples and spectra schemas of the run a manifest describes."""
+    examples, spectra = EXAMPLES_SCHEMA, spectra_schema(manifest.get("options", {}).get("top_k", 0))
+    if is_training_run(manifest):
+        for name, type_ in TRAINING_EXAMPLE_FIELDS:
+            examples = examples.append(pa.field(name, type_))
+        for name, type_ in TRAINING_SPECTRA_FIELDS:
+            spectra = spectra.append(pa.field(name, type_))
+    return examples, spectra
 
 
 def now_iso() -> str:
@@ -227,7 +252,8 @@ def _part_range(path: Path) -> tuple[int, int]:
 
 def load_run(run_dir: str | os.PathLike) -> RunTables:
     """Read a run directory's manifest and the finished examples among its first
-    ``data.n_examples`` (parts a larger earlier ``--limit`` left are kept, not read)."""
+    ``data.n_examples`` (parts a larger earlier ``--limit`` left are kept, not read); a
+    training run's tables keep their step columns."""
     root = Path(run_dir)
     manifest_path = root / "manifest.json"
     if not manifest_path.exists():
@@ -239,8 +265,8 @@ def load_run(run_dir: str | os.PathLike) -> RunTables:
         for p in (root / "examples").glob("part-*.parquet")
         if n_examples is None or _part_range(p)[0] < n_examples
     )
-    examples = _read_parts(root / "examples", done, EXAMPLES_SCHEMA, n_examples)
-    spectra_schema_ = spectra_schema(manifest.get("options", {}).get("top_k", 0))
+    examples_schema, spectra_schema_ = run_schemas(manifest)
+    examples = _read_parts(root / "examples", done, examples_schema, n_examples)
     spectra = _read_parts(root / "spectra", done, spectra_schema_, n_examples)
     return RunTables(
         manifest,

@@ -44,7 +44,7 @@ from ..data import IGNORE_INDEX
 from ..errors import GradspecError
 from ..quality import ROBUST_SCALE
 from ..statistics import STAT_COLUMNS, STATISTICS
-from ..store import EXAMPLES_SCHEMA, spectra_schema, write_json_atomic, write_parquet_atomic
+from ..store import TRAINING_RUN, run_schemas, write_json_atomic, write_parquet_atomic
 
 FLAGGED_FILE = "flagged.jsonl"
 LORA_MATRICES = ("lora_A", "lora_B")
@@ -289,6 +289,7 @@ class TrainingRun:
     def __init__(self, root: str | os.PathLike, targets: list[Target], manifest: dict[str, Any]):
         self.root = Path(root)
         self.targets = targets
+        self.examples_schema, self.spectra_schema = run_schemas(manifest)
         self.written = 0
         for folder in ("examples", "spectra"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
@@ -312,11 +313,11 @@ class TrainingRun:
             "status": ["ok"] * n,
             "response_only_loss": [None] * n,
             "ifd": [None] * n,
+            "step": [step] * n,
+            "epoch": [epoch] * n,
+            "flag_score": scores,
         }
-        step_columns = {"step": [step] * n, "epoch": [epoch] * n, "flag_score": scores}
-        examples_table = pa.table(examples, schema=EXAMPLES_SCHEMA)
-        for key, column in step_columns.items():
-            examples_table = examples_table.append_column(key, pa.array(column))
+        examples_table = pa.table(examples, schema=self.examples_schema)
         spectra = self._spectra_table(index, step, records)
         write_parquet_atomic(spectra, self.root / "spectra" / name)
         write_parquet_atomic(examples_table, self.root / "examples" / name)
@@ -333,9 +334,9 @@ class TrainingRun:
             "module": [t.module_name for t in self.targets] * len(index),
             "kind": [t.kind for t in self.targets] * len(index),
             **{name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)},
+            "step": np.full(len(index) * n_targets, step, dtype=np.int64),
         }
-        table = pa.table(columns, schema=spectra_schema(0))
-        return table.append_column("step", pa.array(np.full(len(table), step, dtype=np.int64)))
+        return pa.table(columns, schema=self.spectra_schema)
 
     def append_flags(self, lines: list[dict[str, Any]]) -> None:
         with (self.root / FLAGGED_FILE).open("a") as out:
@@ -385,7 +386,16 @@ class GradspecCallback(TrainerCallback):
             model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
         if self.out is not None and is_main_process():
-            self.run = TrainingRun(self.out, targets, _manifest(args, targets))
+            self.run = TrainingRun(self.out, targets, _manifest(args, targets, self.settings()))
+
+    def settings(self) -> dict[str, Any]:
+        """How often the monitor profiles and how it flags, as the manifest records it."""
+        return {
+            "every_n_steps": self.every_n_steps,
+            "window": self.flagger.window.maxlen,
+            "min_window": self.flagger.min_window,
+            "threshold": self.flagger.threshold,
+        }
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any):
         self.capture.active = (state.global_step + 1) % self.every_n_steps == 0
@@ -548,10 +558,11 @@ def _refuse_packed_rows(kwargs: dict, mask: torch.Tensor) -> None:
         )
 
 
-def _manifest(args: Any, targets: list[Target]) -> dict[str, Any]:
+def _manifest(args: Any, targets: list[Target], monitor: dict[str, Any]) -> dict[str, Any]:
     return {
         "gradspec_version": __version__,
-        "kind": "training",
+        "kind": TRAINING_RUN,
+        "monitor": monitor,
         "model": {"path": str(args.output_dir)},
         "data": {},
         "options": {"top_k": 0, "modules": [t.param for t in targets]},
