@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +333,105 @@ def test_aggregates_reach_tensorboard_and_rows_are_scored(
     assert "train/gradspec/flagged_frac" in logged
     scores = example_scores(tables)
     assert len(scores) == 4 and scores["nuclear_norm"].notna().all()
+
+
+def logged_aggregates(run_dir: Path) -> dict[str, float]:
+    """What the monitor logs for its one profiled step, recomputed with pandas from the
+    run directory's rows: each kind's statistics over its (example, matrix) values."""
+    spectra = read_parts(run_dir / "spectra")
+    expected = {}
+    for kind, rows in spectra.groupby("kind"):
+        for stat in STAT_COLUMNS:
+            values = rows[stat]
+            aggregates = {"mean": values.mean(), "p95": values.quantile(0.95), "max": values.max()}
+            for name, value in aggregates.items():
+                expected[f"gradspec/{kind}/{stat}_{name}"] = float(value)
+    return expected
+
+
+def assert_logged(logged: dict[str, float], run_dir: Path, prefix: str = "") -> None:
+    """Every aggregate of the profiled step was logged, with its value; nothing flagged."""
+    expected = logged_aggregates(run_dir)
+    assert len(expected) == 2 * len(STAT_COLUMNS) * 3
+    for key, value in expected.items():
+        assert logged[prefix + key] == pytest.approx(value, rel=1e-12), key
+    assert logged[prefix + "gradspec/flagged_frac"] == 0.0  # the window is still filling
+
+
+@pytest.mark.slow
+def test_aggregates_reach_mlflow(tiny_model, tokenizer, train_dataset, tmp_path, monkeypatch):
+    """report_to=["mlflow"] with a local file store: the aggregates are read back with the
+    MLflow client at the profiled step and equal those of the run directory's rows."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # no SQL database needed
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "gradspec-test")
+    train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, report_to=["mlflow"])
+
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("gradspec-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    keys = [k for k in run.data.metrics if k.startswith("gradspec/")]
+    histories = {k: client.get_metric_history(run.info.run_id, k) for k in keys}
+    assert all([m.step for m in history] == [PROFILED_STEP] for history in histories.values())
+    assert "loss" in run.data.metrics  # the same run as the loss
+    assert_logged({k: history[0].value for k, history in histories.items()}, tmp_path / "run")
+
+
+def wandb_records(path: Path) -> Iterator[bytes]:
+    """The records of a W&B run file (``run-*.wandb``, LevelDB log format: 32 KiB blocks of
+    chunks with a 7-byte header each), which wandb itself no longer reads back offline."""
+    block, header = 32768, 7
+    data = path.read_bytes()
+    assert data[:header] == b":W&B\xe1\xbe\x00", f"{path}: not a W&B run file"
+    position, chunks = header, []
+    while position + header <= len(data):
+        if block - position % block < header:  # the block's tail is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, position)
+        chunks.append(data[position + header : position + header + length])
+        position += header + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            yield b"".join(chunks)
+            chunks = []
+
+
+@pytest.mark.slow
+def test_aggregates_reach_wandb_offline(
+    tiny_model, tokenizer, train_dataset, tmp_path, monkeypatch
+):
+    """report_to=["wandb"] with WANDB_MODE=offline: the aggregates are read back from the
+    offline run's file (history rows) at the profiled step, equal to the run's rows."""
+    wandb = pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, report_to=["wandb"])
+    wandb.finish()
+
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows, summary = [], {}
+    for data in wandb_records(run_file):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            rows.append(dict(map(wandb_item, record.history.item)))
+        elif kind == "summary":
+            summary.update(map(wandb_item, record.summary.update))
+    (row,) = [r for r in rows if any(k.startswith("train/gradspec/") for k in r)]
+    assert row["train/global_step"] == PROFILED_STEP and "train/loss" in row
+    assert_logged(row, tmp_path / "run", prefix="train/")
+    assert_logged(summary, tmp_path / "run", prefix="train/")  # the run's last values
+
+
+def wandb_item(item) -> tuple[str, object]:
+    """(key, value) of a W&B history or summary item (a nested key joined by dots)."""
+    return ".".join(item.nested_key) or item.key, json.loads(item.value_json)
 
 
 def read_parts(folder: Path) -> pd.DataFrame:
