@@ -186,6 +186,33 @@ def test_spectra_equal_profile_of_checkpoint(
 
 
 @pytest.mark.slow
+def test_bf16_autocast_spectra_equal_profile_under_autocast(
+    tiny_model, tokenizer, train_dataset, data_file, tmp_path
+):
+    """bf16=True (CPU autocast; the Trainer's forward only, as accelerate wraps it): the
+    step's spectra equal `gradspec profile` of the checkpoint run under the same autocast,
+    to bf16 precision. Not to float32 precision: the Trainer's loss weights every token by
+    1/(batch tokens), the profile by 1/(the example's tokens), so the bf16 gradients are
+    rounded at other scales in every backward GEMM; the differences measured are up to
+    ~1.3e-3 relative (nuclear norm) and 3.8e-3 (effective rank), one bf16 unit roundoff
+    (2^-8 = 3.9e-3), hence rtol 1e-2. They exceed float32's 1e-4 against a float32
+    profile, so autocast did run."""
+    train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, bf16=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tables = gradspec.profile(
+            tmp_path / "checkpoint", data_file, tmp_path / "ref", device="cpu", batch_size=1
+        )
+    under_autocast = tables.spectra.set_index(["example_id", "param"])[list(STAT_COLUMNS)]
+    monitored = monitored_spectra(tmp_path / "run")
+    assert monitored.index.get_level_values(0).nunique() == 4
+    expected = under_autocast.loc[monitored.index].to_numpy()
+    np.testing.assert_allclose(monitored.to_numpy(), expected, rtol=1e-2, atol=1e-9)
+    float32 = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref32")
+    relative = np.abs(monitored.to_numpy() / float32.loc[monitored.index].to_numpy() - 1)
+    assert relative.max() > 1e-4
+
+
+@pytest.mark.slow
 def test_training_unchanged_by_monitor(tiny_model, tokenizer, train_dataset, tmp_path):
     """Every step profiled, the final weights equal those of a run without the monitor."""
     runs = []

@@ -118,11 +118,14 @@ class SpectraCapture:
         return output
 
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
-        x = self._prepared_input(self.inputs.pop(index))
-        gs, g_finite = self._real_rows(grad)
-        tokens, d_out, d_in = gs.shape[1], gs.shape[2], x.spectra.rows.shape[2]
-        route = choose_route(tokens, d_out, d_in, self.spectra_dtype, gs.device.type)
-        solve = prepare_spectra(gs, x.spectra, route)
+        """Prepare the target's spectra from its X and G, in the spectra dtype even when
+        the backward runs inside an autocast region (which would cast the GEMMs down)."""
+        with torch.autocast(grad.device.type, enabled=False):
+            x = self._prepared_input(self.inputs.pop(index))
+            gs, g_finite = self._real_rows(grad)
+            tokens, d_out, d_in = gs.shape[1], gs.shape[2], x.spectra.rows.shape[2]
+            route = choose_route(tokens, d_out, d_in, self.spectra_dtype, gs.device.type)
+            solve = prepare_spectra(gs, x.spectra, route)
         if self.solver is None:
             raise RuntimeError("SpectraCapture hooks ran outside its with-block")
         self.results[index] = (self.solver.submit(solve), x.finite & g_finite)

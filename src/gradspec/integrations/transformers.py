@@ -381,8 +381,10 @@ class GradspecCallback(TrainerCallback):
         self.every_n_steps = self.every_n_steps or _logging_interval(args, state)
         targets = training_targets(model, self.modules)
         self.capture = TrainingCapture(targets, self.spectra_dtype).__enter__()
+        head = model.get_output_embeddings()
         self.handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            *([head.register_forward_hook(self._after_lm_head)] if head is not None else []),
             model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
         if self.out is not None and is_main_process():
@@ -441,18 +443,29 @@ class GradspecCallback(TrainerCallback):
         self.capture.start_batch(mask)
         self.micro = MicroBatch(rows, labels, mask)
 
+    def _after_lm_head(self, module: nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
+        """Watch the LM head's own output: the logits the loss is computed from, also under
+        mixed precision, where the model's output holds a float32 copy the loss never used."""
+        self._watch_output(logits, response_token_weights)
+
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Without an LM head call (TRL's fused head), watch the model's output."""
+        log_probs = getattr(output, "log_probs", None)
+        if log_probs is not None:  # TRL's fused LM head: log-probabilities of the next tokens
+            self._watch_output(log_probs, fused_token_weights)
+        else:
+            self._watch_output(getattr(output, "logits", None), response_token_weights)
+
+    def _watch_output(self, output: torch.Tensor | None, read: Any) -> None:
+        """Read the micro-batch's loss weights from ``output``'s gradient (the first
+        output of a profiled forward only)."""
         micro = self.micro
         if micro is None or micro.logits is not None or not torch.is_grad_enabled():
             return
-        logits = getattr(output, "logits", None)
-        read = response_token_weights
-        if logits is None:  # TRL's fused LM head: log-probabilities of the next tokens
-            logits, read = getattr(output, "log_probs", None), fused_token_weights
-        if logits is None:
+        if output is None:
             raise GradspecError("the model's output has neither logits nor log_probs")
-        micro.logits = logits.detach()
-        logits.register_hook(partial(self._on_output_grad, micro, read))
+        micro.logits = output.detach()
+        output.register_hook(partial(self._on_output_grad, micro, read))
 
     def _on_output_grad(self, micro: MicroBatch, read: Any, grad: torch.Tensor) -> None:
         weights, micro.losses, counts = read(micro.logits, grad, micro.labels)
@@ -464,8 +477,13 @@ class GradspecCallback(TrainerCallback):
     def _finish_micro_batch(self) -> None:
         """Turn the last micro-batch's singular values into per-example statistics."""
         micro, self.micro = self.micro, None
-        if micro is None or micro.scale is None:
+        if micro is None:
             return
+        if micro.scale is None:
+            raise GradspecError(
+                "a profiled step's backward never reached the logits the monitor watched: "
+                "the loss must be computed from the LM head's output (or TRL's log_probs)"
+            )
         results = self.capture.batch_results()
         usable = torch.isfinite(micro.scale) & (micro.scale > 0)
         for r in results:
