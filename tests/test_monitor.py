@@ -438,7 +438,7 @@ def test_aggregates_reach_wandb_offline(
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, report_to=["wandb"])
-    wandb.finish()
+    wandb.teardown()  # finishes the run and waits until wandb-core has written all of it
 
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     rows, summary = [], {}
