@@ -69,12 +69,15 @@ def test_worker_failure_surfaces_and_the_run_resumes(tiny_model, tmp_path, monke
     model_dir, out = tiny_model("llama"), tmp_path / "run"
     calls = [0]
     prepare = capture.prepare_spectra
-    per_chunk = 2 * len(find_targets(AutoModelForCausalLM.from_pretrained(model_dir)))
+    # (example, matrix) pairs of the first chunk: batches, or examples of a padded batch
+    per_chunk = OPTIONS["chunk_size"] * len(
+        find_targets(AutoModelForCausalLM.from_pretrained(model_dir))
+    )
 
-    def failing(*args: object) -> Callable[[], torch.Tensor]:
-        calls[0] += 1
+    def failing(g: torch.Tensor, *args: object) -> Callable[[], torch.Tensor]:
+        calls[0] += g.shape[0]
         if calls[0] <= per_chunk:
-            return prepare(*args)
+            return prepare(g, *args)
 
         def broken() -> torch.Tensor:
             raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
@@ -116,3 +119,24 @@ def test_gram_route_in_the_engine_gives_the_cpu_results(tiny_model, tmp_path, mo
     pd.testing.assert_series_equal(
         gpu.spectra["effective_rank"], cpu.spectra["effective_rank"], rtol=1e-3
     )
+
+
+def test_each_example_of_a_padded_batch_is_solved_at_its_own_length(
+    tiny_model, tmp_path, monkeypatch
+):
+    lengths: list[int] = []
+    prepare = capture.prepare_spectra
+
+    def recording(g: torch.Tensor, *args: object) -> Callable[[], torch.Tensor]:
+        lengths.extend([g.shape[1]] * g.shape[0])
+        return prepare(g, *args)
+
+    model_dir = tiny_model("llama")
+    options = dict(limit=4, batch_size=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(capture, "prepare_spectra", recording)
+        tables = gradspec.profile(model_dir, DATA, tmp_path / "run", device="cpu", **options)
+    real = tables.examples["n_prompt_tokens"] + tables.examples["n_response_tokens"]
+    assert real.nunique() == 4  # one batch padded to the longest
+    targets = len(find_targets(AutoModelForCausalLM.from_pretrained(model_dir)))
+    assert sorted(lengths) == sorted(real.tolist() * targets)

@@ -5,8 +5,10 @@ output receives the output gradient G during backward. For all examples of the b
 once, with padding rows set to zero (zero rows add nothing to G^T X), the singular values
 of each example's G^T X are prepared right there (the route's GEMMs) and X is released,
 so neither per-example nor summed weight gradients are ever built (the weights do not
-require grad). The small T x T solves go to a worker thread (LAPACK releases the GIL), so
-they overlap with the rest of the backward; ``batch_results`` collects them in order.
+require grad). In a padded batch each example is solved at its own length (padding rows
+would only enlarge the QRs and the T x T solves). The small T x T solves go to a worker
+thread (LAPACK releases the GIL), so they overlap with the rest of the backward;
+``batch_results`` collects them in order.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .adapters import Target
-from .spectra import InputSpectra, choose_route, prepare_spectra
+from .spectra import InputSpectra, Solve, choose_route, prepare_spectra
 
 
 @dataclass
@@ -29,7 +32,7 @@ class PreparedInput:
     their finiteness."""
 
     source: torch.Tensor
-    spectra: InputSpectra
+    spectra: list[InputSpectra]  # the whole batch, or each example of a padded batch
     finite: torch.Tensor
 
 
@@ -123,20 +126,33 @@ class SpectraCapture:
         with torch.autocast(grad.device.type, enabled=False):
             x = self._prepared_input(self.inputs.pop(index))
             gs, g_finite = self._real_rows(grad)
-            tokens, d_out, d_in = gs.shape[1], gs.shape[2], x.spectra.rows.shape[2]
-            route = choose_route(tokens, d_out, d_in, self.spectra_dtype, gs.device.type)
-            solve = prepare_spectra(gs, x.spectra, route)
+            groups = zip(self._groups(gs), x.spectra, strict=True)
+            solves = [self._prepare(g, xs) for g, xs in groups]
         if self.solver is None:
             raise RuntimeError("SpectraCapture hooks ran outside its with-block")
-        self.results[index] = (self.solver.submit(solve), x.finite & g_finite)
+        self.results[index] = (self.solver.submit(partial(_rows_of, solves)), x.finite & g_finite)
+
+    def _prepare(self, g: torch.Tensor, x: InputSpectra) -> Solve:
+        """The GEMMs of the cost model's route for one group of examples of equal length."""
+        tokens, d_out, d_in = g.shape[1], g.shape[2], x.rows.shape[2]
+        route = choose_route(tokens, d_out, d_in, self.spectra_dtype, g.device.type)
+        return prepare_spectra(g, x, route)
 
     def _prepared_input(self, x: torch.Tensor) -> PreparedInput:
         """The input's real rows, reused while the same input comes back."""
         last = self.last_input
         if last is None or not _same_view(last.source, x):
             rows, finite = self._real_rows(x)
-            self.last_input = last = PreparedInput(x, InputSpectra(rows), finite)
+            spectra = [InputSpectra(group) for group in self._groups(rows)]
+            self.last_input = last = PreparedInput(x, spectra, finite)
         return last
+
+    def _groups(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The batch as it is, or each example of a padded batch at its own length."""
+        if self.all_real:
+            return [rows]
+        pairs = zip(rows, self.token_mask, strict=True)
+        return [example[real].unsqueeze(0) for example, real in pairs]
 
     def _real_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(examples x T x d) in the spectra dtype with padding and non-finite examples zeroed,
@@ -150,6 +166,11 @@ class SpectraCapture:
         if not finite.all():
             values = values.masked_fill(~finite[:, None, None], 0.0)
         return values, finite
+
+
+def _rows_of(solves: list[Solve]) -> torch.Tensor:
+    """Run the solves; their per-example singular values as rows, zero-padded to one width."""
+    return pad_sequence([row for solve in solves for row in solve()], batch_first=True)
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -9,7 +9,15 @@ exact routes give its singular values, chosen by a cost model (``choose_route``)
   of the symmetric T x T matrix C^T (G G^T) C. The Grams are accumulated in float64 (a Gram
   squares the condition number), so the square roots are as precise as float32 gradients;
 - ``factor``: with thin QRs X^T = Q_x R_x and G^T = Q_g R_g, the singular values of the
-  small R_g R_x^T; kept for float64 spectra, whose precision a Gram would halve.
+  small R_g R_x^T. A side with no more columns than tokens (k/v's 192 outputs at T = 300)
+  is used as it is: its QR would not shrink it, and G^T R_x^T has the singular values of
+  G^T X since Q_x has orthonormal columns.
+
+The full and factor routes end in the singular values of a small float32 matrix, taken as
+square roots of the eigenvalues of its float64 Gram over the short side (``eigvalsh``):
+accumulated in float64, the squared condition number costs no float32 precision, and on a
+CPU that is up to 2x cheaper than a float32 SVD (bench/README.md). Float64 spectra keep
+``svdvals``, whose precision a Gram would halve.
 
 Each route splits into GEMM work (``prepare_spectra``, on the model's device, while the
 gradients exist) and a small T x T solve returned as a closure, which may run elsewhere.
@@ -40,9 +48,11 @@ EIGVALSH_COST_FACTOR = 4.0  # float64 eigvalsh per (4/3) T^3 flops, mostly matri
 GRAM_DEVICE_FACTOR = {"cpu": 0.7, "cuda": 0.2}
 
 
-def _qr_flops(rows: int, cols: int) -> float:
-    long, short = max(rows, cols), min(rows, cols)
-    return 2.0 * long * short**2 - 2.0 * short**3 / 3
+def _token_factor_flops(width: int, tokens: int) -> float:
+    """Flops of ``token_factor`` on a T x width side: a QR where T < width, else none."""
+    if tokens >= width:
+        return 0.0
+    return 2.0 * width * tokens**2 - 2.0 * tokens**3 / 3
 
 
 def _svd_flops(rows: int, cols: int) -> float:
@@ -58,8 +68,8 @@ def route_costs(tokens: int, d_out: int, d_in: int, device_type: str = "cpu") ->
     return {
         "full": 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in),
         "gram": GRAM_DEVICE_FACTOR.get(device_type, 1.0) * gram,
-        "factor": _qr_flops(d_out, tokens)
-        + _qr_flops(d_in, tokens)
+        "factor": _token_factor_flops(d_out, tokens)
+        + _token_factor_flops(d_in, tokens)
         + 2.0 * k_out * tokens * k_in
         + _svd_flops(k_out, k_in),
     }
@@ -82,14 +92,22 @@ def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
     return choose_route(tokens, d_out, d_in, torch.float64) == "full"
 
 
-def tall_singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """svdvals of a matrix or its transpose, whichever is tall (LAPACK is faster on those)."""
-    return torch.linalg.svdvals(matrix if matrix.shape[-2] >= matrix.shape[-1] else matrix.mT)
+def small_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Descending singular values of a small matrix, in its dtype: float64 svdvals for
+    float64, else the square roots of the eigenvalues of its float64 Gram (short side)."""
+    if matrix.dtype == torch.float64:
+        return torch.linalg.svdvals(matrix)
+    wide = matrix.to(torch.float64)
+    gram = wide @ wide.mT if matrix.shape[-2] <= matrix.shape[-1] else wide.mT @ wide
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    return eigenvalues.clamp(min=0).sqrt().flip(-1).to(matrix.dtype)
 
 
 def token_factor(a: torch.Tensor) -> torch.Tensor:
-    """R of the thin QR of a^T (T x T at most), which keeps the singular values of a."""
-    return torch.linalg.qr(a.mT, mode="r").R
+    """a^T (..., d, T), or the R of its thin QR where that is smaller (T < d): a left factor
+    with orthonormal columns away, so a product with it keeps its singular values."""
+    tokens, width = a.shape[-2:]
+    return torch.linalg.qr(a.mT, mode="r").R if tokens < width else a.mT
 
 
 @dataclass
@@ -167,10 +185,10 @@ def prepare_spectra(g: torch.Tensor, x: InputSpectra, route: Route) -> Solve:
     each example's g^T x, in g's dtype (zero rows, such as padding, change nothing)."""
     if route == "full":
         gradient = g.mT @ x.rows
-        return lambda: tall_singular_values(gradient)
+        return lambda: small_singular_values(gradient)
     if route == "factor":
         core = token_factor(g) @ x.qr_factor().mT
-        return lambda: tall_singular_values(core)
+        return lambda: small_singular_values(core)
     x_gram = x.gram()
     g_gram = output_gram(g, x_gram)
     return lambda: gram_singular_values(x_gram, g_gram).to(g.dtype)
