@@ -708,7 +708,8 @@ class GradientCollector(SpectraCapture):
 
     def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
         x = self._prepared_input(self.inputs.pop(index))
-        self.collected.append((self._real_rows(grad)[0], x.spectra))
+        groups = self._groups(self._real_rows(grad)[0])
+        self.collected.extend(zip(groups, x.spectra, strict=True))
 
 
 def synchronized(device: torch.device, compute: Callable[[], Any]) -> tuple[float, Any]:
