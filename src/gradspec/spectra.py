@@ -13,12 +13,6 @@ exact routes give its singular values, chosen by a cost model (``choose_route``)
   is used as it is: its QR would not shrink it, and G^T R_x^T has the singular values of
   G^T X since Q_x has orthonormal columns.
 
-The full and factor routes end in the singular values of a small float32 matrix, taken as
-square roots of the eigenvalues of its float64 Gram over the short side (``eigvalsh``):
-accumulated in float64, the squared condition number costs no float32 precision, and on a
-CPU that is up to 2x cheaper than a float32 SVD (bench/README.md). Float64 spectra keep
-``svdvals``, whose precision a Gram would halve.
-
 Each route splits into GEMM work (``prepare_spectra``, on the model's device, while the
 gradients exist) and a small T x T solve returned as a closure, which may run elsewhere.
 """
@@ -92,15 +86,12 @@ def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
     return choose_route(tokens, d_out, d_in, torch.float64) == "full"
 
 
-def small_singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """Descending singular values of a small matrix, in its dtype: float64 svdvals for
-    float64, else the square roots of the eigenvalues of its float64 Gram (short side)."""
-    if matrix.dtype == torch.float64:
-        return torch.linalg.svdvals(matrix)
-    wide = matrix.to(torch.float64)
-    gram = wide @ wide.mT if matrix.shape[-2] <= matrix.shape[-1] else wide.mT @ wide
-    eigenvalues = torch.linalg.eigvalsh(gram)
-    return eigenvalues.clamp(min=0).sqrt().flip(-1).to(matrix.dtype)
+def tall_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """svdvals of a matrix or its transpose, whichever is tall (LAPACK is faster on those).
+
+    On a CPU this beats a float64 Gram's ``eigvalsh`` on the square T x T cores from T ~ 265
+    (bench/README.md)."""
+    return torch.linalg.svdvals(matrix if matrix.shape[-2] >= matrix.shape[-1] else matrix.mT)
 
 
 def token_factor(a: torch.Tensor) -> torch.Tensor:
@@ -185,10 +176,10 @@ def prepare_spectra(g: torch.Tensor, x: InputSpectra, route: Route) -> Solve:
     each example's g^T x, in g's dtype (zero rows, such as padding, change nothing)."""
     if route == "full":
         gradient = g.mT @ x.rows
-        return lambda: small_singular_values(gradient)
+        return lambda: tall_singular_values(gradient)
     if route == "factor":
         core = token_factor(g) @ x.qr_factor().mT
-        return lambda: small_singular_values(core)
+        return lambda: tall_singular_values(core)
     x_gram = x.gram()
     g_gram = output_gram(g, x_gram)
     return lambda: gram_singular_values(x_gram, g_gram).to(g.dtype)
