@@ -7,6 +7,9 @@ directories. Throughput is examples per second of the ``gradspec.profile`` call 
 (it returns after every rank finished; model loading included); the whole torchrun
 process is timed too. The tables of the two runs are checked equal bit for bit. The load
 average is printed before and after: on a shared, loaded machine the ratio is unreliable.
+By default each rank is pinned to its own core: one thread per rank is not one core per
+rank, since the spectra's solve worker thread overlaps the backward (an unpinned single
+process uses about 1.35 cores here), and the question is how N cores scale.
 
     .venv/bin/python bench/bench_distributed.py --limit 96 --repeats 2
 """
@@ -35,19 +38,27 @@ from bench_profile import bench_config, bench_model, bench_tokenizer
 DATA_FILE = Path("reasoning_cot", "correct", "gsm8k_with_cot_gpt4o.json")
 
 
-def worker(model: str, data: str, out: str, options: str) -> None:
-    """One rank: profile, and on rank 0 print the call's wall time as JSON."""
+def worker(model: str, data: str, out: str, options: str, pin: str) -> None:
+    """One rank: profile, and on rank 0 print the call's wall time as JSON.
+
+    With ``pin``, the rank and every thread it starts (the spectra's solve worker
+    included) run on core LOCAL_RANK only, so N ranks use exactly N cores.
+    """
+    if pin == "pin":
+        os.sched_setaffinity(0, {int(os.environ.get("LOCAL_RANK", "0")) % os.cpu_count()})
     started = time.perf_counter()
     gradspec.profile(model, data, out, **json.loads(options))
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"seconds": time.perf_counter() - started}))
 
 
-def timed_run(ranks: int, model: Path, data: Path, out: Path, options: dict) -> tuple[float, float]:
+def timed_run(
+    ranks: int, model: Path, data: Path, out: Path, options: dict, pin: bool
+) -> tuple[float, float]:
     """(seconds of the profile call on rank 0, seconds of the whole torchrun process)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", str(ranks), __file__, "--worker"]
-    command += [str(model), str(data), str(out), json.dumps(options)]
+    command += [str(model), str(data), str(out), json.dumps(options), "pin" if pin else "free"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -68,6 +79,9 @@ def main(
     width: Annotated[int, typer.Option(help="Hidden size of the random Llama.")] = 512,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
     repeats: Annotated[int, typer.Option(help="Runs per world size, interleaved.")] = 2,
+    pin: Annotated[
+        bool, typer.Option(help="Each rank on its own core (LOCAL_RANK): N ranks use N cores.")
+    ] = True,
     worker_args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None,
     as_worker: Annotated[bool, typer.Option("--worker", hidden=True)] = False,
 ) -> None:
@@ -85,12 +99,13 @@ def main(
         for repeat in range(repeats):
             for ranks in (1, 2):
                 out = Path(scratch, f"r{ranks}-{repeat}")
-                times[ranks].append(timed_run(ranks, model, data, out, options))
+                times[ranks].append(timed_run(ranks, model, data, out, options, pin))
                 print(f"{ranks} rank(s), run {repeat + 1}: {times[ranks][-1][0]:.1f} s")
         one, two = (gradspec.load_run(Path(scratch, f"r{n}-0")) for n in (1, 2))
         pd.testing.assert_frame_equal(one.spectra, two.spectra, check_exact=True)
     print(f"after: {load_line()}")
     print(f"model: Llama width {width}, {layers} layers; {limit} examples, chunks of {chunk_size}")
+    print("each rank pinned to its own core" if pin else "ranks not pinned to cores")
     medians = {n: statistics.median(t for t, _ in runs) for n, runs in times.items()}
     walls = {n: statistics.median(w for _, w in runs) for n, runs in times.items()}
     for n in (1, 2):
