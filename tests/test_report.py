@@ -81,6 +81,13 @@ def nuclear_curve(run: Path, module: str, leave_out: tuple[int, ...] = ()) -> np
     return wide.drop(index=list(leave_out)).to_numpy().mean(axis=0)
 
 
+def test_report_of_profile_runs_writes_no_training_step_tables(report: Path):
+    tables = report.parent / "report_tables"
+    assert (tables / "runs.csv").exists()
+    assert not (tables / "steps.csv").exists() and not (tables / "step_flags.csv").exists()
+    assert "## Training steps" not in report.with_suffix(".md").read_text()
+
+
 def test_report_tables_match_independent_computations(report: Path, runs: dict[Path, dict]):
     fast = next(
         r

@@ -65,7 +65,8 @@ def write_report(
     csv_dir = out.parent / f"{out.stem}_tables"
     csv_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        table.to_csv(csv_dir / f"{name}.csv", index=False)
+        if not is_empty_training_table(name, table):
+            table.to_csv(csv_dir / f"{name}.csv", index=False)
     context = ReportContext(title, runs, statistic, split, n_boot, seed)
     out.with_suffix(".md").write_text(render_markdown(context, tables, findings))
     out.write_text(render_html(context, tables, findings))
@@ -448,6 +449,14 @@ def render_html(
     )
 
 
+TRAINING_TABLES = ("steps", "step_flags")
+
+
+def is_empty_training_table(name: str, table: pd.DataFrame) -> bool:
+    """A training-steps table of runs that are not training runs: left out of the report."""
+    return name in TRAINING_TABLES and table.empty
+
+
 def render_markdown(
     context: ReportContext, tables: dict[str, pd.DataFrame], findings: list[Finding]
 ) -> str:
@@ -490,8 +499,8 @@ def render_markdown(
         ("skipped", "Skipped examples"),
         ("runs", "Runs"),
     ):
-        if name in ("steps", "step_flags") and tables[name].empty:
-            continue  # no training run
+        if is_empty_training_table(name, tables[name]):
+            continue
         parts += [f"## {heading}", "", md(tables[name]), ""]
     parts += ["## Method", "", *(f"- {note}" for note in context.method_notes()), ""]
     return "\n".join(parts)
