@@ -100,9 +100,13 @@ def train(
     trainer_class: type = Trainer,
     rebuild=None,
     watch_options: dict | None = None,
+    loss_scale: float | None = None,
     **arguments,
 ):
-    """Three optimizer steps; the monitor profiles step 2; a checkpoint is saved before it."""
+    """Three optimizer steps; the monitor profiles step 2; a checkpoint is saved before it.
+
+    ``loss_scale`` (with fp16=True) does on the CPU what accelerate does for fp16 on a GPU
+    and refuses on a CPU: float16 autocast and a GradScaler multiplying the loss."""
     settings = dict(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=4,
@@ -130,6 +134,9 @@ def train(
             train_dataset=dataset,
             processing_class=tokenizer,
         )
+    if loss_scale is not None:
+        trainer.accelerator.native_amp = True
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale)
     callback = (
         watch(trainer, out / "run", id_column="example_id", **(watch_options or {}))
         if monitor
@@ -186,19 +193,29 @@ def test_spectra_equal_profile_of_checkpoint(
 
 
 @pytest.mark.slow
-def test_bf16_autocast_spectra_equal_profile_under_autocast(
-    tiny_model, tokenizer, train_dataset, data_file, tmp_path
+@pytest.mark.parametrize(
+    ("precision", "dtype", "loss_scale"),
+    [("bf16", torch.bfloat16, None), ("fp16", torch.float16, 2.0**16)],
+)
+def test_autocast_spectra_equal_profile_under_autocast(
+    precision, dtype, loss_scale, tiny_model, tokenizer, train_dataset, data_file, tmp_path
 ):
-    """bf16=True (CPU autocast; the Trainer's forward only, as accelerate wraps it): the
-    step's spectra equal `gradspec profile` of the checkpoint run under the same autocast,
-    to bf16 precision. Not to float32 precision: the Trainer's loss weights every token by
-    1/(batch tokens), the profile by 1/(the example's tokens), so the bf16 gradients are
-    rounded at other scales in every backward GEMM; the differences measured are up to
-    ~1.3e-3 relative (nuclear norm) and 3.8e-3 (effective rank), one bf16 unit roundoff
-    (2^-8 = 3.9e-3), hence rtol 1e-2. They exceed float32's 1e-4 against a float32
+    """bf16=True, or fp16=True with a GradScaler multiplying the loss by 2^16 (CPU
+    autocast, the Trainer's forward only, as accelerate wraps it; the monitor reads the
+    scale off the logits' gradient): the step's spectra equal `gradspec profile` of the
+    checkpoint run under the same autocast, to that precision. Not to float32 precision:
+    the Trainer's loss weights every token by 1/(batch tokens), the profile by 1/(the
+    example's tokens), so the low-precision gradients are rounded at other scales in every
+    backward GEMM; differences measured are up to ~1.3e-3 relative (nuclear norm) and
+    3.8e-3 (effective rank) in bf16, one bf16 unit roundoff (2^-8 = 3.9e-3), and 4e-3
+    (stable rank) in fp16, hence rtol 1e-2. They exceed float32's 1e-4 against a float32
     profile, so autocast did run."""
-    train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, bf16=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    options = {precision: True, "loss_scale": loss_scale}
+    trainer, _, _ = train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, **options)
+    if loss_scale is not None:  # the scaler did scale: it counted finite steps or backed off
+        scaler = trainer.accelerator.scaler.state_dict()
+        assert scaler["_growth_tracker"] > 0 or scaler["scale"] < loss_scale
+    with torch.autocast("cpu", dtype=dtype):
         tables = gradspec.profile(
             tmp_path / "checkpoint", data_file, tmp_path / "ref", device="cpu", batch_size=1
         )
