@@ -48,7 +48,7 @@ from gradspec.batching import (
     plan_batches,
     response_logits,
 )
-from gradspec.capture import SpectraCapture, TargetResult
+from gradspec.capture import PendingSpectra, SpectraCapture, TargetResult
 from gradspec.data import Example, encode_example, load_examples
 from gradspec.default_model import TRAINING_FILES, tokenizer_texts
 from gradspec.engine import ChunkRunner
@@ -548,7 +548,8 @@ def layer_section(
 
 class TimedCapture(SpectraCapture):
     """SpectraCapture that adds up the time its backward hooks spend on spectra and the time
-    spent waiting for the worker's solves after the backward (what the overlap did not hide)."""
+    spent waiting for the worker's solves when a batch is collected (what the overlap did
+    not hide)."""
 
     seconds = 0.0
 
@@ -557,11 +558,18 @@ class TimedCapture(SpectraCapture):
         super()._on_output_grad(index, grad)
         self.seconds += time.perf_counter() - started
 
-    def batch_results(self) -> list[TargetResult]:
-        started = time.perf_counter()
-        results = super().batch_results()
-        self.seconds += time.perf_counter() - started
-        return results
+    def finish_batch(self) -> PendingSpectra:
+        pending = super().finish_batch()
+        collect = pending.results
+
+        def timed() -> list[TargetResult]:
+            started = time.perf_counter()
+            results = collect()
+            self.seconds += time.perf_counter() - started
+            return results
+
+        pending.results = timed  # type: ignore[method-assign]
+        return pending
 
 
 class ForwardTimer:
@@ -683,8 +691,9 @@ def overhead_section(
         f"fast_spectra with the default {str(spectra_dtype).removeprefix('torch.')} "
         "spectra, statistics rows for every (example, matrix)). Fast parts: forward; "
         "spectra = time inside the backward hooks (the routes' GEMMs and QRs; the small "
-        "solves run on a worker thread meanwhile) plus the wait for the worker after the "
-        "backward; rest = backward autograd, loss, tokenizing, statistics. Batch "
+        "solves run on a worker thread meanwhile) plus the wait for the worker when a "
+        "batch's spectra are collected (after the next batch's pass, or at the end); "
+        "rest = backward autograd, loss, tokenizing, statistics. Batch "
         "'auto': the engine's automatic "
         f"batches (token budget 4096, padding <= 10%) of the first {settings.auto_examples} "
         f"examples. Median of {settings.repeats} interleaved repetitions after one warm-up."

@@ -65,6 +65,29 @@ def test_worker_solves_give_the_inline_results_in_order(tiny_model, tmp_path, mo
     assert list(worker.spectra["example_index"].unique()) == list(range(6))
 
 
+def test_a_batch_is_collected_after_the_next_batch_ran(tiny_model, tmp_path, monkeypatch):
+    """Each batch's solves overlap with the next batch's forward and backward: its results
+    are collected only once the next batch has run (within a chunk; a chunk's last batch
+    at its end). That the results are unchanged is the test above."""
+    events: list[str] = []
+    start, results = capture.SpectraCapture.start_batch, capture.PendingSpectra.results
+
+    def logged_start(self, token_mask: torch.Tensor) -> None:
+        events.append("run")
+        start(self, token_mask)
+
+    def logged_results(self) -> list[capture.TargetResult]:
+        events.append("collect")
+        return results(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(capture.SpectraCapture, "start_batch", logged_start)
+        patch.setattr(capture.PendingSpectra, "results", logged_results)
+        gradspec.profile(tiny_model("llama"), DATA, tmp_path / "run", device="cpu", **OPTIONS)
+    # limit 6, chunks of 3, batches of at most 2: two chunks of two batches each
+    assert events == ["run", "run", "collect", "collect"] * 2
+
+
 def test_worker_failure_surfaces_and_the_run_resumes(tiny_model, tmp_path, monkeypatch):
     model_dir, out = tiny_model("llama"), tmp_path / "run"
     calls = [0]

@@ -7,8 +7,9 @@ of each example's G^T X are prepared right there (the route's GEMMs) and X is re
 so neither per-example nor summed weight gradients are ever built (the weights do not
 require grad). In a padded batch each example is solved at its own length (padding rows
 would only enlarge the QRs and the T x T solves). The small T x T solves go to a worker
-thread (LAPACK releases the GIL), so they overlap with the rest of the backward;
-``batch_results`` collects them in order.
+thread (LAPACK releases the GIL), so they overlap with the rest of the backward and, when
+the caller collects a batch's ``PendingSpectra`` after starting the next batch, with that
+batch's forward and backward; ``PendingSpectra.results`` collects them in order.
 """
 
 from __future__ import annotations
@@ -44,6 +45,31 @@ class TargetResult:
     finite: np.ndarray
 
 
+@dataclass
+class PendingSpectra:
+    """A finished batch's spectra, some still being solved on the worker thread."""
+
+    examples: int
+    targets: int
+    solves: dict[int, tuple[Future[torch.Tensor], torch.Tensor]]
+
+    def results(self) -> list[TargetResult]:
+        """Per target, the batch's singular values on the CPU; all zero if never reached.
+
+        Waits for the worker's solves; an error raised there is raised here.
+        """
+        results = []
+        for index in range(self.targets):
+            if index in self.solves:
+                pending, finite = self.solves[index]
+                values = pending.result()
+            else:
+                values = torch.zeros(self.examples, 1)
+                finite = torch.ones(self.examples, dtype=torch.bool)
+            results.append(TargetResult(values.cpu().numpy(), finite.cpu().numpy()))
+        return results
+
+
 class SpectraCapture:
     """Context manager holding the hooks for a list of targets over many batches."""
 
@@ -53,7 +79,7 @@ class SpectraCapture:
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)
         self.all_real = True  # whether the batch has no padding: token_mask.all(), once
         self.inputs: dict[int, torch.Tensor] = {}
-        self.results: dict[int, tuple[Future[torch.Tensor], torch.Tensor]] = {}
+        self.solves: dict[int, tuple[Future[torch.Tensor], torch.Tensor]] = {}
         self.solver: ThreadPoolExecutor | None = None
         # The last input prepared for the spectra, for the matrices that read the same
         # input (q/k/v, gate/up), whose output gradients arrive one after the other.
@@ -83,24 +109,16 @@ class SpectraCapture:
         self.all_real = bool(self.token_mask.all())
         self.inputs.clear()
         self.last_input = None
-        self.results = {}
+        self.solves = {}
+
+    def finish_batch(self) -> PendingSpectra:
+        """The batch's spectra, to collect now or after starting the next batch."""
+        self.last_input = None
+        return PendingSpectra(self.token_mask.shape[0], len(self.targets), self.solves)
 
     def batch_results(self) -> list[TargetResult]:
-        """Per target, the batch's singular values on the CPU; all zero if never reached.
-
-        Waits for the worker's solves; an error raised there is raised here.
-        """
-        examples = self.token_mask.shape[0]
-        self.last_input = None
-        results = []
-        for index in range(len(self.targets)):
-            if index in self.results:
-                pending, finite = self.results[index]
-                values = pending.result()
-            else:
-                values, finite = torch.zeros(examples, 1), torch.ones(examples, dtype=torch.bool)
-            results.append(TargetResult(values.cpu().numpy(), finite.cpu().numpy()))
-        return results
+        """The batch's spectra per target, waiting for the worker (``finish_batch``)."""
+        return self.finish_batch().results()
 
     def _keep_input(
         self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
@@ -130,7 +148,7 @@ class SpectraCapture:
             solves = [self._prepare(g, xs) for g, xs in groups]
         if self.solver is None:
             raise RuntimeError("SpectraCapture hooks ran outside its with-block")
-        self.results[index] = (self.solver.submit(partial(_rows_of, solves)), x.finite & g_finite)
+        self.solves[index] = (self.solver.submit(partial(_rows_of, solves)), x.finite & g_finite)
 
     def _prepare(self, g: torch.Tensor, x: InputSpectra) -> Solve:
         """The GEMMs of the cost model's route for one group of examples of equal length."""

@@ -9,9 +9,10 @@ the published algorithm: one example at a time, full weight gradients, full SVD.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import transformers
 from . import __version__
 from .adapters import Target, find_targets
 from .batching import Batch, collate, per_example_losses, plan_batches, response_logits
-from .capture import SpectraCapture, TargetResult
+from .capture import PendingSpectra, SpectraCapture
 from .data import (
     IGNORE_INDEX,
     Encoded,
@@ -67,6 +68,8 @@ from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 STOP_AFTER_CHUNKS = "GRADSPEC_TEST_STOP_AFTER_CHUNKS"
 STOP_RANK = "GRADSPEC_TEST_STOP_RANK"
 STOPPED_EXIT_CODE = 75
+# (member of the chunk, loss, per target its singular values or None where not finite)
+ProfiledExample = tuple[int, float, list[np.ndarray | None]]
 # The kinds of model pass the ranks of a sharded model keep in step (distributed.Lockstep).
 SPECTRA_PASS, FORWARD_PASS = "spectra", "forward"
 
@@ -359,14 +362,21 @@ class ChunkRunner:
         spectra: dict[int, list[dict[str, Any]]] = {}
         todo = [i for i, enc in enumerate(encoded) if enc.skip_reason is None]
         finished = len(chunk) - len(todo)
-        for members in plan_batches(
+        previous: Callable[[], list[ProfiledExample]] | None = None
+        batches = plan_batches(
             [len(encoded[i].input_ids) for i in todo], self.opts.batch_size, self.opts.token_budget
-        ):
-            batch_members = [todo[m] for m in members]
-            for member, loss, values in self._profile(batch_members, encoded):
-                self._record(chunk[member], example_rows[member], spectra, member, loss, values)
-            finished += len(batch_members)
-            on_progress(finished)
+        )
+        # Each batch's spectra are collected after the next batch's pass, so the worker's
+        # solves of one batch overlap with the model's passes of the next.
+        passes = (self._profile([todo[m] for m in b], encoded) for b in batches)
+        for collect in itertools.chain(passes, [None]):
+            if previous is not None:
+                done = previous()
+                for member, loss, values in done:
+                    self._record(chunk[member], example_rows[member], spectra, member, loss, values)
+                finished += len(done)
+                on_progress(finished)
+            previous = collect
         if self.opts.ifd:
             self._record_ifd(chunk, example_rows)
         rows = [row for i in sorted(spectra) for row in spectra[i]]
@@ -374,20 +384,26 @@ class ChunkRunner:
 
     def _profile(
         self, members: list[int], encoded: list[Encoded]
-    ) -> Iterator[tuple[int, float, list[np.ndarray | None]]]:
-        """(member, loss, singular values per target, None where not finite)."""
+    ) -> Callable[[], list[ProfiledExample]]:
+        """Run the batch's passes; return what collects (member, loss, singular values per
+        target, None where not finite) for each member."""
         if self.capture is None:  # the reference method
-            for member in members:
-                yield (
-                    member,
-                    *reference_spectra(self.model, self.targets, encoded[member], self.device),
-                )
-            return
+            done = [
+                (m, *reference_spectra(self.model, self.targets, encoded[m], self.device))
+                for m in members
+            ]
+            return lambda: done
         batch = collate(members, encoded, self.pad_id, self.opts.padding_side, self.device)
-        losses, results = self.passes.run(SPECTRA_PASS, batch)
-        for position, member in enumerate(members):
-            values = [r.values[position] if r.finite[position] else None for r in results]
-            yield member, losses[position], values
+        losses, pending = self.passes.run(SPECTRA_PASS, batch)
+
+        def collect() -> list[ProfiledExample]:
+            results = pending.results()
+            return [
+                (member, losses[i], [r.values[i] if r.finite[i] else None for r in results])
+                for i, member in enumerate(members)
+            ]
+
+        return collect
 
     def _record(
         self,
@@ -435,11 +451,11 @@ class ChunkRunner:
                 row["response_only_loss"] = loss
                 row["ifd"] = row["loss"] / loss if loss > 0 else None
 
-    def _spectra_pass(self, batch: Batch) -> tuple[list[float], list[TargetResult]]:
-        """Per-example losses and, per target, the batch's spectra (the fast method)."""
+    def _spectra_pass(self, batch: Batch) -> tuple[list[float], PendingSpectra]:
+        """Per-example losses and the batch's spectra, still being solved (the fast method)."""
         if self.capture is None:
             raise RuntimeError("the reference method has no batched spectra pass")
-        return fast_spectra(self.model, self.capture, batch), self.capture.batch_results()
+        return fast_spectra(self.model, self.capture, batch), self.capture.finish_batch()
 
     def _forward_pass(self, batch: Batch) -> list[float]:
         """Per-example losses from a forward pass alone."""
