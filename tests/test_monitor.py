@@ -101,6 +101,7 @@ def train(
     rebuild=None,
     watch_options: dict | None = None,
     loss_scale: float | None = None,
+    extra_callbacks: tuple[TrainerCallback, ...] = (),
     **arguments,
 ):
     """Three optimizer steps; the monitor profiles step 2; a checkpoint is saved before it.
@@ -144,6 +145,8 @@ def train(
     )
     saver = SaveBefore(PROFILED_STEP, out / "checkpoint", tokenizer, rebuild)
     trainer.add_callback(saver)
+    for extra in extra_callbacks:
+        trainer.add_callback(extra)
     trainer.train()
     return trainer, callback, saver
 
@@ -227,6 +230,38 @@ def test_autocast_spectra_equal_profile_under_autocast(
     float32 = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref32")
     relative = np.abs(monitored.to_numpy() / float32.loc[monitored.index].to_numpy() - 1)
     assert relative.max() > 1e-4
+
+
+class HookCounter(TrainerCallback):
+    """The number of forward hooks on the model's modules as each step begins (after the
+    monitor's own on_step_begin) and after it ends."""
+
+    def __init__(self) -> None:
+        self.at_begin: list[int] = []
+        self.at_end: list[int] = []
+
+    @staticmethod
+    def hooks(model: torch.nn.Module) -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.at_begin.append(self.hooks(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.at_end.append(self.hooks(model))
+
+
+def test_hooks_only_on_profiled_steps(tiny_model, tokenizer, train_dataset, tmp_path):
+    """Steps that are not profiled run with no hook of the monitor's (no idle cost): on the
+    profiled step 2 of 3, one per target matrix and three on the model and its LM head."""
+    model = tiny(tiny_model("llama"))
+    before = HookCounter.hooks(model)
+    counter = HookCounter()
+    _, callback, _ = train(model, train_dataset, tokenizer, tmp_path, extra_callbacks=(counter,))
+    targets = len(callback.capture.targets)
+    assert counter.at_begin == [before, before + targets + 3, before]
+    assert counter.at_end == [before] * 3
+    assert load_run(tmp_path / "run").spectra["step"].unique().tolist() == [PROFILED_STEP]
 
 
 @pytest.mark.slow

@@ -116,18 +116,12 @@ class TrainingExamples:
 
 
 class TrainingCapture(SpectraCapture):
-    """The capture's hooks, live only on profiled steps; a layer recomputed by gradient
+    """The capture's hooks, entered for profiled steps only; a layer recomputed by gradient
     checkpointing hands in its X again (the same values), which replaces the kept one."""
-
-    def __init__(self, targets: list[Target], spectra_dtype: torch.dtype):
-        super().__init__(targets, spectra_dtype)
-        self.active = False
 
     def _keep_input(
         self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
     ) -> torch.Tensor | None:
-        if not self.active:
-            return None
         if index in self.inputs:  # recomputation: its output gradient hook already waits
             self.inputs[index] = inputs[0].detach()
             return None
@@ -380,13 +374,7 @@ class GradspecCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module, **kw: Any):
         self.every_n_steps = self.every_n_steps or _logging_interval(args, state)
         targets = training_targets(model, self.modules)
-        self.capture = TrainingCapture(targets, self.spectra_dtype).__enter__()
-        head = model.get_output_embeddings()
-        self.handles = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            *([head.register_forward_hook(self._after_lm_head)] if head is not None else []),
-            model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
+        self.capture = TrainingCapture(targets, self.spectra_dtype)
         if self.out is not None and is_main_process():
             self.run = TrainingRun(self.out, targets, _manifest(args, targets, self.settings()))
 
@@ -399,17 +387,18 @@ class GradspecCallback(TrainerCallback):
             "threshold": self.flagger.threshold,
         }
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any):
-        self.capture.active = (state.global_step + 1) % self.every_n_steps == 0
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module, **kw: Any):
         self.step_records = StepRecords()
+        if (state.global_step + 1) % self.every_n_steps == 0:
+            self._attach(model)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any):
         self._finish_micro_batch()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
-        if not self.capture.active:
+        if not self.handles:
             return
-        self.capture.active = False
+        self._detach()
         self._finish_step(state.global_step, float(state.epoch or 0.0))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
@@ -418,6 +407,21 @@ class GradspecCallback(TrainerCallback):
         self.pending_logs = {}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
+        self._detach()
+
+    def _attach(self, model: nn.Module) -> None:
+        """Hooks for one profiled step; other steps run with none (no idle cost)."""
+        if self.capture is None:
+            raise RuntimeError("the monitor's on_train_begin has not run")
+        self.capture.__enter__()
+        head = model.get_output_embeddings()
+        self.handles = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            *([head.register_forward_hook(self._after_lm_head)] if head is not None else []),
+            model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+
+    def _detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -427,7 +431,7 @@ class GradspecCallback(TrainerCallback):
     # -- hooks on the model
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (self.capture and self.capture.active and torch.is_grad_enabled()):
+        if self.capture is None or not torch.is_grad_enabled():  # e.g. an evaluation
             return
         self._finish_micro_batch()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
