@@ -828,6 +828,15 @@ def write_markdown(path: Path, sections: list[Section], header: list[str]) -> No
     path.write_text(f"## Results\n\n{lines}\n{body}")
 
 
+def default_results_name(settings: Settings) -> str:
+    """results.md for the full default run; a partial or real-model run gets its own file,
+    so it never overwrites another run's committed results."""
+    if settings.parts == Settings().parts and settings.model is None:
+        return "results.md"
+    model = f"-{settings.model.name}" if settings.model is not None else ""
+    return f"results-{'-'.join(settings.parts)}{model}.md"
+
+
 def main(
     limit: Annotated[int | None, typer.Option(help="Examples profiled end to end.")] = None,
     layers: Annotated[int | None, typer.Option(help="Decoder layers of the random Llama.")] = None,
@@ -865,7 +874,8 @@ def main(
     markdown: Annotated[
         Path | None,
         typer.Option(
-            help="Markdown results file; default bench/results.md (quick: .cache/bench/)."
+            help="Markdown results file; default bench/results.md for the default parts on "
+            "the random model, else bench/results-PARTS[-MODEL].md (quick: .cache/bench/)."
         ),
     ] = None,
 ) -> None:
@@ -888,7 +898,9 @@ def main(
         device=device,
         **{k: v for k, v in overrides.items() if v is not None},
     )
-    markdown = markdown or (bench_cache() / "results-quick.md" if quick else BENCH / "results.md")
+    markdown = markdown or (
+        bench_cache() / "results-quick.md" if quick else BENCH / default_results_name(settings)
+    )
     if threads:
         torch.set_num_threads(threads)
     header = [f"machine at start: {machine_line()}"]
