@@ -8,7 +8,8 @@ nuclear norm per layer kind over steps for correct vs irrelevant examples, and t
 of the online flag score against the known irrelevant examples, next to that of the loss
 (both over the examples the flag scored).
 
-    .venv/bin/python examples/sft_with_monitor.py --model /work/runs/smollm2-hf
+    .venv/bin/python examples/sft_with_monitor.py    # the demo's SmolLM2-135M-Instruct
+    .venv/bin/python examples/sft_with_monitor.py --model path/to/checkpoint-or.gguf
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from transformers import (
 )
 
 import gradspec
+from gradspec.demo import demo_model_path
 from gradspec.integrations.transformers import watch
+from gradspec.modeling import resolve_checkpoint
 from gradspec.quality import auroc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +94,12 @@ def draw(run: Path, records: list[dict], figure: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("/work/runs/smollm2-hf"))
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="checkpoint folder or .gguf file; default the demo's SmolLM2-135M-Instruct GGUF",
+    )
     parser.add_argument("--data-dir", type=Path, default=SHARED)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "sft_monitor")
     parser.add_argument("--figure", type=Path, default=REPO / "examples" / "sft_with_monitor.png")
@@ -103,9 +111,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     records = mixed_records(args.data_dir, args.examples, 0.2, seed=0)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model_dir = resolve_checkpoint(args.model or demo_model_path()).directory
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = Trainer(
-        AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         TrainingArguments(
             output_dir=str(args.out / "trainer"),
             per_device_train_batch_size=4,

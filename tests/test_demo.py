@@ -48,6 +48,7 @@ def test_the_demo_grid_is_smollm2_through_its_chat_template(shared_data: Path) -
     [model] = study.models
     assert model.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and model.path.is_file()
     assert model.template == "chat"
+    assert demo.demo_model_path() == model.path  # the model examples/ default to
     labels = [cell.dataset.label for cell in study.cells()]
     assert labels == [
         f"gsm8k-{style}-{correctness}"

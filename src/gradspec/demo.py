@@ -41,6 +41,11 @@ def demo_study_file() -> Path:
     return project_root() / "studies" / "demo.toml"
 
 
+def demo_model_path() -> Path:
+    """The demo's model: the SmolLM2-135M-Instruct GGUF file that demo.toml names."""
+    return load_study(demo_study_file(), data_dir=shared_data_dir()).models[0].path
+
+
 def demo_root() -> Path:
     """The demo's study folder: ``<project>/runs/demo``."""
     return project_root() / "runs" / "demo"
