@@ -15,9 +15,10 @@ negligible cost (wrong values, discarded): its profiled / plain ratio is the flo
 the rest of the monitor (hooks, routes' GEMMs, Grams, bookkeeping) sets, and the gap to
 the real ratio is what the kernels themselves cost.
 
-Shapes: SmolLM2-135M (the real checkpoint, /work/runs/smollm2-hf or ``--model``) and a
-random Llama of width 2048 (SmolLM2-1.7B's layer shapes, 2 layers), batches of 4 real
-examples of the shared data (GSM8K with CoT), float32 on the CPU.
+Shapes: SmolLM2-135M (the real checkpoint: MODEL_DIR, a folder or a .gguf file, by default
+the demo's SmolLM2-135M-Instruct GGUF, converted once) and a random Llama of width 2048
+(SmolLM2-1.7B's layer shapes, 2 layers), batches of 4 real examples of the shared data
+(GSM8K with CoT), float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ from transformers import (
 
 import gradspec
 import gradspec.spectra
+from gradspec.demo import demo_model_path
 from gradspec.integrations.transformers import watch
+from gradspec.modeling import resolve_checkpoint
+from gradspec.paths import shared_data_dir
 
-MODEL = Path("/work/runs/smollm2-hf")
-DATA = Path(__file__).resolve().parents[2] / "shared/data/reasoning_cot/correct/gsm8k_with_cot.json"
+DATA = shared_data_dir() / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
 DEFAULT_LOGGING_STEPS = 500
 STEPS = 8
 
@@ -142,7 +145,8 @@ def measure(name: str, make_model: Any, tokenizer: Any, data: Dataset) -> dict[s
 
 def main() -> None:
     torch.manual_seed(0)
-    model_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else MODEL
+    model = sys.argv[1] if len(sys.argv) > 1 else demo_model_path()
+    model_dir = resolve_checkpoint(model).directory
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = dataset(tokenizer, 4 * STEPS)
     rows = [
