@@ -431,7 +431,8 @@ class GradspecCallback(TrainerCallback):
     # -- hooks on the model
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.capture is None or not torch.is_grad_enabled():  # e.g. an evaluation
+        # A forward without grad inside a profiled step has no backward to profile.
+        if self.capture is None or not torch.is_grad_enabled():
             return
         self._finish_micro_batch()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
