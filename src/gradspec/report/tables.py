@@ -1,7 +1,9 @@
-"""The report's statistics tables: curves, MAD, relative differences, counts, runs.
+"""The report's tables: curves, MAD, relative differences, counts, skipped examples, runs.
 
-Tidy DataFrames computed from labelled runs (analysis.py does the math); report.py only
-renders them.
+Tidy DataFrames computed from labelled runs (analysis.py does the math; training.py adds
+the training runs' tables); the renderers only format them. A new table is one function
+here and one entry in :func:`build_tables`, which writes it as ``<name>.csv``; a heading
+in ``markdown.TABLE_HEADINGS`` and a section in ``html.py`` show it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .analysis import (
+from ..analysis import (
     SEGMENTS,
     LayerValues,
     bootstrap,
@@ -21,20 +23,19 @@ from .analysis import (
     paired,
     permutation_test,
     segment_slices,
-    statistic_values,
 )
-from .labels import CORRECTNESS
-from .runs import Run
-from .store import is_training_run
+from ..labels import CORRECTNESS
+from ..runs import Run
+from .training import training_tables
 
 LABEL_COLUMNS = ("model", "task", "style", "length", "correctness")
-STEP_BAND = (0.1, 0.9)  # curves over training steps: the band from the 10th to the 90th percentile
 
 
 def build_tables(
     runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
 ) -> dict[str, pd.DataFrame]:
-    """Every table of the report but the findings, as tidy DataFrames."""
+    """Every table of the report but the findings, as tidy DataFrames; the training-step
+    tables only when some run is a training run."""
     return {
         "curves": curve_table(runs, statistic, n_boot, seed),
         "mad": mad_table(runs, statistic, split, n_boot, seed),
@@ -42,8 +43,7 @@ def build_tables(
         "examples": count_table(runs, statistic),
         "skipped": skipped_table(runs),
         "runs": manifest_table(runs),
-        "steps": step_table(runs, statistic),
-        "step_flags": step_flag_table(runs),
+        **training_tables(runs, statistic),
     }
 
 
@@ -67,70 +67,6 @@ def curve_table(runs: Sequence[Run], statistic: str, n_boot: int, seed: int) -> 
             )
         )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def step_table(runs: Sequence[Run], statistic: str) -> pd.DataFrame:
-    """Per training run, optimizer step and layer kind: the mean, 10th and 90th percentile
-    of the statistic over the step's (example, matrix) values (the monitor's logged
-    aggregates are over the same values); non-finite values are left out."""
-    frames = []
-    for run in training_runs(runs):
-        spectra = run.tables.spectra
-        values = pd.DataFrame(
-            {
-                "step": spectra["step"],
-                "kind": spectra["kind"],
-                "example_index": spectra["example_index"],
-                "value": statistic_values(run.tables, statistic),
-            }
-        )
-        by_step = values[np.isfinite(values["value"])].groupby(["step", "kind"])
-        low, high = (by_step["value"].quantile(q) for q in STEP_BAND)
-        table = pd.DataFrame(
-            {
-                "examples": by_step["example_index"].nunique(),
-                "mean": by_step["value"].mean(),
-                "p10": low,
-                "p90": high,
-            }
-        )
-        frames.append(table.reset_index().assign(run=run.name))
-    return stacked(frames, ["run", "step", "kind", "examples", "mean", "p10", "p90"])
-
-
-def step_flag_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """Per training run and optimizer step: the profiled examples, those the online flag
-    scored (its window was full enough), those it flagged (score above the run's
-    threshold), and the flagged fraction of the scored ones (NaN when none was scored)."""
-    frames = []
-    for run in training_runs(runs):
-        examples = run.tables.examples
-        threshold = run.tables.manifest["monitor"]["threshold"]
-        marks = pd.DataFrame(
-            {
-                "step": examples["step"],
-                "scored": examples["flag_score"].notna(),
-                "flagged": examples["flag_score"] > threshold,
-            }
-        )
-        table = marks.groupby("step").agg(
-            examples=("scored", "size"), scored=("scored", "sum"), flagged=("flagged", "sum")
-        )
-        table["flagged_frac"] = table["flagged"] / table["scored"].where(table["scored"] > 0)
-        frames.append(table.reset_index().assign(run=run.name))
-    return stacked(frames, ["run", "step", "examples", "scored", "flagged", "flagged_frac"])
-
-
-def stacked(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    """The frames one under another with ``columns``; an empty table of them if none."""
-    if not frames:
-        return pd.DataFrame(columns=columns)
-    return pd.concat(frames, ignore_index=True)[columns]
-
-
-def training_runs(runs: Sequence[Run]) -> list[Run]:
-    """The runs a training monitor wrote (their rows carry the optimizer step)."""
-    return [run for run in runs if is_training_run(run.tables.manifest)]
 
 
 def mad_table(
