@@ -44,6 +44,32 @@ TINY_CONFIGS: dict[str, dict] = {
     "gpt_neox": {**TINY, "max_position_embeddings": 1024},
     "phi": {**TINY, "max_position_embeddings": 1024},
 }
+# Mixtures of experts: 8 experts of width 32, 2 per token; DeepSeek-V3 with its low-rank
+# attention, a dense first layer and a shared expert.
+TINY_EXPERTS = dict(num_experts_per_tok=2, intermediate_size=32)
+TINY_MOE_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": {**TINY_GQA, **TINY_EXPERTS, "num_experts": 8, "moe_intermediate_size": 32},
+    "mixtral": {**TINY_GQA, **TINY_EXPERTS, "num_local_experts": 8},
+    "olmoe": {**TINY_GQA, **TINY_EXPERTS, "num_experts": 8},
+    "gpt_oss": {**TINY_GQA, **TINY_EXPERTS, "num_local_experts": 8, "head_dim": 12},
+    "deepseek_v3": {
+        **TINY_GQA,
+        "intermediate_size": 96,
+        "num_experts_per_tok": 2,
+        "n_routed_experts": 8,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "q_lora_rank": 24,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 12,
+    },
+}
+TINY_CONFIGS.update(TINY_MOE_CONFIGS)
 
 
 def read_shared(path: Path, n: int | None = None) -> list[dict]:

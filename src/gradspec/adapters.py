@@ -10,7 +10,9 @@ land in comparable columns.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -148,3 +150,71 @@ def _selected(target: Target, modules: str) -> bool:
         raise GradspecError(
             f"--modules '{modules}' is not a valid regular expression: {exc}"
         ) from None
+
+
+NOT_SELECTED = "not selected by --modules"
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which decoder-layer weights a run profiles, the share of the decoder layers'
+    parameters they hold, and every weight of two or more dimensions it leaves out, with
+    the reason, so that nothing is skipped silently."""
+
+    profiled: tuple[str, ...]
+    left_out: dict[str, str]  # parameter name -> reason
+    profiled_parameters: int
+    decoder_parameters: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest's ``coverage`` entry."""
+        share = self.profiled_parameters / self.decoder_parameters if self.decoder_parameters else 0
+        return {
+            "profiled": list(self.profiled),
+            "profiled_parameters": self.profiled_parameters,
+            "decoder_parameters": self.decoder_parameters,
+            "share": share,
+            "left_out": dict(self.left_out),
+        }
+
+
+def coverage(model: nn.Module, targets: list[Target]) -> Coverage:
+    """What ``targets`` cover of the decoder layers' weights (all parameters are counted,
+    norms and biases too; only weights of two or more dimensions are named when left out)."""
+    layers_name, layers = find_decoder_layers(model)
+    weights = {f"{layers_name}.{name}": p for name, p in layers.named_parameters()}
+    profiled = {t.param for t in targets}
+    supported = {t.param for t in find_targets(model, "all")}
+    left_out = {
+        name: NOT_SELECTED if name in supported else _unsupported(p)
+        for name, p in weights.items()
+        if p.ndim >= 2 and name not in profiled
+    }
+    return Coverage(
+        tuple(name for name in weights if name in profiled),
+        left_out,
+        sum(p.numel() for name, p in weights.items() if name in profiled),
+        sum(p.numel() for p in weights.values()),
+    )
+
+
+def _unsupported(weight: nn.Parameter) -> str:
+    shape = "x".join(str(n) for n in weight.shape)
+    return f"not supported: no per-example capture for this {weight.ndim}-D weight ({shape})"
+
+
+def coverage_lines(entry: dict[str, Any]) -> list[str]:
+    """A manifest's coverage for the console: the profiled share, then each left-out
+    weight, its layers folded into one line per name and reason."""
+    lines = [
+        f"profiled {len(entry['profiled'])} decoder-layer weights holding "
+        f"{entry['share']:.1%} of the decoder layers' parameters"
+    ]
+    folded: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, reason in entry["left_out"].items():
+        folded[LAYER_INDEX.sub(".*.", name, count=1), reason].append(name)
+    for (pattern, reason), names in folded.items():
+        named = f"{pattern} ({len(names)} layers)" if len(names) > 1 else names[0]
+        lines.append(f"left out: {named}: {reason}")
+    return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import os
 import typing
@@ -194,11 +195,22 @@ def profile(
         )
     if not is_main_process():
         return
+    print_coverage(tables.manifest)
     statuses = tables.examples["status"].value_counts().to_dict()
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
     console.print(
         f"[green]done:[/] {summary or 'no examples'}; {len(tables.spectra)} spectra rows in {out}"
     )
+
+
+def print_coverage(manifest: dict[str, Any], prefix: str = "") -> None:
+    """Say what a run profiled of the decoder layers and name everything it left out."""
+    from .adapters import coverage_lines
+
+    if manifest.get("coverage"):
+        for line in coverage_lines(manifest["coverage"]):
+            style = "yellow" if line.startswith("left out") else "green"
+            console.print(f"[{style}]{prefix}coverage:[/] {line}", highlight=False)
 
 
 @app.command()
@@ -407,6 +419,9 @@ def study(
         return  # rank 0 writes the report, after every rank's cells are recorded
     ran = sum(1 for _, was_run in cells if was_run)
     console.print(f"[green]profiled:[/] {ran} cells; {len(cells) - ran} already done")
+    first_cells = {cell.model.label: cell for cell, _ in reversed(cells)}
+    for label, cell in sorted(first_cells.items()):
+        print_coverage(json.loads((out / cell.run / "manifest.json").read_text()), f"{label} ")
     path = write_report(
         [out],
         out / "report.html",

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from . import __version__
-from .adapters import Target, find_targets
+from .adapters import Target, coverage, find_targets
 from .batching import Batch, collate, per_example_losses, plan_batches, response_logits
 from .capture import PendingSpectra, SpectraCapture
 from .data import (
@@ -144,6 +144,7 @@ def profile_on(
         net, tokenizer, targets = agree(
             ranks, lambda: _load_checked_model(ranks, plan, examples[0])
         )
+        plan.manifest["coverage"] = coverage(net, targets).as_dict()
         mine = _my_chunks(ranks, missing, examples, tokenizer, opts)
     # Rank 0 alone writes the manifest; the others start writing parts once it exists.
     agree(

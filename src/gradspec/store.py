@@ -151,6 +151,7 @@ class RunStore:
         old = self.check()
         if old is not None:
             manifest = {
+                "coverage": old.get("coverage"),  # kept when this session loads no model
                 **manifest,
                 "created": old.get("created"),
                 "sessions": old.get("sessions", []),
