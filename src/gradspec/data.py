@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from .errors import GradspecError
 from .formats import SCHEMAS, Location, format_of, is_data_path, schema_of
+from .options import PAPER_SYSTEM_MESSAGE, ProfileOptions
 
 IGNORE_INDEX = -100
 
@@ -126,59 +129,141 @@ def encode(
     example: Example | dict[str, Any],
     template: str = "plain",
     max_length: int | None = None,
+    loss_tokens: str = "response_eos",
+    system: str = "default",
 ) -> tuple[list[int], list[int]]:
     """The exact ``(input_ids, labels)`` the engine trains on; prompt labels are -100."""
-    encoded = encode_example(tokenizer, _as_example(example), template, max_length)
+    encoded = encode_example(
+        tokenizer, _as_example(example), template, max_length, loss_tokens, system
+    )
     return encoded.input_ids, encoded.labels
 
 
 def encode_example(
-    tokenizer: Any, example: Example, template: str = "plain", max_length: int | None = None
+    tokenizer: Any,
+    example: Example,
+    template: str = "plain",
+    max_length: int | None = None,
+    loss_tokens: str = "response_eos",
+    system: str = "default",
 ) -> Encoded:
     """Template and tokenize one example, truncating from the right to ``max_length``.
 
     ``plain``: the prompt turns' texts joined by "\\n" (Alpaca: instruction, then "\\n" and
-    input if non-empty), then "\\n", then the response and EOS. ``chat``: the tokenizer's
-    chat template with the generation prompt, then the response with the template's own
-    end-of-turn text.
+    input if non-empty), then "\\n", then the response. ``chat``: the tokenizer's chat
+    template with the generation prompt (and the ``system`` message), then the response.
+    ``loss_tokens="response_eos"`` adds EOS (plain) or the template's end-of-turn text (chat)
+    to the loss, as SFT does; ``"response"`` is the paper's construction, token for token:
+    ``tokenizer.encode(prompt + response)`` with the first ``len(tokenizer.encode(text[:
+    text.rfind(response)]))`` labels masked, nothing after the response.
     """
-    if template == "plain":
-        prompt = "\n".join(m["content"] for m in example.prompt_messages()) + "\n"
-        encoded = _split_encode(tokenizer, prompt, prompt + example.response, True, max_length)
-    elif template == "chat":
-        prompt, full = _chat_texts(tokenizer, example)
-        encoded = _split_encode(tokenizer, prompt, full, False, max_length)
-    else:
+    if template not in ("plain", "chat"):
         raise GradspecError(f"unknown template '{template}' (use 'plain' or 'chat')")
+    if loss_tokens == "response":
+        prompt = prompt_text(tokenizer, example, template, system)
+        encoded = _paper_encode(tokenizer, prompt + example.response, example.response, max_length)
+    elif template == "plain":
+        prompt = prompt_text(tokenizer, example, template, system)
+        encoded = _split_encode(tokenizer, prompt, prompt + example.response, True, max_length)
+    else:
+        prompt, full = _chat_texts(tokenizer, example, system)
+        encoded = _split_encode(tokenizer, prompt, full, False, max_length)
     if not example.response.strip():
         encoded.skip_reason = "empty_response"
     return encoded
 
 
+def encode_with_options(tokenizer: Any, example: Example, opts: ProfileOptions) -> Encoded:
+    """:func:`encode_example` with a run's template, loss tokens, system message and length."""
+    return encode_example(
+        tokenizer, example, opts.template, opts.max_length, opts.loss_tokens, opts.system
+    )
+
+
 def encode_response_only(
-    tokenizer: Any, example: Example, max_length: int | None = None
+    tokenizer: Any,
+    example: Example,
+    max_length: int | None = None,
+    loss_tokens: str = "response_eos",
 ) -> Encoded:
-    """The response alone (after BOS where the tokenizer adds one), for the IFD denominator."""
+    """The response alone (after BOS where the tokenizer adds one), for the IFD denominator,
+    over the same loss tokens as the example: with EOS, or (the paper's) without."""
+    if loss_tokens == "response":
+        return _paper_encode(tokenizer, example.response, example.response, max_length)
     return _split_encode(tokenizer, "", example.response, True, max_length)
 
 
-def _chat_texts(tokenizer: Any, example: Example) -> tuple[str, str]:
-    """(prompt text, full text) rendered by the tokenizer's chat template."""
+def prompt_text(tokenizer: Any, example: Example, template: str, system: str = "default") -> str:
+    """The text before the response: plain turns and "\\n", or the rendered chat prompt."""
+    if template == "plain":
+        return "\n".join(m["content"] for m in example.prompt_messages()) + "\n"
+    return _render_chat(tokenizer, _chat_messages(tokenizer, example, system), True)
+
+
+def _chat_messages(tokenizer: Any, example: Example, system: str) -> list[dict[str, str]]:
+    """The prompt turns with the chosen system message in front (unless the record has one)."""
+    messages = example.prompt_messages()
+    if system == "default" or any(m["role"] == "system" for m in messages):
+        return messages
+    text = PAPER_SYSTEM_MESSAGE if system == "paper" else system
+    with_system = [{"role": "system", "content": text}, *messages]
+    if system == "paper" and not _accepts_system_turn(tokenizer, with_system):
+        return messages  # the paper's rule for templates without a system role (Gemma)
+    return with_system
+
+
+def _accepts_system_turn(tokenizer: Any, messages: list[dict[str, str]]) -> bool:
+    """Whether the chat template renders a system turn (Gemma's raises instead)."""
+    try:
+        _render_chat(tokenizer, messages, True)
+    except TemplateError:
+        return False
+    return True
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """The chat template's text for ``messages``; a one-line error without a template."""
     if not getattr(tokenizer, "chat_template", None):
         raise GradspecError("the tokenizer has no chat template; use --template plain")
-    messages = example.prompt_messages()
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=generation_prompt, tokenize=False
+    )
+
+
+def _chat_texts(tokenizer: Any, example: Example, system: str) -> tuple[str, str]:
+    """(prompt text, full text with the end-of-turn text) rendered by the chat template."""
+    messages = _chat_messages(tokenizer, example, system)
+    prompt = _render_chat(tokenizer, messages, True)
     turn = {"role": "assistant", "content": example.response}
-    full = tokenizer.apply_chat_template([*messages, turn], tokenize=False)
+    full = _render_chat(tokenizer, [*messages, turn], False)
     if not full.startswith(prompt):
         full = prompt + example.response
     return prompt, full
 
 
+def _paper_encode(tokenizer: Any, text: str, response: str, max_length: int | None) -> Encoded:
+    """arXiv:2410.23743's labels: the text encoded with special tokens, masked up to the
+    token count of ``text[:text.rfind(response)]`` encoded alone."""
+    full = tokenizer.encode(text)
+    ids = (
+        full
+        if max_length is None
+        else tokenizer.encode(text, truncation=True, max_length=max_length)
+    )
+    n_prompt = len(tokenizer.encode(text[: text.rfind(response)]))
+    labels = [IGNORE_INDEX if i < n_prompt else tok for i, tok in enumerate(ids)]
+    truncated = len(full) > len(ids)
+    encoded = Encoded(list(ids), labels, min(n_prompt, len(ids)), truncated)
+    if encoded.n_response_tokens == 0:
+        encoded.skip_reason = "response_truncated_away" if truncated else "no_response_tokens"
+    return encoded
+
+
 def _split_encode(
     tokenizer: Any, prompt: str, full: str, add_special_tokens: bool, max_length: int | None
 ) -> Encoded:
-    """Tokenize the full text once; tokens that start inside the prompt get label -100."""
+    """Tokenize the full text once; tokens that start inside the prompt get label -100; with
+    special tokens, EOS is appended (and trained on) unless the tokenizer added it."""
     enc = tokenizer(full, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     is_response = [start >= len(prompt) and end > start for start, end in enc["offset_mapping"]]

@@ -31,8 +31,8 @@ from .data import (
     Encoded,
     Example,
     data_sha256,
-    encode_example,
     encode_response_only,
+    encode_with_options,
     load_examples,
     resolve_data_files,
 )
@@ -245,7 +245,7 @@ def _my_chunks(
     def tokens(chunk: tuple[int, int]) -> int:
         first, last = chunk
         return sum(
-            len(encode_example(tokenizer, ex, opts.template, opts.max_length).input_ids)
+            len(encode_with_options(tokenizer, ex, opts).input_ids)
             for ex in examples[first : last + 1]
         )
 
@@ -269,7 +269,7 @@ def _load_checked_model(
     targets = find_targets(net, opts.modules)
     if sharded:
         shard_model(net, plan.device, ranks, plan.shard)
-    encode_example(tokenizer, first_example, opts.template, opts.max_length)
+    encode_with_options(tokenizer, first_example, opts)
     return net, tokenizer, targets
 
 
@@ -355,10 +355,7 @@ class ChunkRunner:
     def run(
         self, chunk: list[Example], on_progress: Callable[[int], None]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        encoded = [
-            encode_example(self.tokenizer, ex, self.opts.template, self.opts.max_length)
-            for ex in chunk
-        ]
+        encoded = [encode_with_options(self.tokenizer, ex, self.opts) for ex in chunk]
         example_rows = [_example_row(ex, enc) for ex, enc in zip(chunk, encoded, strict=True)]
         spectra: dict[int, list[dict[str, Any]]] = {}
         todo = [i for i, enc in enumerate(encoded) if enc.skip_reason is None]
@@ -434,7 +431,10 @@ class ChunkRunner:
 
     def _record_ifd(self, chunk: list[Example], example_rows: list[dict[str, Any]]) -> None:
         """Loss of the response alone, and IFD = conditioned loss / response-only loss."""
-        alone = [encode_response_only(self.tokenizer, ex, self.opts.max_length) for ex in chunk]
+        alone = [
+            encode_response_only(self.tokenizer, ex, self.opts.max_length, self.opts.loss_tokens)
+            for ex in chunk
+        ]
         todo = [
             i
             for i, row in enumerate(example_rows)

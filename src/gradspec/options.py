@@ -23,6 +23,20 @@ class Template(StrEnum):
     chat = "chat"
 
 
+class LossTokens(StrEnum):
+    """Which tokens the loss averages over: ``response`` the response's own tokens only (the
+    paper: no EOS, no end-of-turn text), ``response_eos`` the response plus EOS or the chat
+    template's end-of-turn text (what SFT trains on)."""
+
+    response = "response"
+    response_eos = "response_eos"
+
+
+# The paper's system message for instruction-tuned models (none where the template has no
+# system role, as the paper's code does for Gemma).
+PAPER_SYSTEM_MESSAGE = "You are a helpful assistant."
+
+
 class Method(StrEnum):
     """``fast`` spectra from hooks, or the published per-example full-SVD ``reference``."""
 
@@ -91,6 +105,22 @@ class ProfileOptions:
     template: Template = field(
         default=Template.plain,
         metadata=_cli("Text layout: plain, or chat (the tokenizer's chat template).", DATA_PANEL),
+    )
+    loss_tokens: LossTokens = field(
+        default=LossTokens.response_eos,
+        metadata=_cli(
+            "Loss over: response (the paper: the response's tokens only) or response_eos "
+            "(plus EOS / end-of-turn, as SFT trains).",
+            DATA_PANEL,
+        ),
+    )
+    system: str = field(
+        default="default",
+        metadata=_cli(
+            "Chat system message: default (the template's own), paper ('You are a helpful "
+            "assistant.', none where the template has no system role), or a text.",
+            DATA_PANEL,
+        ),
     )
     modules: str = field(
         default="all", metadata=_cli("all, attn, mlp, or a regex on names.", MODEL_PANEL)
