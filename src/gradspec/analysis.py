@@ -201,24 +201,47 @@ def bootstrap(
     scalar, or one per element of the statistic) cuts the interval of a quantity that
     cannot be smaller, such as 0 for a norm, a MAD or a relative difference.
     """
-    rng = np.random.default_rng(seed)
-    replicates: Curves = []
-    for group in groups:
-        n = len(group[0].example_index)
-        if n == 0:
-            raise GradspecError("no example left to bootstrap (all were skipped or dropped)")
-        weights = resampling_weights(rng, n, n_boot)
-        replicates.extend(weights @ run.values for run in group)
-    value = np.asarray(statistic([run.curve() for group in groups for run in group]), dtype=float)
-    tail = 100 * (1 - level) / 2
-    with warnings.catch_warnings():  # a part without a MAD is NaN in every replicate
-        warnings.simplefilter("ignore", RuntimeWarning)
-        upper, lower = np.nanpercentile(
-            np.asarray(statistic(replicates), dtype=float), [100 - tail, tail], axis=0
-        )
-    low = np.maximum(2 * value - upper, floor)
-    high = np.maximum(2 * value - lower, floor)
-    return Estimate(value[()], low[()], high[()])
+    return Replicates.draw(groups, statistic, n_boot, seed).estimate(level, floor)
+
+
+@dataclass(frozen=True)
+class Replicates:
+    """A statistic's value and its bootstrap replicates, so that intervals at any level
+    (e.g. one corrected for the number of verdicts, known only later) come from one draw."""
+
+    value: np.ndarray
+    replicates: np.ndarray  # (n_boot, *value.shape)
+
+    @classmethod
+    def draw(
+        cls,
+        groups: Sequence[Sequence[LayerValues]],
+        statistic: Callable[[Curves], object],
+        n_boot: int = 2000,
+        seed: int = 0,
+    ) -> Replicates:
+        """The statistic of the mean curves and of ``n_boot`` resampled ones (see bootstrap)."""
+        rng = np.random.default_rng(seed)
+        replicates: Curves = []
+        for group in groups:
+            n = len(group[0].example_index)
+            if n == 0:
+                raise GradspecError("no example left to bootstrap (all were skipped or dropped)")
+            weights = resampling_weights(rng, n, n_boot)
+            replicates.extend(weights @ run.values for run in group)
+        curves = [run.curve() for group in groups for run in group]
+        value = np.asarray(statistic(curves), dtype=float)
+        return cls(value, np.asarray(statistic(replicates), dtype=float))
+
+    def estimate(self, level: float = 0.95, floor: float | Sequence[float] = -np.inf) -> Estimate:
+        """The value with its basic bootstrap interval at ``level``, cut at ``floor``."""
+        tail = 100 * (1 - level) / 2
+        with warnings.catch_warnings():  # a part without a MAD is NaN in every replicate
+            warnings.simplefilter("ignore", RuntimeWarning)
+            upper, lower = np.nanpercentile(self.replicates, [100 - tail, tail], axis=0)
+        low = np.maximum(2 * self.value - upper, floor)
+        high = np.maximum(2 * self.value - lower, floor)
+        return Estimate(self.value[()], low[()], high[()])
 
 
 def resampling_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:

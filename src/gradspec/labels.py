@@ -10,7 +10,8 @@ from .errors import GradspecError
 STYLES = ("none", "simplified", "detailed")
 CORRECTNESS = ("correct", "irrelevant")
 DOMAINS = ("reasoning", "knowledge")
-LABEL_KEYS = ("name", "model", "task", "domain", "style", "correctness", "length")
+PAIRS = ("base", "instruct")  # a model's side of a base / instruction-tuned pair (finding 4)
+LABEL_KEYS = ("name", "model", "task", "domain", "style", "correctness", "length", "family", "pair")
 
 
 def normalize_labels(labels: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -21,7 +22,13 @@ def normalize_labels(labels: Mapping[str, Any], where: str) -> dict[str, Any]:
             f"{where}: unknown label {', '.join(unknown)} (labels are {', '.join(LABEL_KEYS)})"
         )
     result = {key: value for key, value in labels.items() if value not in (None, "")}
-    for key, allowed in (("style", STYLES), ("correctness", CORRECTNESS), ("domain", DOMAINS)):
+    choices = (
+        ("style", STYLES),
+        ("correctness", CORRECTNESS),
+        ("domain", DOMAINS),
+        ("pair", PAIRS),
+    )
+    for key, allowed in choices:
         if key in result and result[key] not in allowed:
             raise GradspecError(
                 f"{where}: {key} '{result[key]}' is not one of {', '.join(allowed)}"
