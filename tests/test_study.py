@@ -211,11 +211,24 @@ def test_shipped_fast_slow_study_covers_the_published_design(tiny_model):
     )
     assert [m.label for m in spec.models] == ["tiny"]
     assert spec.profile["limit"] == 50
+    # the paper's protocol: response tokens only, its system message, q/k/v/o, 1024 tokens
+    assert {k: spec.profile[k] for k in ("loss_tokens", "system", "modules", "max_length")} == {
+        "loss_tokens": "response",
+        "system": "paper",
+        "modules": "attn",
+        "max_length": 1024,
+    }
     labels = pd.DataFrame([d.labels for d in spec.datasets])
     reasoning = labels[labels["domain"] == "reasoning"]
-    assert len(reasoning) == 4 * 3 * 2
-    assert set(reasoning["task"]) == {"gsm8k", "aqua", "ecqa", "strategyqa"}
-    assert reasoning.groupby(["style", "correctness"]).size().tolist() == [4] * 6
+    cot = reasoning[~reasoning["task"].str.startswith("math_")]
+    assert len(cot) == 4 * 3 * 2
+    assert set(cot["task"]) == {"gsm8k", "aqua", "ecqa", "strategyqa"}
+    assert cot.groupby(["style", "correctness"]).size().tolist() == [4] * 6
+    math = reasoning[reasoning["task"].str.startswith("math_")]
+    assert set(math["task"]) == {"math_algebra", "math_counting_probability", "math_geometry"}
+    assert math.groupby(["style", "correctness"]).size().to_dict() == {
+        (s, c): 3 for s in ("detailed", "simplified") for c in ("correct", "irrelevant")
+    }
     knowledge = labels[labels["domain"] == "knowledge"]
     assert sorted(knowledge["length"].dropna().astype(int).unique()) == [100, 500, 1000]
     assert len(knowledge) == 8

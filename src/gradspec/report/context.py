@@ -62,6 +62,8 @@ class ReportContext:
             "the upward bias of MAD and relative differences on few examples, so when two "
             "runs barely differ the interval can lie below the study's (biased) estimate; "
             "intervals of quantities that cannot be negative are cut at zero.",
-            "Findings use the nuclear norm whatever statistic the curves show.",
+            "Findings use the nuclear norm whatever statistic the curves show, on the paper's "
+            "matrices q, k, v, o (MLP matrices in rows of their own beside them), with "
+            "intervals at a Bonferroni level over all their conditions (see each finding).",
             *([METHOD_NOTE] if training_runs(self.runs) else []),
         ]

@@ -93,7 +93,7 @@ def findings_section(context: ReportContext, tables: Tables, findings: list[Find
     """Each finding: its claim, verdict, method and table."""
     body = ["<h2 id='findings'>Findings of the study (arXiv:2410.23743)</h2>"]
     for finding in findings:
-        css = {"holds": "holds", "does not hold": "not"}.get(finding.status(), "open")
+        css = {"holds": "holds", "contradicted": "not"}.get(finding.status(), "open")
         body += [
             f"<h3>{finding.number}. {esc(finding.claim)}</h3>",
             f"<p class='verdict {css}'>{esc(finding.summary())}</p>",
