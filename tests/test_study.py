@@ -235,3 +235,61 @@ def test_shipped_fast_slow_study_covers_the_published_design(tiny_model):
     for dataset in spec.datasets:  # paths resolve against the data folder
         assert dataset.path.resolve().is_relative_to(SHARED_DATA.resolve())
         assert dataset.labels["correctness"] in dataset.path.as_posix()
+
+
+def test_a_base_instruct_pair_gets_finding_4(tiny_model, tokenizer, tmp_path):
+    """Two models named as a pair: their cells carry family and pair labels, and finding 4
+    compares them on the same instructions (values checked against the runs' tables)."""
+    import numpy as np
+    from conftest import build_tiny_model
+
+    from gradspec.findings import evaluate_findings
+    from gradspec.runs import load_runs
+
+    instruct = build_tiny_model("llama", tokenizer, tmp_path / "instruct", seed=1)
+    irrelevant = f"""
+[[datasets]]
+path = "{REASONING / "irrelevant" / "gsm8k_with_cot_gpt4o.json"}"
+task = "gsm8k"
+style = "detailed"
+correctness = "irrelevant"
+"""
+    study_file = write_study(tmp_path / "study.toml", tiny_model("llama"), irrelevant, limit=4)
+    text = study_file.read_text().replace(
+        'label = "tiny"\n', 'label = "tiny-base"\npair = "base"\nfamily = "tiny"\n'
+    )
+    text = text.replace(
+        "[[datasets]]",
+        f'[[models]]\nlabel = "tiny-instruct"\npath = "{instruct}"\npair = "instruct"\n'
+        'family = "tiny"\n\n[[datasets]]',
+        1,
+    )
+    study_file.write_text(text)
+    out = tmp_path / "out"
+    run_study(load_study(study_file), out)
+    runs = load_runs([out])
+    assert {(r.labels["model"], r.labels["pair"], r.labels["family"]) for r in runs} == {
+        ("tiny-base", "base", "tiny"),
+        ("tiny-instruct", "instruct", "tiny"),
+    }
+    fourth = evaluate_findings(runs, n_boot=200)[3]
+    row = fourth.deciding_rows().iloc[0]
+    assert (row["family"], row["base"], row["instruct"]) == ("tiny", "tiny-base", "tiny-instruct")
+
+    def level(model: str, style: str) -> float:
+        run = next(
+            r
+            for r in runs
+            if r.labels["model"] == model
+            and r.labels["style"] == style
+            and r.labels["correctness"] == "correct"
+        )
+        modules = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return float(np.mean([run.values(m, "nuclear_norm").values.mean() for m in modules]))
+
+    effect = {m: level(m, "none") / level(m, "detailed") for m in ("tiny-base", "tiny-instruct")}
+    assert row["fast_effect_base"] == pytest.approx(effect["tiny-base"])
+    assert row["effect_gap"] == pytest.approx(effect["tiny-instruct"] - effect["tiny-base"])
+    with pytest.raises(GradspecError, match="pair 'chat' is not one of base, instruct"):
+        study_file.write_text(text.replace('pair = "instruct"', 'pair = "chat"'))
+        load_study(study_file)

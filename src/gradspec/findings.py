@@ -153,7 +153,9 @@ class Finding:
 
 
 def level(curves: Curves, part: slice = slice(None)) -> Any:
-    """Mean over modules of each curve's mean over the layers of ``part``."""
+    """Mean over modules of each curve's mean over the layers of ``part`` (NaN if none)."""
+    if not curves[0][..., part].shape[-1]:
+        return np.full(curves[0].shape[:-1], np.nan)
     return np.mean([c[..., part].mean(axis=-1) for c in curves], axis=0)
 
 
@@ -359,7 +361,7 @@ def plan_norms(runs: Sequence[Run], n_boot: int, seed: int) -> Plan:
             task=task,
             styles=" > ".join(styles),
             examples=n,
-            largest_gap_in=SEGMENTS[int(np.argmax(gaps))],
+            largest_gap_in=SEGMENTS[int(np.nanargmax(gaps))] if np.isfinite(gaps).any() else "",
         )
         floors = [0.0] * (2 * len(styles)) + [-np.inf] * (2 * len(steps) + len(SEGMENTS))
         return Comparison(keys, names, draw, floors, [Condition(s) for s in norm_steps + mad_steps])

