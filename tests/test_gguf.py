@@ -288,3 +288,23 @@ def test_smollm2_gguf_converts_and_answers_through_its_chat_template() -> None:
     answer = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(answer[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip() == "The capital of France is Paris."
+
+
+def test_the_same_gguf_converted_from_another_place_is_the_same_model(
+    llama_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run resumes after its GGUF (a venv's package file, say) moved: the signature hashes
+    the file's identity, not the path it was converted from."""
+    from gradspec.modeling import model_signature
+
+    first, _ = converted_checkpoint(llama_gguf)
+    signature = model_signature(first)
+    moved = tmp_path / "elsewhere" / llama_gguf.name
+    moved.parent.mkdir()
+    moved.write_bytes(llama_gguf.read_bytes())
+    monkeypatch.setattr(paths, "cache_root", lambda: tmp_path / "other-cache")
+    second, described = converted_checkpoint(moved, cache_dir=tmp_path / "other-cache")
+    assert second != first and described.path == str(moved.resolve())
+    assert model_signature(second) == signature
+    (second / "config.json").write_text((second / "config.json").read_text() + " ")
+    assert model_signature(second) != signature

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,14 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def gguf_identity(manifest: Path) -> bytes:
+    """A converted GGUF's description without the path it was converted from: the same file
+    (by its sha256) converted from another place is the same model."""
+    described = json.loads(manifest.read_text())
+    described.pop("path", None)
+    return json.dumps(described, sort_keys=True).encode()
+
+
 def model_signature(model_dir: Path) -> dict[str, Any]:
     """Hash of the config, tokenizer and GGUF-source files plus weight file names and sizes.
 
@@ -124,9 +133,11 @@ def model_signature(model_dir: Path) -> dict[str, Any]:
     weights on every run would cost more than the run itself.
     """
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for name in (*TOKENIZER_FILES, GGUF_MANIFEST):
+    for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             digest.update(name.encode() + (model_dir / name).read_bytes())
+    if (model_dir / GGUF_MANIFEST).is_file():
+        digest.update(GGUF_MANIFEST.encode() + gguf_identity(model_dir / GGUF_MANIFEST))
     weights = sorted(
         (p.name, p.stat().st_size) for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES
     )
