@@ -141,7 +141,8 @@ def test_report_tables_match_independent_computations(report: Path, runs: dict[P
 def test_report_html_and_markdown_are_complete_and_offline(report: Path):
     page = report.read_text()
     assert "<script src" not in page and "<link" not in page  # nothing fetched on load
-    assert page.count("Plotly.newPlot") == 1  # one figure: one (model, task) group
+    # one curve figure per (model, task); one paper-layout figure per correctness
+    assert page.count("Plotly.newPlot") == 3
     for heading in (
         "Findings of the study",
         "MAD across layers",
@@ -220,3 +221,28 @@ def test_report_renders_in_a_real_browser(report: Path):
     drawn = (pixels < 235).any(axis=2).mean()  # not white nor the light grid
     assert 0.02 < drawn < 0.6
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # coloured lines, bands, text
+
+
+def test_ratio_table_and_paper_figures_show_the_runs_values(runs: dict[Path, dict], report: Path):
+    """S_max / S_sum is spectral / nuclear = 1/4 in these runs; the paper-layout figure of
+    the correct runs draws each run's Q, K, V, O nuclear-norm curve read from the parts."""
+    from gradspec.report.figures import paper_figures
+    from gradspec.runs import load_runs
+
+    ratio = table(report, "ratio").set_index("run")
+    assert list(ratio.columns[:4]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert np.allclose(ratio.to_numpy(dtype=float), 0.25)
+    ratio_curves = table(report, "ratio_curves")
+    assert np.allclose(ratio_curves["mean"], 0.25)
+    loaded = load_runs(list(runs), runs)
+    figures = dict(paper_figures(loaded, table(report, "curves"), ratio_curves))
+    correct = figures[next(k for k in figures if k.endswith("correct"))]
+    titles = [a.text for a in correct.layout.annotations]
+    assert titles[:2] == ["None CoT | Nuclear norm", "Detailed CoT | Nuclear norm"]
+    none_run = next(
+        path
+        for path, labels in runs.items()
+        if labels == {**labels, "style": "none", "correctness": "correct"}
+    )
+    q_trace = next(t for t in correct.data if t.name == "Proj_Q" and t.xaxis == "x")
+    assert np.allclose(q_trace.y, nuclear_curve(none_run, "q_proj"))

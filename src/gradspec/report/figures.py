@@ -170,3 +170,78 @@ def line_with_band(
 def _transparent(hex_color: str, alpha: float = 0.18) -> str:
     r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},{alpha})"
+
+
+PAPER_MODULES = {"q_proj": "Q", "k_proj": "K", "v_proj": "V", "o_proj": "O"}
+PAPER_COLORS = {"q_proj": "red", "k_proj": "green", "v_proj": "blue", "o_proj": "gray"}
+STYLE_TITLES = {"none": "None CoT", "simplified": "Simplified CoT", "detailed": "Detailed CoT"}
+
+
+def paper_figures(
+    runs: Sequence[Run], curves: pd.DataFrame, ratio_curves: pd.DataFrame
+) -> list[tuple[str, go.Figure]]:
+    """arXiv:2410.23743's figures: per (model, task, correctness) a column per response
+    style (or knowledge length) with the nuclear-norm curves of Q, K, V, O over layers, and
+    below them the S_max / S_sum ratio of Q, K and of V, O (the paper's ``include_ratio``)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        key = tuple(run.labels.get(k) for k in ("model", "task", "correctness"))
+        groups.setdefault(key, []).append(run)
+    figures = []
+    for key, members in groups.items():
+        members = sorted(members, key=_paper_column_order)
+        figure = make_subplots(
+            rows=3,
+            cols=len(members),
+            subplot_titles=[
+                f"{_paper_column_title(run)} | {row}"
+                for row in ("Nuclear norm", "Ratio (Q, K)", "Ratio (V, O)")
+                for run in members
+            ],
+            vertical_spacing=0.08,
+        )
+        for col, run in enumerate(members, start=1):
+            for module, letter in PAPER_MODULES.items():
+                ratio_row = 2 if letter in "QK" else 3
+                for row, table in ((1, curves), (ratio_row, ratio_curves)):
+                    data = table[(table["run"] == run.name) & (table["module"] == module)]
+                    if data.empty:
+                        continue
+                    figure.add_trace(
+                        go.Scatter(
+                            x=data["layer"],
+                            y=data["mean"],
+                            mode="lines",
+                            name=f"Proj_{letter}",
+                            legendgroup=letter,
+                            showlegend=col == 1 and row == 1,
+                            line=dict(color=PAPER_COLORS[module]),
+                        ),
+                        row=row,
+                        col=col,
+                    )
+        title = " / ".join(str(part) for part in key if part is not None)
+        figure.update_layout(
+            height=780,
+            width=max(520, 380 * len(members)),
+            template="plotly_white",
+            margin=dict(l=50, r=20, t=70, b=40),
+            title=dict(text=f"Paper's layout — {title}", x=0.01),
+        )
+        figure.update_xaxes(title_text="layer", title_standoff=2)
+        figures.append((title, figure))
+    return figures
+
+
+def _paper_column_order(run: Run) -> tuple:
+    """Fast to slow thinking, or short to long knowledge responses."""
+    styles = list(STYLE_TITLES)
+    style = run.labels.get("style")
+    return (styles.index(style) if style in styles else len(styles), run.labels.get("length", 0))
+
+
+def _paper_column_title(run: Run) -> str:
+    """The column's response style or knowledge length, as the paper titles its panels."""
+    if run.labels.get("style") in STYLE_TITLES:
+        return STYLE_TITLES[run.labels["style"]]
+    return f"Length {run.labels['length']}" if "length" in run.labels else run.name

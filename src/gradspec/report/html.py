@@ -19,7 +19,7 @@ from ..analysis import SEGMENTS
 from ..findings import Finding
 from .context import ReportContext
 from .display import display_table, mad_display
-from .figures import curve_figures, step_figure
+from .figures import curve_figures, paper_figures, step_figure
 from .training import SECTION_NOTE, has_training_runs
 
 SKIPPED_SHOWN = 200  # rows of the skipped-examples table shown in the HTML; the CSV has all
@@ -66,6 +66,7 @@ def sections(tables: Tables) -> list[tuple[str, str, Section]]:
     training runs."""
     return [
         ("findings", "Findings of the study", findings_section),
+        ("paper", "Paper's figures", paper_section),
         *([("steps", "Training steps", steps_section)] if has_training_runs(tables) else []),
         ("curves", "Layer curves", curves_section),
         ("mad", "MAD across layers", mad_section),
@@ -112,6 +113,20 @@ def steps_section(context: ReportContext, tables: Tables, findings: list[Finding
         f"<h2 id='steps'>Training steps</h2><p class='method'>{SECTION_NOTE}</p>",
         plot(figure),
         table_html(tables["step_flags"]),
+    ]
+
+
+def paper_section(context: ReportContext, tables: Tables, findings: list[Finding]) -> list[str]:
+    """The paper's figures: Q, K, V, O nuclear norms and ratios per response style."""
+    figures = paper_figures(context.runs, tables["curves"], tables["ratio_curves"])
+    return [
+        "<h2 id='paper'>Figures in the paper's layout</h2><p class='method'>As "
+        f"arXiv:2410.23743 draws them: mean curves of the {esc(context.statistic_name)} "
+        "(top) and of S_max / S_sum (below) of Q, K, V, O over layers; one column per "
+        "response style or knowledge length, one figure per task and correctness.</p>",
+        *(plot(figure) for _, figure in figures),
+        "<h3>S_max / S_sum, mean over examples and layers</h3>",
+        table_html(tables["ratio"]),
     ]
 
 

@@ -15,6 +15,7 @@ from .display import display_table, mad_display
 TABLE_HEADINGS = {
     "steps": "Training steps",
     "step_flags": "Online flags over training steps",
+    "ratio": "Ratio S_max / S_sum (mean over examples and layers)",
     "relative_difference": "Relative differences",
     "examples": "Examples",
     "skipped": "Skipped examples",

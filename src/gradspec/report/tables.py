@@ -25,10 +25,11 @@ from ..analysis import (
     segment_slices,
 )
 from ..labels import CORRECTNESS
-from ..runs import Run
+from ..runs import Run, study_order
 from .training import training_tables
 
 LABEL_COLUMNS = ("model", "task", "style", "length", "correctness")
+RATIO = "spectral_ratio"  # S_max / S_sum, the paper's appendix ratio
 
 
 def build_tables(
@@ -38,6 +39,8 @@ def build_tables(
     tables only when some run is a training run."""
     return {
         "curves": curve_table(runs, statistic, n_boot, seed),
+        "ratio_curves": curve_table(runs, RATIO, n_boot, seed),
+        "ratio": ratio_table(runs),
         "mad": mad_table(runs, statistic, split, n_boot, seed),
         "relative_difference": relative_difference_table(runs, statistic, n_boot, seed),
         "examples": count_table(runs, statistic),
@@ -67,6 +70,19 @@ def curve_table(runs: Sequence[Run], statistic: str, n_boot: int, seed: int) -> 
             )
         )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def ratio_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """S_max / S_sum per run (rows) and module (columns): the mean over examples and layers."""
+    rows = [
+        {"run": run.name, "module": module, "ratio": float(values.values.mean())}
+        for run, module, values in profiled_values(runs, RATIO)
+    ]
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).pivot(index="run", columns="module", values="ratio")
+    order = [run.name for run in runs if run.name in table.index]
+    return table.loc[order, study_order(table.columns)].reset_index().rename_axis(columns=None)
 
 
 def mad_table(
