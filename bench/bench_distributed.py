@@ -30,12 +30,12 @@ import pandas as pd
 import typer
 
 import gradspec
-from gradspec.default_model import shared_data_dir
+from gradspec.shared_data import reasoning_file, shared_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_profile import bench_config, bench_model, bench_tokenizer
 
-DATA_FILE = Path("reasoning_cot", "correct", "gsm8k_with_cot_gpt4o.json")
+DATA_FILE = reasoning_file("gsm8k", "with_cot_gpt4o")
 
 
 def worker(model: str, data: str, out: str, options: str, pin: str) -> None:

@@ -51,9 +51,9 @@ import gradspec.spectra
 from gradspec.demo import demo_model_path
 from gradspec.integrations.transformers import watch
 from gradspec.modeling import resolve_checkpoint
-from gradspec.paths import shared_data_dir
+from gradspec.shared_data import reasoning_file, shared_data_dir
 
-DATA = shared_data_dir() / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
+DATA = shared_data_dir() / reasoning_file("gsm8k", "with_cot")
 DEFAULT_LOGGING_STEPS = 500
 STEPS = 8
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,7 +50,6 @@ from gradspec.batching import (
 )
 from gradspec.capture import PendingSpectra, SpectraCapture, TargetResult
 from gradspec.data import Example, encode_example, load_examples
-from gradspec.default_model import TRAINING_FILES, tokenizer_texts
 from gradspec.engine import ChunkRunner
 from gradspec.modeling import (
     load_model_and_tokenizer,
@@ -59,7 +58,15 @@ from gradspec.modeling import (
     resolve_spectra_dtype,
 )
 from gradspec.options import ProfileOptions
-from gradspec.paths import cache_root, shared_data_dir
+from gradspec.paths import cache_root
+from gradspec.shared_data import (
+    REASONING_TASKS,
+    STYLE_SUFFIXES,
+    WIKI_SETS,
+    reasoning_file,
+    shared_data_dir,
+    wiki_file,
+)
 from gradspec.spectra import (
     InputGram,
     InputSpectra,
@@ -73,7 +80,7 @@ from gradspec.spectra import (
 from gradspec.vocab import train_tokenizer
 
 BENCH = Path(__file__).resolve().parent
-DATA_FILE = "reasoning_cot/correct/gsm8k_with_cot_gpt4o.json"
+DATA_FILE = reasoning_file("gsm8k", "with_cot_gpt4o")
 VOCAB_SIZE = 8192  # on this data as fine as Llama-3's tokenizer (see README)
 HEAD_DIM = 128
 COMPARED = ("nuclear_norm", "spectral_norm", "frobenius_norm")
@@ -185,14 +192,24 @@ def bench_cache() -> Path:
 
 
 def bench_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on all correct shared data files (cached)."""
+    """A byte-level BPE trained on the correct reasoning and Wikipedia files (cached)."""
     directory = bench_cache() / f"tokenizer-v{VOCAB_SIZE}"
     if not (directory / "tokenizer.json").is_file():
         data = shared_data_dir()
-        examples = [ex for name in TRAINING_FILES for ex in load_examples(data / name)]
-        tokenizer = train_tokenizer(tokenizer_texts(examples), VOCAB_SIZE)
+        files = [reasoning_file(t, s) for t in REASONING_TASKS for s in STYLE_SUFFIXES]
+        files += [wiki_file(name) for name in WIKI_SETS]
+        examples = [ex for name in files for ex in load_examples(data / name)]
+        tokenizer = train_tokenizer(example_texts(examples), VOCAB_SIZE)
         save_atomically(directory, tokenizer.save_pretrained)
     return AutoTokenizer.from_pretrained(directory)
+
+
+def example_texts(examples: list[Example]) -> Iterator[str]:
+    """The text fields of the examples (instruction, input, response), to train a tokenizer."""
+    for example in examples:
+        yield example.record.get("instruction", "")
+        yield example.record.get("input") or ""
+        yield example.response
 
 
 def save_atomically(directory: Path, save: Callable[[Path], Any]) -> None:
@@ -924,7 +941,7 @@ def main(
     subject, template = model_dir, "plain"
     if settings.model is not None:
         subject, template = subject_model(settings.model, tokenizer)
-        header.append(f"subject model: {subject} (template {template})")
+        header.append(f"subject model: {subject.name} (template {template})")
     agree = True
     if "e2e" in settings.parts:
         section, agree = end_to_end_section(subject, data, template, settings)

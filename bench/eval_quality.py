@@ -19,8 +19,8 @@ emptied (same template), giving the gradient analogues of IFD ``nuc_ifd`` and
 Pooled tables use each score's percentile within its own run, so that runs on different
 scales can be pooled. Runs and per-cell scores are cached in ``--work``; a rerun resumes.
 
-    .venv/bin/python bench/eval_quality.py --limit 40
-    .venv/bin/python bench/eval_quality.py --model runs/smollm2-hf --template chat \\
+    .venv/bin/python bench/eval_quality.py --limit 40   # the demo's SmolLM2-135M-Instruct
+    .venv/bin/python bench/eval_quality.py --model path/to/checkpoint-or.gguf \\
         --limit 16 --max-length 256 --blank-instruction
 """
 
@@ -32,20 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mixes import KINDS, CellFiles, MixExample, build_mix, write_json
+from mixes import KINDS, CellFiles, MixExample, build_mix, reasoning_cell, wiki_cell, write_json
 from rich.console import Console
 from transformers import AutoTokenizer
 
 import gradspec
-from gradspec.default_model import (
-    DEFAULT_RECIPE,
-    REASONING_TASKS,
-    RESPONSE_STYLES,
-    WIKI_FILES,
-    ensure_default_model,
-)
-from gradspec.modeling import check_model_dir, model_signature
-from gradspec.paths import project_root, shared_data_dir
+from gradspec.demo import demo_model_path
+from gradspec.modeling import model_signature, resolve_checkpoint
+from gradspec.paths import project_root
 from gradspec.quality import (
     SUSPECT_DIRECTION,
     auroc,
@@ -54,6 +48,7 @@ from gradspec.quality import (
     percentile_within,
     two_sided,
 )
+from gradspec.shared_data import REASONING_TASKS, STYLE_SUFFIXES, WIKI_SETS, shared_data_dir
 
 BASELINES = ("loss", "ifd")
 GRADIENT_IFD = ("nuclear_ifd", "flag_ifd")
@@ -89,18 +84,23 @@ console = Console(width=200)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="default: the embedded model")
-    parser.add_argument("--template", choices=("plain", "chat"), default="plain")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a checkpoint folder or .gguf file; default: the demo's SmolLM2-135M-Instruct",
+    )
+    parser.add_argument("--template", choices=("plain", "chat"), default="chat")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds")
     parser.add_argument("--limit", type=int, default=40, help="instructions per cell")
     parser.add_argument("--share", type=float, default=0.5, help="share of corrupted ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tasks",
-        default=",".join((*REASONING_TASKS, *WIKI_FILES)),
+        default=",".join((*REASONING_TASKS, *WIKI_SETS)),
         help="comma-separated reasoning tasks and wiki files",
     )
-    parser.add_argument("--styles", default=",".join(RESPONSE_STYLES))
+    parser.add_argument("--styles", default=",".join(STYLE_SUFFIXES))
     parser.add_argument("--max-length", type=int, default=512, help="truncate to L tokens")
     parser.add_argument(
         "--blank-instruction",
@@ -122,31 +122,12 @@ def cells(tasks: list[str], styles: list[str]) -> list[CellFiles]:
     chosen = []
     for task in tasks:
         if task in REASONING_TASKS:
-            folder = data / "reasoning_cot"
-            chosen += [
-                CellFiles(
-                    task,
-                    style,
-                    folder / "correct" / f"{task}_{style}.json",
-                    folder / "irrelevant" / f"{task}_{style}.json",
-                    folder / "correct" / f"{task}_no_cot.json",
-                )
-                for style in styles
-            ]
-        elif task in WIKI_FILES:
-            folder = data / "wiki_knowledge"
-            chosen.append(
-                CellFiles(
-                    task,
-                    "wiki",
-                    folder / "correct" / f"{task}.json",
-                    folder / "irrelevant" / f"{task}.json",
-                )
-            )
+            chosen += [reasoning_cell(data, task, style) for style in styles]
+        elif task in WIKI_SETS:
+            chosen.append(wiki_cell(data, task))
         else:
             raise SystemExit(
-                f"unknown task {task!r}: use {', '.join(REASONING_TASKS)} "
-                f"or {', '.join(WIKI_FILES)}"
+                f"unknown task {task!r}: use {', '.join(REASONING_TASKS)} or {', '.join(WIKI_SETS)}"
             )
     return chosen
 
@@ -262,12 +243,8 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def main() -> None:
     args = parse_args()
-    model = check_model_dir(args.model) if args.model else ensure_default_model()
-    if args.model is None and args.limit > DEFAULT_RECIPE.held_out_per_file:
-        raise SystemExit(
-            f"--limit {args.limit}: the default model trained on records after "
-            f"the first {DEFAULT_RECIPE.held_out_per_file}; use at most that"
-        )
+    given = args.model or demo_model_path()
+    model = resolve_checkpoint(given).directory
     kinds = args.kinds.split(",")
     key = model_signature(model)["config_and_tokenizer_sha256"][:12]
     work = args.work / f"{model.name}-{key}"
@@ -302,7 +279,7 @@ def main() -> None:
     }
     seconds = time.perf_counter() - started
     report = [
-        f"Model: `{model}` (template {args.template}, max length {args.max_length}); "
+        f"Model: `{given.name}` (template {args.template}, max length {args.max_length}); "
         f"{args.limit} instructions per cell, {args.share:.0%} corrupted (seed {args.seed}), "
         f"kinds {', '.join(kinds)}; directions fixed a priori; {seconds:.0f} s (cached runs "
         f"are not redone). Columns: {LEGEND}."

@@ -47,7 +47,7 @@ loss items 24.8 s and the 48 greedy answers about 28 s on the merged model (29.4
 s with the LoRA adapters unmerged): a run about 127 s, ``base`` about 54 s. 225 s +
 (33 x 127 s + 54 s) / 2 + about 40 s of selections and worker start = 2390 s.
 
-    .venv/bin/python bench/eval_selection.py --model /work/runs/smollm2-hf
+    .venv/bin/python bench/eval_selection.py --model path/to/smollm2-135m-instruct
     .venv/bin/python bench/eval_selection.py --model M --device cuda --jobs 1 \\
         --pool-size 1600 --k 800 --steps 400 --max-length 512 --seeds 0,1,2,3,4
 """
@@ -73,6 +73,8 @@ from mixes import (
     extract_answer,
     normalise_gold,
     read_records,
+    reasoning_cell,
+    wiki_cell,
     write_json,
 )
 from rich.console import Console
@@ -87,9 +89,9 @@ from transformers import (
 import gradspec
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.data import Example, encode_example, load_examples
-from gradspec.default_model import REASONING_TASKS, RESPONSE_STYLES, WIKI_FILES, shared_data_dir
 from gradspec.modeling import check_model_dir, model_signature
 from gradspec.selection import select
+from gradspec.shared_data import REASONING_TASKS, STYLE_SUFFIXES, WIKI_SETS, shared_data_dir
 
 GRADIENT_SCORES = (
     "nuclear_norm",
@@ -179,23 +181,9 @@ class Item:
 
 def all_cells(data: Path) -> list[CellFiles]:
     """Every reasoning task x style and every Wikipedia set of the shared data."""
-    reasoning, wiki = data / "reasoning_cot", data / "wiki_knowledge"
     return [
-        CellFiles(
-            task,
-            style,
-            reasoning / "correct" / f"{task}_{style}.json",
-            reasoning / "irrelevant" / f"{task}_{style}.json",
-            reasoning / "correct" / f"{task}_no_cot.json",
-        )
-        for task in REASONING_TASKS
-        for style in RESPONSE_STYLES
-    ] + [
-        CellFiles(
-            name, "wiki", wiki / "correct" / f"{name}.json", wiki / "irrelevant" / f"{name}.json"
-        )
-        for name in WIKI_FILES
-    ]
+        reasoning_cell(data, task, style) for task in REASONING_TASKS for style in STYLE_SUFFIXES
+    ] + [wiki_cell(data, name) for name in WIKI_SETS]
 
 
 def build_pool(cells: list[CellFiles], size: int, share: float, seed: int) -> list[Item]:
@@ -703,7 +691,8 @@ def main(argv: list[str] | None = None) -> Path:
     results = [r for unit in units if (r := cached_result(*unit, context, args)) is not None]
     pool = context["pool"]
     header = (
-        f"Model `{context['model']}` (template {args.template}, max length {args.max_length}); "
+        f"Model `{context['model'].name}` (template {args.template}, "
+        f"max length {args.max_length}); "
         f"pool {len(pool)} ({args.share:.0%} irrelevant, pool seed {args.pool_seed}); k = "
         f"{args.k}; LoRA {LORA}, {args.steps} steps x batch {args.batch_size}, lr {args.lr}; "
         f"seeds {args.seeds}{' (finished ones only)' if args.report_only else ''}; "

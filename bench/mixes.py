@@ -31,8 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from gradspec.labels import CORRECTNESS
+from gradspec.shared_data import REASONING_TASKS, reasoning_file, wiki_file
+
 KINDS = ("irrelevant", "swapped", "wrong_answer", "truncated")
-ANSWER_TASKS = ("gsm8k", "aqua", "ecqa", "strategyqa")
+ANSWER_TASKS = REASONING_TASKS  # each has a final answer to corrupt
 MIN_TRUNCATE_WORDS = 8
 # Most constrained kinds pick their instructions first, so that each gets its share.
 PICK_ORDER = ("wrong_answer", "truncated", "irrelevant", "swapped")
@@ -52,6 +55,22 @@ class CellFiles:
     correct: Path
     irrelevant: Path
     answers: Path | None = None  # the task's no_cot file (gold final answers); None: no answers
+
+
+def reasoning_cell(data: Path, task: str, style: str) -> CellFiles:
+    """A reasoning task in one style (a file suffix), gold answers from its answer-only file."""
+    return CellFiles(
+        task,
+        style,
+        data / reasoning_file(task, style),
+        data / reasoning_file(task, style, CORRECTNESS[1]),
+        data / reasoning_file(task, "no_cot"),
+    )
+
+
+def wiki_cell(data: Path, name: str) -> CellFiles:
+    """A Wikipedia set (style 'wiki'); no gold answers."""
+    return CellFiles(name, "wiki", data / wiki_file(name), data / wiki_file(name, CORRECTNESS[1]))
 
 
 @dataclass(frozen=True)

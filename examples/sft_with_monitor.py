@@ -38,18 +38,20 @@ from transformers import (
 import gradspec
 from gradspec.demo import demo_model_path
 from gradspec.integrations.transformers import watch
+from gradspec.labels import CORRECTNESS
 from gradspec.modeling import resolve_checkpoint
 from gradspec.quality import auroc
+from gradspec.shared_data import reasoning_file, shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "reasoning_cot"
-TASK = "gsm8k_with_cot.json"
 
 
 def mixed_records(data_dir: Path, n: int, irrelevant_share: float, seed: int) -> list[dict]:
     """n records; a share of them take the irrelevant response of the same question."""
-    correct = json.loads((data_dir / "correct" / TASK).read_text())[:n]
-    irrelevant = json.loads((data_dir / "irrelevant" / TASK).read_text())[:n]
+    correct, irrelevant = (
+        json.loads((data_dir / reasoning_file("gsm8k", "with_cot", c)).read_text())[:n]
+        for c in CORRECTNESS
+    )
     bad = set(random.Random(seed).sample(range(n), round(irrelevant_share * n)))
     return [
         {**(irrelevant[i] if i in bad else correct[i]), "irrelevant": i in bad} for i in range(n)
@@ -100,7 +102,7 @@ def main() -> None:
         default=None,
         help="checkpoint folder or .gguf file; default the demo's SmolLM2-135M-Instruct GGUF",
     )
-    parser.add_argument("--data-dir", type=Path, default=SHARED)
+    parser.add_argument("--data-dir", type=Path, default=None, help="the shared data")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "sft_monitor")
     parser.add_argument("--figure", type=Path, default=REPO / "examples" / "sft_with_monitor.png")
     parser.add_argument("--examples", type=int, default=120)
@@ -110,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    records = mixed_records(args.data_dir, args.examples, 0.2, seed=0)
+    records = mixed_records(args.data_dir or shared_data_dir(), args.examples, 0.2, seed=0)
     model_dir = resolve_checkpoint(args.model or demo_model_path()).directory
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = Trainer(

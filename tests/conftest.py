@@ -8,7 +8,6 @@ tests still run.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,14 +19,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gradspec.paths import SHARED_DATA_ENV
+from gradspec.shared_data import SHARED_DATA_ENV, reasoning_file, shared_data_path
 from gradspec.vocab import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# $GRADSPEC_SHARED_DATA, else ../shared/data beside the repo (as gradspec.paths finds it);
-# only a path here: nothing is read until a test asks for the data.
-SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or REPO.parent / "shared" / "data")
-GSM8K = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot.json"
+# Only a path here: nothing is read until a test asks for the data.
+SHARED_DATA = shared_data_path()
+GSM8K = SHARED_DATA / reasoning_file("gsm8k", "with_cot")
+GSM8K_DETAILED = SHARED_DATA / reasoning_file("gsm8k", "with_cot_gpt4o")  # the longest
 
 # Small configs that keep each architecture's distinctive structure (GQA, fused QKV,
 # Conv1D, soft-capping, parallel residual).

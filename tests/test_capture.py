@@ -9,14 +9,14 @@ from concurrent.futures import Future
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import GSM8K_DETAILED
 from transformers import AutoModelForCausalLM
 
 import gradspec
 from gradspec import capture
 from gradspec.adapters import find_targets
 
-DATA = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+DATA = GSM8K_DETAILED
 OPTIONS = dict(limit=6, chunk_size=3, batch_size=2)
 
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from gradspec import demo, paths
 from gradspec.cli import app
 from gradspec.demo import style_summary, summary_table
+from gradspec.shared_data import SHARED_DATA_ENV
 from gradspec.store import RunTables, load_run
 from gradspec.study import load_study
 
@@ -38,7 +39,7 @@ def tiny_demo(
     study_file.write_text(text)
     monkeypatch.setattr(demo, "project_root", lambda: tmp_path)
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv(paths.SHARED_DATA_ENV, str(SHARED_DATA))
+    monkeypatch.setenv(SHARED_DATA_ENV, str(SHARED_DATA))
     return study_file
 
 
@@ -64,7 +65,7 @@ def test_the_demo_grid_is_smollm2_through_its_chat_template(shared_data: Path) -
 def test_demo_without_data_fails_before_converting(
     tiny_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(paths.SHARED_DATA_ENV, str(tmp_path / "missing"))
+    monkeypatch.setenv(SHARED_DATA_ENV, str(tmp_path / "missing"))
     result = CliRunner().invoke(app, ["demo", "--limit", "3"])
     assert result.exit_code == 2
     assert "shared data not found" in result.output and "GRADSPEC_SHARED_DATA" in result.output

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import SHARED_DATA
+from conftest import GSM8K_DETAILED
 from test_study import write_study
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -33,7 +33,7 @@ from gradspec.study import load_study, run_study
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+LONG = GSM8K_DETAILED
 OPTIONS = dict(limit=12, chunk_size=2, batch_size=2, device="cpu")  # six chunks
 
 

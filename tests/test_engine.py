@@ -18,9 +18,10 @@ from gradspec.adapters import find_decoder_layers
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
+from gradspec.shared_data import reasoning_file, wiki_file
 from gradspec.spectra import choose_route
 
-WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
+WIKI = SHARED_DATA / wiki_file("popular_wikipedia_100")
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "stable_rank"]
 
 
@@ -149,7 +150,7 @@ def test_float32_model_matches_float64_explicit_gradients(
 
 
 def _profile_variant(model_dir: Path, out: Path, **options) -> pd.DataFrame:
-    data = GSM8K.parent / "gsm8k_no_cot.json"
+    data = SHARED_DATA / reasoning_file("gsm8k", "no_cot")
     tables = gradspec.profile(model_dir, data, out, device="cpu", limit=8, **options)
     return tables.spectra.set_index(["example_index", "param"])[STATS].sort_index()
 

@@ -25,6 +25,7 @@ from mixes import extract_answer, read_records
 from transformers import AutoTokenizer
 
 from gradspec import encode
+from gradspec.shared_data import reasoning_file
 
 ECQA_INSTRUCTION = (
     "Where would you keep a pet fish?\\nOptions:\\n- pond\\n- fish tank\\n- river"
@@ -68,9 +69,7 @@ def test_held_out_items_never_share_an_instruction_with_the_pool(shared_data: Pa
                 next(c.correct for c in cells if (c.task, c.style) == (item.task, item.style))
             )[item.index]
         )
-    gold = {
-        ("gsm8k", 499): read_records(shared_data / "reasoning_cot/correct/gsm8k_no_cot.json")[499]
-    }
+    gold = {("gsm8k", 499): read_records(shared_data / reasoning_file("gsm8k", "no_cot"))[499]}
     last_gsm8k = next(it for it in accuracy if it.task == "gsm8k" and it.index == 499)
     assert last_gsm8k.gold == gold["gsm8k", 499]["output"].strip().replace(",", "")
 

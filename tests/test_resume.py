@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA
+from conftest import GSM8K_DETAILED, SHARED_DATA
 
 import gradspec
 from gradspec.engine import STOP_AFTER_CHUNKS, STOPPED_EXIT_CODE
 from gradspec.errors import GradspecError
+from gradspec.shared_data import reasoning_file
 from gradspec.store import RunStore
 
-LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+LONG = GSM8K_DETAILED
 OPTIONS = dict(limit=16, chunk_size=4, batch_size=2)
 
 
@@ -152,5 +153,9 @@ def test_rerun_with_another_model_or_data_is_refused(tiny_model, tmp_path):
         gradspec.profile(tiny_model("qwen2"), LONG, out, device="cpu", limit=2)
     with pytest.raises(GradspecError, match="data_sha256: was"):
         gradspec.profile(
-            tiny_model("llama"), LONG.with_name("gsm8k_no_cot.json"), out, device="cpu", limit=2
+            tiny_model("llama"),
+            SHARED_DATA / reasoning_file("gsm8k", "no_cot"),
+            out,
+            device="cpu",
+            limit=2,
         )

