@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-lowest demo lint bench clean
+.PHONY: install test test-lowest demo lint docs bench clean
 
 install: $(STAMP)
 
@@ -48,8 +48,13 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# The documentation site (docs/, mkdocs.yml) into site/; warnings (a broken link, an
+# unreadable docstring) fail the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 bench: install
 	$(BIN)/python bench/bench_profile.py
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .cache site

@@ -104,7 +104,9 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="the shared data")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "sft_monitor")
-    parser.add_argument("--figure", type=Path, default=REPO / "examples" / "sft_with_monitor.png")
+    parser.add_argument(
+        "--figure", type=Path, default=REPO / "docs" / "assets" / "sft_with_monitor.png"
+    )
     parser.add_argument("--examples", type=int, default=120)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--every", type=int, default=1)
