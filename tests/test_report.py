@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -157,6 +158,28 @@ def test_report_html_and_markdown_are_complete_and_offline(report: Path):
     assert "holds in 1 of 1" in markdown
     assert "| run " in markdown and "### late" in markdown
     assert "not evaluable: no runs with domain=knowledge" in markdown
+
+
+def test_runs_table_names_folders_relative_to_the_report_and_the_shared_data(
+    runs: dict[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A report kept with a project names no folder of the machine that wrote it: run
+    folders relative to the report, shared data files relative to the shared data, the
+    model by its GGUF file's name; other paths as the manifest records them."""
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("GRADSPEC_SHARED_DATA", str(shared))
+    run = shutil.copytree(next(iter(runs)), tmp_path / "study" / "runs" / "cell")
+    manifest = json.loads((run / "manifest.json").read_text())
+    gguf = {"path": str(tmp_path / "site-packages" / "m.Q4_1.gguf")}
+    manifest["model"].update(path=str(tmp_path / "cache" / "gguf" / "ab12"), gguf=gguf)
+    elsewhere = str(tmp_path / "mine.json")
+    manifest["data"]["paths"] = [str(shared / "reasoning_cot" / "correct" / "a.json"), elsewhere]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    out = write_report([run], tmp_path / "study" / "report.html", n_boot=20)
+    row = pd.read_csv(out.parent / "report_tables" / "runs.csv").iloc[0]
+    assert row["directory"] == "runs/cell"
+    assert row["model"] == "m.Q4_1.gguf"
+    assert row["data"] == f"reasoning_cot/correct/a.json {elsewhere}"
 
 
 def test_report_cli_labels_runs(runs: dict[Path, dict], tmp_path: Path):

@@ -55,7 +55,7 @@ def write_report(
         raise GradspecError(f"--statistic {statistic}: use one of {', '.join(REPORT_STATISTICS)}")
     runs = load_runs(run_dirs, labels)
     out = Path(out_html)
-    tables = build_tables(runs, statistic, split, n_boot, seed)
+    tables = build_tables(runs, statistic, split, n_boot, seed, out.parent)
     findings = evaluate_findings(runs, n_boot, seed)
     for finding in findings:
         tables[f"finding_{finding.number}"] = finding.table

@@ -9,6 +9,8 @@ in ``markdown.TABLE_HEADINGS`` and a section in ``html.py`` show it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,7 @@ from ..analysis import (
 )
 from ..labels import CORRECTNESS
 from ..runs import Run, study_order
+from ..shared_data import shared_data_path
 from .training import training_tables
 
 LABEL_COLUMNS = ("model", "task", "style", "length", "correctness")
@@ -33,10 +36,10 @@ RATIO = "spectral_ratio"  # S_max / S_sum, the paper's appendix ratio
 
 
 def build_tables(
-    runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int
+    runs: Sequence[Run], statistic: str, split: str, n_boot: int, seed: int, home: Path
 ) -> dict[str, pd.DataFrame]:
     """Every table of the report but the findings, as tidy DataFrames; the training-step
-    tables only when some run is a training run."""
+    tables only when some run is a training run. ``home`` is the report's folder."""
     return {
         "curves": curve_table(runs, statistic, n_boot, seed),
         "ratio_curves": curve_table(runs, RATIO, n_boot, seed),
@@ -45,7 +48,7 @@ def build_tables(
         "relative_difference": relative_difference_table(runs, statistic, n_boot, seed),
         "examples": count_table(runs, statistic),
         "skipped": skipped_table(runs),
-        "runs": manifest_table(runs),
+        "runs": manifest_table(runs, home),
         **training_tables(runs, statistic),
     }
 
@@ -230,8 +233,14 @@ def skipped_table(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def manifest_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """The manifest facts of each run: model, data hashes, versions, options."""
+def manifest_table(runs: Sequence[Run], home: Path) -> pd.DataFrame:
+    """The manifest facts of each run: model, data hashes, versions, options.
+
+    Run folders and data files are named relative to the report's folder ``home`` or the
+    shared data when they lie there, and the model by its file or folder name, so that a
+    report kept with a project names no folder of the machine that wrote it (the run's
+    manifest keeps the absolute paths)."""
+    bases = (home, shared_data_path())
     rows = []
     for run in runs:
         m = run.tables.manifest
@@ -239,10 +248,10 @@ def manifest_table(runs: Sequence[Run]) -> pd.DataFrame:
         rows.append(
             {
                 "run": run.name,
-                "directory": str(run.path),
-                "model": m.get("model", {}).get("path"),
+                "directory": shown_path(run.path, bases),
+                "model": model_name(m.get("model", {})),
                 "model_sha256": m.get("model", {}).get("config_and_tokenizer_sha256"),
-                "data": " ".join(m.get("data", {}).get("paths", [])),
+                "data": " ".join(shown_path(p, bases) for p in m.get("data", {}).get("paths", [])),
                 "data_sha256": m.get("data", {}).get("sha256"),
                 "gradspec": m.get("gradspec_version"),
                 **{k: v for k, v in m.get("versions", {}).items()},
@@ -267,3 +276,18 @@ def manifest_table(runs: Sequence[Run]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def shown_path(path: str | Path, bases: Sequence[Path]) -> str:
+    """``path`` relative to the first of ``bases`` that holds it, else as recorded."""
+    resolved = Path(path).resolve()
+    for base in bases:
+        if resolved.is_relative_to(base.resolve()):
+            return str(resolved.relative_to(base.resolve()))
+    return str(path)
+
+
+def model_name(model: dict[str, Any]) -> str | None:
+    """A run's model by name: the GGUF file it was converted from, else its folder."""
+    path = model.get("gguf", {}).get("path") or model.get("path")
+    return Path(path).name if path else None
