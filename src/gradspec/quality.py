@@ -64,11 +64,10 @@ import pandas as pd
 from .analysis import mad
 from .errors import GradspecError
 from .statistics import STATISTICS
-from .store import RunTables
+from .store import TRAINING_ID_COLUMNS, RunTables
 
 KINDS = ("attn", "mlp", "other")
 ID_COLUMNS = ("example_index", "example_id", "source", "source_line", "status")
-TRAINING_ID_COLUMNS = ("step", "epoch")  # when a training run profiled each occurrence
 # Direction fixed a priori from the studies (arXiv:2410.23743, 2504.10766): +1 where a higher
 # value is more suspect (an irrelevant or low-quality response), -1 where a lower one is.
 SPECTRAL_SCORES = tuple(stat for stat in STATISTICS if stat.suspect)

@@ -72,6 +72,7 @@ TRAINING_EXAMPLE_FIELDS = [
     ("flag_score", pa.float64()),
 ]
 TRAINING_SPECTRA_FIELDS = [("step", pa.int64())]
+TRAINING_ID_COLUMNS = ("step", "epoch")  # with the example index: which occurrence a row is
 PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 
 
