@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from vocab import train_tokenizer
 
 from gradspec import load_run
 from gradspec.adapters import find_targets
@@ -77,7 +78,6 @@ from gradspec.spectra import (
     output_gram,
     prepare_spectra,
 )
-from gradspec.vocab import train_tokenizer
 
 BENCH = Path(__file__).resolve().parent
 DATA_FILE = reasoning_file("gsm8k", "with_cot_gpt4o")

@@ -18,9 +18,9 @@ from transformers import (
     AutoModelForCausalLM,
     PreTrainedTokenizerFast,
 )
+from vocab import train_tokenizer
 
 from gradspec.shared_data import SHARED_DATA_ENV, reasoning_file, shared_data_path
-from gradspec.vocab import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # Only a path here: nothing is read until a test asks for the data.

@@ -1,4 +1,4 @@
-"""A small byte-level BPE tokenizer trained from text, for offline models and tests."""
+"""A small byte-level BPE tokenizer trained from text, for the tests and benchmarks."""
 
 from __future__ import annotations
 
