@@ -290,3 +290,13 @@ def test_mixed_results_are_reported_as_mixed():
     }
     assert first.status() == "mixed"
     assert first.summary().startswith("holds in 1 of 2; contradicted in 1 of 2")
+
+
+def test_the_deciding_matrices_can_be_named():
+    """Rows of a named set decide; their values use only those modules."""
+    runs = reasoning_runs()
+    first = evaluate_findings(runs, n_boot=200, matrix_sets={"chosen": ("q_proj", "o_proj")})[0]
+    assert first.deciding == "chosen" and first.table["matrices"].tolist() == ["chosen"]
+    none = select(runs, style="none", correctness="correct")
+    assert attention_row(first)["norm_none"] == pytest.approx(level_of(none, ("q_proj", "o_proj")))
+    assert first.status() == "holds"

@@ -192,6 +192,12 @@ def test_report_cli_labels_runs(runs: dict[Path, dict], tmp_path: Path):
     assert result.exit_code == 0, result.output
     counts = pd.read_csv(tmp_path / "r_tables" / "examples.csv")
     assert "fast" in counts["run"].tolist()
+    named_args = [str(tmp_path / "q.html") if a == str(tmp_path / "r.html") else a for a in args]
+    named_args = named_args[:-2]  # every run keeps its labels
+    named = CliRunner().invoke(app, [*named_args, "--finding-modules", "q_proj,o_proj"])
+    assert named.exit_code == 0, named.output
+    finding = pd.read_csv(tmp_path / "q_tables" / "finding_1.csv")
+    assert finding["matrices"].tolist() == ["chosen"]
 
     bad = CliRunner().invoke(
         app,

@@ -243,7 +243,7 @@ def test_a_base_instruct_pair_gets_finding_4(tiny_model, tokenizer, tmp_path):
     from conftest import build_tiny_model
 
     from gradspec.findings import evaluate_findings
-    from gradspec.runs import load_runs
+    from gradspec.runs import load_runs, recorded_finding_modules
 
     instruct = build_tiny_model("llama", tokenizer, tmp_path / "instruct", seed=1)
     irrelevant = f"""
@@ -263,9 +263,13 @@ correctness = "irrelevant"
         'family = "tiny"\n\n[[datasets]]',
         1,
     )
+    text = 'title = "pair"\n[findings]\nmodules = ["q_proj", "o_proj"]\n' + text.replace(
+        'title = "tiny"\n', ""
+    )
     study_file.write_text(text)
     out = tmp_path / "out"
     run_study(load_study(study_file), out)
+    assert recorded_finding_modules([out]) == ("q_proj", "o_proj")
     runs = load_runs([out])
     assert {(r.labels["model"], r.labels["pair"], r.labels["family"]) for r in runs} == {
         ("tiny-base", "base", "tiny"),

@@ -449,6 +449,13 @@ def report(
     split: ReportSplit = "thirds",
     bootstrap: ReportBootstrap = 2000,
     title: Annotated[str, typer.Option(help="Title of the report.")] = "gradspec report",
+    finding_modules: Annotated[
+        str,
+        typer.Option(
+            help="Modules that decide the findings, comma-separated (default: a study "
+            "file's [findings] modules, else q_proj,k_proj,v_proj,o_proj with the MLP beside)."
+        ),
+    ] = "",
 ) -> None:
     """Write one self-contained HTML report (curves, MAD, differences, findings) of runs."""
     from .report import write_report
@@ -457,7 +464,14 @@ def report(
         run: parse_run_labels(value) for run, value in parse_pairs(label or [], "--label").items()
     }
     path = write_report(
-        runs, out, labels, statistic=statistic, split=split, n_boot=bootstrap, title=title
+        runs,
+        out,
+        labels,
+        statistic=statistic,
+        split=split,
+        n_boot=bootstrap,
+        title=title,
+        finding_modules=[m for m in finding_modules.split(",") if m],
     )
     console.print(f"[green]report:[/] {path}")
 

@@ -54,7 +54,6 @@ MATRIX_SETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),  # the paper's matrices
     "mlp": ("gate_proj", "up_proj", "down_proj"),
 }
-DECIDING_MATRICES = "attention"
 FAMILY_WISE_ALPHA = 0.05
 HARDLY = 0.10  # finding 2: answer-only rd below this "hardly" separates correct/irrelevant
 SEGMENTS = ("early", "middle", "late")
@@ -120,13 +119,14 @@ class Finding:
     method: str
     table: pd.DataFrame
     missing: list[str]
+    deciding: str = "attention"  # the matrix set whose rows decide the status
     comparisons: list[Comparison] = field(default_factory=list, repr=False)
 
     def deciding_rows(self) -> pd.DataFrame:
         """The rows on the paper's matrices, which decide the status."""
         if self.table.empty:
             return self.table
-        return self.table[self.table["matrices"] == DECIDING_MATRICES]
+        return self.table[self.table["matrices"] == self.deciding]
 
     def status(self) -> str:
         """holds, contradicted (in every comparison), mixed, or not evaluable."""
@@ -141,7 +141,7 @@ class Finding:
         for matrices, rows in self.table.groupby("matrices", sort=False) if len(self.table) else []:
             counts = rows["verdict"].value_counts()
             said = "; ".join(f"{v} in {counts[v]} of {len(rows)}" for v in VERDICTS if v in counts)
-            parts.append(said if matrices == DECIDING_MATRICES else f"{matrices} beside: {said}")
+            parts.append(said if matrices == self.deciding else f"{matrices} beside: {said}")
         if self.missing:
             parts.append(
                 "not evaluable" + (" elsewhere" if parts else "") + ": " + "; ".join(self.missing)
@@ -179,7 +179,7 @@ def label_pairs(runs: Sequence[Run], first: str, domain: str) -> list[tuple[Any,
     pairs = {
         (r.labels.get(first), r.labels.get("task"))
         for r in runs
-        if r.labels.get("domain") == domain and r.labels.get(first) is not None
+        if r.labels.get("domain") == domain
     }
     return sorted(pairs, key=str)
 
@@ -250,7 +250,11 @@ def evaluate_findings(
     seed: int = 0,
     matrix_sets: Mapping[str, Sequence[str]] = MATRIX_SETS,
 ) -> list[Finding]:
-    """The study's four findings; every interval at the Bonferroni level of all verdicts."""
+    """The study's four findings; every interval at the Bonferroni level of all verdicts.
+
+    ``matrix_sets`` names sets of modules; each gets its rows, and the first decides each
+    finding's status (default: q, k, v, o, with the MLP matrices beside them).
+    """
     plans = [
         plan_norms(runs, n_boot, seed),
         plan_correctness(runs, n_boot, seed),
@@ -271,6 +275,7 @@ def evaluate_findings(
             plan.method + method_note,
             pd.DataFrame([c.row(confidence) for c in comparisons]),
             missing,
+            next(iter(matrix_sets)),
             comparisons,
         )
         for plan, (comparisons, missing) in zip(plans, drafts, strict=True)
@@ -287,7 +292,7 @@ def compare_all(
             try:
                 comparison = plan.compare(key, task, modules)
             except NotEvaluable as exc:
-                if matrices == DECIDING_MATRICES:
+                if matrices == next(iter(matrix_sets)):
                     missing.append(str(exc))
                 continue
             comparison.keys = {"matrices": matrices, **comparison.keys}
@@ -597,7 +602,7 @@ def plan_base_vs_instruct(runs: Sequence[Run], n_boot: int, seed: int) -> Plan:
         "irrelevant with detailed CoT); its check is contradicted if the base model separates "
         "them better.",
         "pair=base and pair=instruct runs of one family, style=none and detailed",
-        label_pairs(runs, "family", "reasoning"),
+        label_pairs([r for r in runs if "pair" in r.labels], "family", "reasoning"),
         compare,
     )
 

@@ -90,6 +90,16 @@ def study_runs(study_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, A
             yield run, entry["labels"]
 
 
+def recorded_finding_modules(run_dirs: Sequence[str | os.PathLike]) -> tuple[str, ...]:
+    """The modules a study file named to decide its findings ([findings] modules), if any."""
+    for path in map(Path, run_dirs):
+        if is_study_dir(path):
+            named = json.loads((path / STUDY_FILE).read_text()).get("findings", {})
+            if named.get("modules"):
+                return tuple(named["modules"])
+    return ()
+
+
 def is_study_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a study folder (it holds study.json)."""
     return (Path(path) / STUDY_FILE).is_file()

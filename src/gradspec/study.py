@@ -55,7 +55,7 @@ from .options import ProfileOptions, Template
 from .runs import STUDY_FILE
 from .store import write_json_atomic
 
-STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets")
+STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets", "findings")
 MODEL_KEYS = ("label", "path", "package", "file", "template", "pair", "family")
 DEFAULT_FAMILY = "models"  # the family of a study's base / instruct pair when it names none
 DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
@@ -89,6 +89,7 @@ class Study:
     models: list[ModelSpec]
     datasets: list[DatasetSpec]
     profile: dict[str, Any]
+    finding_modules: tuple[str, ...] = ()  # [findings] modules: what decides the findings
 
     def cells(self) -> list[Cell]:
         """Every (model, dataset) pair, model-major."""
@@ -181,8 +182,22 @@ def load_study(
     _refuse_unknown(options, PROFILE_KEYS, f"{source}: [profile]")
     _check_profile_options(options, source)
     return Study(
-        source, str(document.get("title", source.stem)), file_models, datasets, dict(options)
+        source,
+        str(document.get("title", source.stem)),
+        file_models,
+        datasets,
+        dict(options),
+        _finding_modules(document.get("findings", {}), source),
     )
+
+
+def _finding_modules(table: Any, source: Path) -> tuple[str, ...]:
+    """``[findings] modules``: the matrices whose rows decide the findings (default q, k, v, o)."""
+    _refuse_unknown(table, ("modules",), f"{source}: [findings]")
+    modules = table.get("modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise GradspecError(f"{source}: [findings] modules: expected a list of module names")
+    return tuple(modules)
 
 
 def _tables(document: dict[str, Any], key: str, source: Path) -> list[dict[str, Any]]:
@@ -355,6 +370,7 @@ def _plan_study(
         "title": study.title,
         "study_file": str(study.source.resolve()),
         "cells": [_cell_record(c, previous.get(c.name)) for c in cells],
+        **({"findings": {"modules": list(study.finding_modules)}} if study.finding_modules else {}),
     }
     pending = []
     for index, (cell, entry) in enumerate(zip(cells, record["cells"], strict=True)):

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GradspecError
-from ..findings import evaluate_findings
-from ..runs import load_runs
+from ..findings import MATRIX_SETS, evaluate_findings
+from ..runs import load_runs, recorded_finding_modules
 from ..statistics import REPORT_STATISTICS
 from .context import ReportContext
 from .html import render_html
@@ -44,19 +44,23 @@ def write_report(
     n_boot: int = 2000,
     seed: int = 0,
     title: str = "gradspec report",
+    finding_modules: Sequence[str] = (),
 ) -> Path:
     """Write the HTML report, its Markdown twin and CSV tables; returns the HTML path.
 
     ``run_dirs`` are run directories or study output folders (whose cells bring their
     labels); ``labels`` maps a run directory to labels (model, task, domain, style,
     correctness, length, name) that are added to, or override, those.
+    ``finding_modules`` decide the findings (default: what a study folder's file named,
+    else q, k, v, o with the MLP matrices beside them).
     """
     if statistic not in REPORT_STATISTICS:
         raise GradspecError(f"--statistic {statistic}: use one of {', '.join(REPORT_STATISTICS)}")
     runs = load_runs(run_dirs, labels)
     out = Path(out_html)
     tables = build_tables(runs, statistic, split, n_boot, seed, out.parent)
-    findings = evaluate_findings(runs, n_boot, seed)
+    chosen = tuple(finding_modules) or recorded_finding_modules(run_dirs)
+    findings = evaluate_findings(runs, n_boot, seed, {"chosen": chosen} if chosen else MATRIX_SETS)
     for finding in findings:
         tables[f"finding_{finding.number}"] = finding.table
     csv_dir = out.parent / f"{out.stem}_tables"
