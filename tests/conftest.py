@@ -51,8 +51,8 @@ TINY_MOE_CONFIGS: dict[str, dict] = {
     "mixtral": {**TINY_GQA, **TINY_EXPERTS, "num_local_experts": 8},
     "olmoe": {**TINY_GQA, **TINY_EXPERTS, "num_experts": 8},
     "gpt_oss": {**TINY_GQA, **TINY_EXPERTS, "num_local_experts": 8, "head_dim": 12},
-    "deepseek_v3": {
-        **TINY_GQA,
+    "deepseek_v3": {  # multi-head latent attention: no key/value head groups
+        **TINY,
         "intermediate_size": 96,
         "num_experts_per_tok": 2,
         "n_routed_experts": 8,

@@ -14,13 +14,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import GradspecError
+from .experts import ROUTER, expert_gradient, expert_matrices, is_routed_experts, is_router
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "fc_in", "fc_out")
+MLP_MODULES = ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "fc_in", "fc_out", ROUTER)
 
 # Leaf names used by transformers' architectures, mapped to canonical names.
 CANONICAL_NAMES = {
@@ -63,9 +65,20 @@ class Target:
 
     param: str  # name in model.named_parameters()
     layer: int
-    module_name: str  # canonical: q_proj, ..., fc_out
+    module_name: str  # canonical: q_proj, ..., fc_out, router
     kind: str  # "attn", "mlp" or "other"
     module: nn.Module
+    expert: int | None = None  # a routed expert's matrix within the fused ``param``
+
+    def weight(self) -> nn.Parameter:
+        """The parameter holding the matrix (a fused 3-D one for an expert)."""
+        return getattr(self.module, self.param.rsplit(".", 1)[1])
+
+    def matrix(self, gradient: torch.Tensor) -> torch.Tensor:
+        """This target's matrix (out x in) within a gradient of ``weight()``."""
+        if self.expert is None:
+            return gradient
+        return expert_gradient(self.module, self.module_name, self.expert, gradient)
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -117,25 +130,46 @@ def find_targets(model: nn.Module, modules: str = "all") -> list[Target]:
     layers_name, layers = find_decoder_layers(model)
     targets = []
     for layer_index, layer in enumerate(layers):
-        for relative, module in layer.named_modules():
-            if not isinstance(module, (nn.Linear, Conv1D)) or module.weight.ndim != 2:
-                continue
-            name = canonical_module_name(relative)
-            param = f"{layers_name}.{layer_index}.{relative}.weight"
-            target = Target(
-                param,
-                layer_index,
-                name,
-                module_kind(name, relative),
-                module,
-            )
-            if _selected(target, modules):
-                targets.append(target)
+        prefix = f"{layers_name}.{layer_index}."
+        layer_targets = _linear_targets(layer, prefix, layer_index)
+        layer_targets += _expert_targets(layer, prefix, layer_index)
+        targets += [t for t in layer_targets if _selected(t, modules)]
     if not targets:
         raise GradspecError(
             f"--modules '{modules}' selects no weight matrix in the decoder "
             f"layers of {type(model).__name__}"
         )
+    return targets
+
+
+def _linear_targets(layer: nn.Module, prefix: str, layer_index: int) -> list[Target]:
+    """The Linear (and Conv1D) matrices of one decoder layer."""
+    targets = []
+    for relative, module in layer.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and module.weight.ndim == 2:
+            name = canonical_module_name(relative)
+            kind = module_kind(name, relative)
+            targets.append(Target(f"{prefix}{relative}.weight", layer_index, name, kind, module))
+    return targets
+
+
+def _expert_targets(layer: nn.Module, prefix: str, layer_index: int) -> list[Target]:
+    """Each routed expert's gate, up and down matrices (fused 3-D weights) and the
+    experts' router, for every mixture-of-experts block of one decoder layer."""
+    targets = []
+    for relative, module in layer.named_modules():
+        if not is_routed_experts(module):
+            continue
+        block = relative.rpartition(".")[0]
+        for child_name, child in layer.get_submodule(block).named_children():
+            if is_router(child, module):
+                param = prefix + ".".join(filter(None, (block, child_name, "weight")))
+                targets.append(Target(param, layer_index, ROUTER, "mlp", child))
+        for matrix, fused in expert_matrices(module).items():
+            targets += [
+                Target(f"{prefix}{relative}.{fused}", layer_index, matrix, "mlp", module, expert)
+                for expert in range(module.down_proj.shape[0])
+            ]
     return targets
 
 
@@ -181,7 +215,7 @@ class Coverage:
 
 def coverage(model: nn.Module, targets: list[Target]) -> Coverage:
     """What ``targets`` cover of the decoder layers' weights (all parameters are counted,
-    norms and biases too; only weights of two or more dimensions are named when left out)."""
+    norms and biases too; only weight matrices and fused weights are named when left out)."""
     layers_name, layers = find_decoder_layers(model)
     weights = {f"{layers_name}.{name}": p for name, p in layers.named_parameters()}
     profiled = {t.param for t in targets}
@@ -189,7 +223,7 @@ def coverage(model: nn.Module, targets: list[Target]) -> Coverage:
     left_out = {
         name: NOT_SELECTED if name in supported else _unsupported(p)
         for name, p in weights.items()
-        if p.ndim >= 2 and name not in profiled
+        if is_weight_matrix(name, p) and name not in profiled
     }
     return Coverage(
         tuple(name for name in weights if name in profiled),
@@ -197,6 +231,12 @@ def coverage(model: nn.Module, targets: list[Target]) -> Coverage:
         sum(p.numel() for name, p in weights.items() if name in profiled),
         sum(p.numel() for p in weights.values()),
     )
+
+
+def is_weight_matrix(name: str, parameter: nn.Parameter) -> bool:
+    """A weight of two or more dimensions; biases stacked per expert (GPT-OSS's
+    ``gate_up_proj_bias``: experts x width) are vectors, as other biases."""
+    return parameter.ndim >= 2 and not name.endswith("bias")
 
 
 def _unsupported(weight: nn.Parameter) -> str:

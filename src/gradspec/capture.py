@@ -15,7 +15,7 @@ batch's forward and backward; ``PendingSpectra.results`` collects them in order.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .adapters import Target
+from .expert_capture import ExpertsCapture, ExpertSpectra
+from .experts import ROUTER
 from .spectra import InputSpectra, Solve, choose_route, prepare_spectra
 
 
@@ -39,10 +41,33 @@ class PreparedInput:
 
 @dataclass
 class TargetResult:
-    """Singular values (examples x k, zero-padded) of one target, and which were finite."""
+    """Singular values (examples x k, zero-padded) of one target, which were finite, and
+    for a routed expert the number of each example's tokens it received."""
 
     values: np.ndarray
     finite: np.ndarray
+    tokens: np.ndarray | None = None
+
+
+@dataclass
+class PendingExperts:
+    """One experts module's spectra of a batch, being solved; its targets by index."""
+
+    targets: dict[int, Target]
+    values: Future[dict[str, torch.Tensor]]
+    spectra: ExpertSpectra
+
+    def results(self) -> dict[int, TargetResult]:
+        """Per target index, its expert's values, finiteness and token counts."""
+        values, finite = self.values.result(), self.spectra.finite.numpy()
+        return {
+            index: TargetResult(
+                values[target.module_name][target.expert].numpy(),
+                finite,
+                self.spectra.counts[target.expert].numpy(),
+            )
+            for index, target in self.targets.items()
+        }
 
 
 @dataclass
@@ -52,14 +77,19 @@ class PendingSpectra:
     examples: int
     targets: int
     solves: dict[int, tuple[Future[torch.Tensor], torch.Tensor]]
+    experts: list[PendingExperts] = field(default_factory=list)
 
     def results(self) -> list[TargetResult]:
         """Per target, the batch's singular values on the CPU; all zero if never reached.
 
         Waits for the worker's solves; an error raised there is raised here.
         """
+        routed = {i: r for pending in self.experts for i, r in pending.results().items()}
         results = []
         for index in range(self.targets):
+            if index in routed:
+                results.append(routed[index])
+                continue
             if index in self.solves:
                 pending, finite = self.solves[index]
                 values = pending.result()
@@ -85,11 +115,30 @@ class SpectraCapture:
         # input (q/k/v, gate/up), whose output gradients arrive one after the other.
         self.last_input: PreparedInput | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Routed experts: one capture per experts module, for all of its targets.
+        self.routed: dict[int, tuple[ExpertsCapture, dict[int, Target]]] = {}
+        for index, target in enumerate(targets):
+            if target.expert is not None:
+                self._routed_capture(target)[1][index] = target
+
+    def _routed_capture(self, target: Target) -> tuple[ExpertsCapture, dict[int, Target]]:
+        """The capture of the target's experts module, created for its first target."""
+        key = id(target.module)
+        if key not in self.routed:
+            matrices = sorted({t.module_name for t in self.targets if t.module is target.module})
+            self.routed[key] = (ExpertsCapture(target.module, matrices, self.spectra_dtype), {})
+        return self.routed[key]
 
     def __enter__(self) -> SpectraCapture:
         for index, target in enumerate(self.targets):
+            if target.expert is not None:
+                continue
             hook = partial(self._keep_input, index)
             self.handles.append(target.module.register_forward_hook(hook))
+            if target.module_name == ROUTER:  # its logits feed the routing inside it
+                self.handles.append(target.module.register_forward_pre_hook(_input_with_grad))
+        for routed, _ in self.routed.values():
+            routed.install()
         self.solver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradspec-solve")
         return self
 
@@ -97,6 +146,8 @@ class SpectraCapture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for routed, _ in self.routed.values():
+            routed.remove()
         self.inputs.clear()
         self.last_input = None
         if self.solver is not None:
@@ -110,11 +161,19 @@ class SpectraCapture:
         self.inputs.clear()
         self.last_input = None
         self.solves = {}
+        for routed, _ in self.routed.values():
+            routed.start_batch(self.token_mask)
 
     def finish_batch(self) -> PendingSpectra:
         """The batch's spectra, to collect now or after starting the next batch."""
         self.last_input = None
-        return PendingSpectra(self.token_mask.shape[0], len(self.targets), self.solves)
+        experts = []
+        for routed, targets in self.routed.values():
+            spectra = routed.finish_batch()
+            if self.solver is None:
+                raise RuntimeError("SpectraCapture used outside its with-block")
+            experts.append(PendingExperts(targets, self.solver.submit(spectra.values), spectra))
+        return PendingSpectra(self.token_mask.shape[0], len(self.targets), self.solves, experts)
 
     def batch_results(self) -> list[TargetResult]:
         """The batch's spectra per target, waiting for the worker (``finish_batch``)."""
@@ -133,6 +192,9 @@ class SpectraCapture:
                 "weight sharing inside a layer is not supported"
             )
         self.inputs[index] = inputs[0].detach()
+        if isinstance(output, tuple):  # a router: (logits, routing weights, experts)
+            output[0].register_hook(partial(self._on_output_grad, index))
+            return None
         if not output.requires_grad:
             output = output.requires_grad_(True)
         output.register_hook(partial(self._on_output_grad, index))
@@ -184,6 +246,14 @@ class SpectraCapture:
         if not finite.all():
             values = values.masked_fill(~finite[:, None, None], 0.0)
         return values, finite
+
+
+def _input_with_grad(module: nn.Module, inputs: tuple) -> tuple | None:
+    """A router's input made a leaf that requires grad when nothing upstream does, so
+    that the routing weights it computes depend on its logits in the backward."""
+    if not torch.is_grad_enabled() or inputs[0].requires_grad:
+        return None
+    return (inputs[0].detach().requires_grad_(True), *inputs[1:])
 
 
 def _rows_of(solves: list[Solve]) -> torch.Tensor:

@@ -68,8 +68,9 @@ from .store import FORMAT_VERSION, RunStore, RunTables, load_run
 STOP_AFTER_CHUNKS = "GRADSPEC_TEST_STOP_AFTER_CHUNKS"
 STOP_RANK = "GRADSPEC_TEST_STOP_RANK"
 STOPPED_EXIT_CODE = 75
-# (member of the chunk, loss, per target its singular values or None where not finite)
-ProfiledExample = tuple[int, float, list[np.ndarray | None]]
+# (member of the chunk, loss, per target its singular values or None where not finite,
+# and per target the tokens its expert received, None for a matrix that sees them all)
+ProfiledExample = tuple[int, float, list[np.ndarray | None], list[int | None]]
 # The kinds of model pass the ranks of a sharded model keep in step (distributed.Lockstep).
 SPECTRA_PASS, FORWARD_PASS = "spectra", "forward"
 
@@ -370,8 +371,10 @@ class ChunkRunner:
         for collect in itertools.chain(passes, [None]):
             if previous is not None:
                 done = previous()
-                for member, loss, values in done:
-                    self._record(chunk[member], example_rows[member], spectra, member, loss, values)
+                for member, loss, values, tokens in done:
+                    self._record(
+                        chunk[member], example_rows[member], spectra, member, loss, values, tokens
+                    )
                 finished += len(done)
                 on_progress(finished)
             previous = collect
@@ -397,7 +400,12 @@ class ChunkRunner:
         def collect() -> list[ProfiledExample]:
             results = pending.results()
             return [
-                (member, losses[i], [r.values[i] if r.finite[i] else None for r in results])
+                (
+                    member,
+                    losses[i],
+                    [r.values[i] if r.finite[i] else None for r in results],
+                    [None if r.tokens is None else int(r.tokens[i]) for r in results],
+                )
                 for i, member in enumerate(members)
             ]
 
@@ -411,6 +419,7 @@ class ChunkRunner:
         member: int,
         loss: float,
         values: list[np.ndarray | None],
+        tokens: list[int | None],
     ) -> None:
         if not np.isfinite(loss) or any(v is None for v in values):
             example_row["status"] = "skipped:nonfinite_gradient"
@@ -424,9 +433,11 @@ class ChunkRunner:
                 "layer": target.layer,
                 "module": target.module_name,
                 "kind": target.kind,
+                "expert": target.expert,
+                "expert_tokens": n_tokens,
                 **spectrum_statistics(torch.from_numpy(v), self.opts.top_k),
             }
-            for target, v in zip(self.targets, values, strict=True)
+            for target, v, n_tokens in zip(self.targets, values, tokens, strict=True)
         ]
 
     def _record_ifd(self, chunk: list[Example], example_rows: list[dict[str, Any]]) -> None:
@@ -496,13 +507,15 @@ def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) 
 
 def reference_spectra(
     model: torch.nn.Module, targets: list[Target], encoded: Encoded, device: torch.device
-) -> tuple[float, list[np.ndarray | None]]:
+) -> tuple[float, list[np.ndarray | None], list[int | None]]:
     """The published algorithm: per example, full weight gradients and their full SVD.
 
     As in arXiv:2410.23743's code, ``torch.linalg.svd`` of each gradient as stored (U and V
-    included, full matrices); a values-only SVD costs up to 7x less (bench/README.md).
+    included, full matrices); a values-only SVD costs up to 7x less (bench/README.md). A
+    routed expert's matrix is its slice of the fused weight's gradient (its token count is
+    not known to this method: None).
     """
-    weights = [t.module.weight for t in targets]
+    weights = {id(w): w for w in (t.weight() for t in targets)}.values()
     for weight in weights:
         weight.requires_grad_(True)
         weight.grad = None
@@ -513,11 +526,12 @@ def reference_spectra(
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
             loss.backward()
         values: list[np.ndarray | None] = []
-        for weight in weights:
-            grad = weight.grad.to(torch.promote_types(weight.dtype, torch.float32))
+        for target in targets:
+            weight = target.weight()
+            grad = target.matrix(weight.grad.to(torch.promote_types(weight.dtype, torch.float32)))
             finite = bool(torch.isfinite(grad).all())
             values.append(torch.linalg.svd(grad).S.cpu().numpy() if finite else None)
-        return float(loss.detach()), values
+        return float(loss.detach()), values, [None] * len(targets)
     finally:
         for weight in weights:
             weight.requires_grad_(False)

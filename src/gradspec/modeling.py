@@ -112,6 +112,8 @@ def load_model_and_tokenizer(
     transformers_logging.disable_progress_bar()  # gradspec shows its own progress
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     implementation = {"attn_implementation": "eager"} if eager_attention else {}
+    if dtype == torch.float64:  # transformers' grouped experts kernels have no float64
+        implementation["experts_implementation"] = "eager"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **implementation)
     model.to(device).eval()
     model.requires_grad_(False)

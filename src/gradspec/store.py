@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 from .errors import GradspecError
 from .statistics import STATISTICS
 
-# Bumped whenever the tables change (2: the stable_rank column), so runs of two formats are
-# never mixed by a resume.
-FORMAT_VERSION = 2
+# Bumped whenever the tables change (2: the stable_rank column; 3: the expert columns), so
+# runs of two formats are never mixed by a resume.
+FORMAT_VERSION = 3
 
 EXAMPLES_SCHEMA = pa.schema(
     [
@@ -60,6 +60,8 @@ SPECTRA_FIELDS = [
     ("layer", pa.int64()),
     ("module", pa.string()),
     ("kind", pa.string()),
+    ("expert", pa.int64()),  # a routed expert's index; null for other matrices
+    ("expert_tokens", pa.int64()),  # the example's tokens routed to that expert
     *((stat.name, pa.type_for_alias(stat.column_type)) for stat in STATISTICS),
 ]
 TOP_K_FIELD = ("top_singular_values", pa.list_(pa.float64()))

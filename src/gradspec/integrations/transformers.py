@@ -243,9 +243,12 @@ class StepRecords:
     response_tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     stats: list[np.ndarray] = field(default_factory=list)  # per example: targets x stats
+    # per example: per target the tokens its routed expert received (None: not an expert)
+    expert_tokens: list[list[int | None]] = field(default_factory=list)
 
     def extend(self, other: StepRecords) -> None:
-        for name in ("rows", "ids", "losses", "response_tokens", "prompt_tokens", "stats"):
+        names = ("rows", "ids", "losses", "response_tokens", "prompt_tokens", "stats")
+        for name in (*names, "expert_tokens"):
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -327,6 +330,8 @@ class TrainingRun:
             "layer": [t.layer for t in self.targets] * len(index),
             "module": [t.module_name for t in self.targets] * len(index),
             "kind": [t.kind for t in self.targets] * len(index),
+            "expert": [t.expert for t in self.targets] * len(index),
+            "expert_tokens": [n for tokens in records.expert_tokens for n in tokens],
             **{name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)},
             "step": np.full(len(index) * n_targets, step, dtype=np.int64),
         }
@@ -508,6 +513,9 @@ class GradspecCallback(TrainerCallback):
             self.step_records.response_tokens.append(int(responses[i]))
             self.step_records.prompt_tokens.append(int(real[i] - responses[i]))
             self.step_records.stats.append(stats[i])
+            self.step_records.expert_tokens.append(
+                [None if r.tokens is None else int(r.tokens[i]) for r in results]
+            )
 
     def _finish_step(self, step: int, epoch: float) -> None:
         """Gather the step's examples over ranks, flag them, log aggregates, write rows."""
