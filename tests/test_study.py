@@ -114,7 +114,10 @@ def test_interrupted_study_resumes_without_recomputing(
 
 
 BAD_STUDIES = [
-    ("[modles]", "unknown key modles (allowed: title, data_dir, profile, models, datasets, findings)"),
+    (
+        "[modles]",
+        "unknown key modles (allowed: title, data_dir, profile, models, datasets, findings)",
+    ),
     ("[[datasets]]\npath = '{data}'\ntask = 'x'\nstyel = 'none'", "datasets[2]: unknown key styel"),
     (
         "[[datasets]]\npath = '{data}'\ntask = 'x'\nstyle = 'slow'",

@@ -36,6 +36,9 @@ from .statistics import STATISTICS
 # Bumped whenever the tables change (2: the stable_rank column; 3: the expert columns), so
 # runs of two formats are never mixed by a resume.
 FORMAT_VERSION = 3
+# Earlier formats whose runs this one resumes: their tables lack only columns that later
+# parts add and reading fills with nulls (3 added the expert columns, null for dense models).
+RESUMABLE_FORMATS = (2, 3)
 
 EXAMPLES_SCHEMA = pa.schema(
     [
@@ -172,14 +175,16 @@ class RunStore:
 
     def _refuse_if_different(self, old: dict[str, Any]) -> None:
         old_format = old.get("format_version")
-        if old_format != self.fingerprint.get("format_version"):
+        if old_format not in RESUMABLE_FORMATS:
             raise GradspecError(
                 f"{self.root} holds a run in format {old_format} of an earlier gradspec, which "
                 f"cannot be resumed into format {FORMAT_VERSION}: use another --out, or delete "
                 "it (reports still read it)."
             )
         changed = sorted(
-            k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k)
+            k
+            for k in set(old) | set(self.fingerprint)
+            if k != "format_version" and old.get(k) != self.fingerprint.get(k)
         )
         if changed:
             details = "; ".join(
