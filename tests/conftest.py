@@ -27,6 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_path()
 GSM8K = SHARED_DATA / reasoning_file("gsm8k", "with_cot")
 GSM8K_DETAILED = SHARED_DATA / reasoning_file("gsm8k", "with_cot_gpt4o")  # the longest
+NO_CUDA = (
+    "no CUDA device here (torch.cuda.is_available() is False): these run on a GPU machine, "
+    "as bench/gpu_check.sh does"
+)
+# The devices a device-parametrized test runs on: the CPU always, CUDA where there is one.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)],
+    ),
+]
 
 # Small configs that keep each architecture's distinctive structure (GQA, fused QKV,
 # Conv1D, soft-capping, parallel residual).
@@ -74,6 +87,12 @@ TINY_CONFIGS.update(TINY_MOE_CONFIGS)
 def read_shared(path: Path, n: int | None = None) -> list[dict]:
     """The first ``n`` records of a shared data file."""
     return json.loads(path.read_text())[:n]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """The device a test runs on: "cpu", and "cuda" (skipped with the reason without a GPU)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -186,9 +186,12 @@ def tiny(model_dir: Path) -> torch.nn.Module:
     ids=["full", "grad-accumulation", "checkpointing", "checkpointing-reentrant"],
 )
 def test_spectra_equal_profile_of_checkpoint(
-    arguments, tiny_model, tokenizer, train_dataset, data_file, tmp_path
+    arguments, device, tiny_model, tokenizer, train_dataset, data_file, tmp_path
 ):
-    train(tiny(tiny_model("llama")), train_dataset, tokenizer, tmp_path, **arguments)
+    """The Trainer on each device (CUDA where there is one); the CPU profile is the reference."""
+    model = tiny(tiny_model("llama"))
+    train(model, train_dataset, tokenizer, tmp_path, use_cpu=device == "cpu", **arguments)
+    assert next(model.parameters()).device.type == device
     reference = reference_spectra(tmp_path / "checkpoint", data_file, tmp_path / "ref")
     monitored = monitored_spectra(tmp_path / "run")
     assert monitored.index.get_level_values(0).nunique() == 4  # the step's four examples
