@@ -65,36 +65,54 @@ class StepTimer(TrainerCallback):
         self.times: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._synchronize()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._synchronize()
         self.times.append(time.perf_counter() - self.start)
 
+    @staticmethod
+    def _synchronize() -> None:
+        """Drain the GPU's queue, so a step's time is its own (nothing on the CPU)."""
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
 
-def dataset(tokenizer: Any, n: int) -> Dataset:
-    records = json.loads(DATA.read_text())[:n]
+
+def dataset(tokenizer: Any, n: int, path: Path | None = None, max_length: int = 192) -> Dataset:
+    """The first n records of ``path`` (GSM8K with CoT by default), tokenized."""
+    records = json.loads((path or DATA).read_text())[:n]
     rows = []
     for i, record in enumerate(records):
-        input_ids, labels = gradspec.encode(tokenizer, record, max_length=192)
+        input_ids, labels = gradspec.encode(tokenizer, record, max_length=max_length)
         rows.append({"input_ids": input_ids, "labels": labels, "example_id": str(i)})
     return Dataset.from_list(rows)
 
 
-def timed_run(model: torch.nn.Module, tokenizer: Any, data: Dataset, monitor: bool) -> list[float]:
-    """Step times of one run; with the monitor, even steps (2, 4, ...) are profiled."""
+def timed_run(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: Dataset,
+    monitor: bool,
+    steps: int = STEPS,
+    **arguments: Any,
+) -> list[float]:
+    """Step times of one run; with the monitor, even steps (2, 4, ...) are profiled.
+    ``arguments`` override the TrainingArguments (by default on the CPU)."""
+    settings = dict(
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-5,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=DEFAULT_LOGGING_STEPS,
+    )
+    settings.update(arguments)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model,
-            TrainingArguments(
-                output_dir=out,
-                per_device_train_batch_size=4,
-                max_steps=STEPS,
-                learning_rate=1e-5,
-                report_to=[],
-                save_strategy="no",
-                use_cpu=True,
-                logging_steps=DEFAULT_LOGGING_STEPS,
-            ),
+            TrainingArguments(output_dir=out, **settings),
             train_dataset=data,
             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         )

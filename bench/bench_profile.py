@@ -608,20 +608,24 @@ class ForwardTimer:
 
 def plain_step(model: nn.Module, batches: list[Batch], timer: ForwardTimer) -> dict[str, float]:
     """Training-style forward and backward with weight gradients (HF loss with labels) of
-    each batch; forward time summed over the batches."""
+    each batch, the device's queue drained after each; forward time summed over the
+    batches (on a GPU, the time to queue it)."""
     model.requires_grad_(True)
     total = forward = 0.0
     for batch in batches:
-        started = time.perf_counter()
-        loss = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            labels=batch.labels,
-            use_cache=False,
-        ).loss
-        loss.backward()
-        total += time.perf_counter() - started
+        device = batch.input_ids.device
+
+        def step(batch: Batch = batch) -> None:
+            loss = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                labels=batch.labels,
+                use_cache=False,
+            ).loss
+            loss.backward()
+
+        total += synchronized(device, step)[0]
         forward += timer.seconds
         model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
@@ -653,7 +657,9 @@ def fast_step(
 def runner_batches(runner: ChunkRunner, examples: list[Example]) -> list[Batch]:
     """The batches ``runner.run`` forms from the examples, for the plain steps."""
     opts = runner.opts
-    encoded = [encode_example(runner.tokenizer, ex, opts.template) for ex in examples]
+    encoded = [
+        encode_example(runner.tokenizer, ex, opts.template, opts.max_length) for ex in examples
+    ]
     plan = plan_batches([len(e.input_ids) for e in encoded], opts.batch_size, opts.token_budget)
     return [collate(members, encoded, runner.pad_id, "right", runner.device) for members in plan]
 
