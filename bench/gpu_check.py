@@ -45,8 +45,8 @@ from bench_profile import Section, ratio, seconds, synchronized
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-DATA_FILE = "reasoning_cot/correct/gsm8k_with_cot_gpt4o.json"  # detailed CoT
 RESULTS_NAME = "gpu-check.md"
+DETAILED_GSM8K = ("gsm8k", "with_cot_gpt4o")  # the data of the end-to-end stages
 # Llama-3.1-8B's shapes (config.json of meta-llama/Llama-3.1-8B).
 LLAMA_31_8B = dict(
     hidden_size=4096,
@@ -677,17 +677,18 @@ def e2e_stage(scale: Scale, report: StageReport, budget: Budget) -> None:
     from gradspec.data import load_examples
     from gradspec.engine import ChunkRunner
     from gradspec.options import ProfileOptions
-    from gradspec.paths import shared_data_dir
+    from gradspec.shared_data import reasoning_file, shared_data_dir
 
     device = torch.device(scale.device)
     tokenizer = bench_tokenizer()
-    examples = load_examples(shared_data_dir() / DATA_FILE)
+    data_file = reasoning_file(*DETAILED_GSM8K)
+    examples = load_examples(shared_data_dir() / data_file)
     model = random_llama(scale, tokenizer, device, torch.bfloat16)
     targets = find_targets(model)
     capture = TimedCapture(targets, torch.float32)
     timer = ForwardTimer(model)
     notes = [
-        f"{model_line(model)}; {len(targets)} matrices; float32 spectra; {DATA_FILE} "
+        f"{model_line(model)}; {len(targets)} matrices; float32 spectra; {data_file} "
         f"(plain template, at most {scale.max_length} tokens), bench tokenizer. Fast: "
         "ChunkRunner.run as `gradspec profile` runs a chunk (statistics rows included, "
         "model load and parquet writing not), after one warm-up example. Plain: forward "
@@ -827,18 +828,19 @@ def monitor_stage(scale: Scale, report: StageReport, budget: Budget) -> None:
     from bench_monitor import DEFAULT_LOGGING_STEPS, dataset, profiled_and_plain, timed_run
     from bench_profile import bench_tokenizer
 
-    from gradspec.paths import shared_data_dir
+    from gradspec.shared_data import reasoning_file, shared_data_dir
 
     device = torch.device(scale.device)
     tokenizer = bench_tokenizer()
     model = random_llama(scale, tokenizer, device, torch.bfloat16).train().requires_grad_(True)
+    data_file = reasoning_file(*DETAILED_GSM8K)
     data = dataset(
-        tokenizer, 4 * scale.monitor_steps, shared_data_dir() / DATA_FILE, scale.max_length
+        tokenizer, 4 * scale.monitor_steps, shared_data_dir() / data_file, scale.max_length
     )
     section = report.section(
         "Training monitor on Llama-3.1-8B's shapes",
         [
-            f"{model_line(model)}. Trainer (AdamW, batches of 4 of {DATA_FILE}, at most "
+            f"{model_line(model)}. Trainer (AdamW, batches of 4 of {data_file}, at most "
             f"{scale.max_length} tokens), {scale.monitor_steps} steps, the monitor profiling "
             "every second one (watch(every_n_steps=2)); each step timed from on_step_begin to "
             "on_step_end with the GPU's queue drained; medians, the first profiled step left "

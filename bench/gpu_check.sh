@@ -26,7 +26,7 @@ pin() { grep -i "^$1==" requirements.lock; }
 
 pack() {
     local data
-    data=$(PYTHONPATH=src "$PYTHON" -c 'from gradspec.paths import shared_data_dir; print(shared_data_dir())')
+    data=$(PYTHONPATH=src "$PYTHON" -c 'from gradspec.shared_data import shared_data_dir; print(shared_data_dir())')
     rm -rf "$PACK" && mkdir -p "$PACK/wheels" "$PACK/cache/bench"
     cp -r "$data" "$PACK/data"
     PYTHONPATH=src:bench "$PYTHON" -c 'from bench_profile import bench_tokenizer; bench_tokenizer()'
