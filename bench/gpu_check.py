@@ -24,6 +24,7 @@ to work before any GPU time is spent.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import signal
@@ -314,9 +315,7 @@ def model_line(model: Any) -> str:
 
 def environment_stage(scale: Scale, report: StageReport, budget: Budget) -> None:
     """The machine, the libraries, and the copy and bf16 matrix-product ceilings."""
-    import numpy as np
     import torch
-    import transformers
 
     import gradspec
 
@@ -334,10 +333,9 @@ def environment_stage(scale: Scale, report: StageReport, budget: Budget) -> None
         ("CPU cores", str(os.cpu_count())),
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA {torch.version.cuda})"),
-        ("transformers", transformers.__version__),
-        ("numpy", np.__version__),
         ("gradspec", gradspec.__version__),
         ("nvidia-smi", nvidia_smi() if on_gpu else "-"),
+        *((name, installed_version(name)) for name in LIBRARIES),
     ]:
         report.add(facts, {"what": key, "value": value})
     ceilings = report.section(
@@ -361,6 +359,25 @@ def environment_stage(scale: Scale, report: StageReport, budget: Budget) -> None
             "value": f"{2 * big.nbytes / copy_s / 1e12:.3g} TB/s",
         },
     )
+
+
+LIBRARIES = (
+    "transformers",
+    "tokenizers",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "datasets",
+    "huggingface-hub",
+)
+
+
+def installed_version(name: str) -> str:
+    """A distribution's version, or 'missing'."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
 
 
 def nvidia_smi() -> str:

@@ -28,7 +28,7 @@ pack() {
     local data
     data=$(PYTHONPATH=src "$PYTHON" -c 'from gradspec.shared_data import shared_data_dir; print(shared_data_dir())')
     rm -rf "$PACK" && mkdir -p "$PACK/wheels" "$PACK/cache/bench"
-    cp -r "$data" "$PACK/data"
+    cp -r "$data" "$PACK/data" && chmod -R u+w "$PACK/data"
     PYTHONPATH=src:bench "$PYTHON" -c 'from bench_profile import bench_tokenizer; bench_tokenizer()'
     local cache
     cache=$(PYTHONPATH=src "$PYTHON" -c 'from gradspec.paths import cache_root; print(cache_root())')
