@@ -9,7 +9,7 @@ the machine is shared and absolute times drift:
    give the same statistics;
 2. per matrix at Llama-3.1-8B shapes, with the data's real token counts: the full float32
    gradient G^T X and its published full SVD (and, as a stronger baseline, its svdvals)
-   against ``gradspec.spectra.gradient_singular_values``;
+   against ``gradspec.routes.gradient_singular_values``;
 3. overhead: the fast path on one batch, statistics included, against a plain forward and
    backward (with weight gradients) of the same batch.
 
@@ -41,7 +41,6 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from vocab import train_tokenizer
 
 from gradspec import load_run
-from gradspec.adapters import find_targets
 from gradspec.batching import (
     Batch,
     collate,
@@ -52,6 +51,7 @@ from gradspec.batching import (
 from gradspec.capture import PendingSpectra, SpectraCapture, TargetResult
 from gradspec.data import Example, encode_example, load_examples
 from gradspec.engine import ChunkRunner
+from gradspec.families import find_targets
 from gradspec.modeling import (
     load_model_and_tokenizer,
     resolve_device,
@@ -60,6 +60,12 @@ from gradspec.modeling import (
 )
 from gradspec.options import ProfileOptions
 from gradspec.paths import cache_root
+from gradspec.routes import (
+    builds_full_gradient,
+    choose_route,
+    gradient_singular_values,
+    prepare_spectra,
+)
 from gradspec.shared_data import (
     REASONING_TASKS,
     STYLE_SUFFIXES,
@@ -68,16 +74,7 @@ from gradspec.shared_data import (
     shared_data_dir,
     wiki_file,
 )
-from gradspec.spectra import (
-    InputGram,
-    InputSpectra,
-    builds_full_gradient,
-    choose_route,
-    gradient_singular_values,
-    gram_singular_values,
-    output_gram,
-    prepare_spectra,
-)
+from gradspec.spectra import InputGram, InputSpectra, gram_singular_values, output_gram
 
 BENCH = Path(__file__).resolve().parent
 DATA_FILE = reasoning_file("gsm8k", "with_cot_gpt4o")
@@ -570,13 +567,13 @@ class TimedCapture(SpectraCapture):
 
     seconds = 0.0
 
-    def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
+    def on_backward(self, index: int, grad: torch.Tensor) -> None:
         started = time.perf_counter()
-        super()._on_output_grad(index, grad)
+        super().on_backward(index, grad)
         self.seconds += time.perf_counter() - started
 
-    def finish_batch(self) -> PendingSpectra:
-        pending = super().finish_batch()
+    def collect(self) -> PendingSpectra:
+        pending = super().collect()
         collect = pending.results
 
         def timed() -> list[TargetResult]:
@@ -738,10 +735,8 @@ class GradientCollector(SpectraCapture):
         super().__init__(*args)
         self.collected: list[tuple[torch.Tensor, InputSpectra]] = []
 
-    def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
-        x = self._prepared_input(self.inputs.pop(index))
-        groups = self._groups(self._real_rows(grad)[0])
-        self.collected.extend(zip(groups, x.spectra, strict=True))
+    def on_backward(self, index: int, grad: torch.Tensor) -> None:
+        self.collected.extend(self.prepared_groups(index, grad)[0])
 
 
 def synchronized(device: torch.device, compute: Callable[[], Any]) -> tuple[float, Any]:

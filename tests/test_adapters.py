@@ -6,8 +6,10 @@ import pytest
 from conftest import TINY_CONFIGS
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gradspec.adapters import find_decoder_layers, find_targets
+from gradspec import families
+from gradspec.adapters import ModelFamily, find_decoder_layers
 from gradspec.errors import GradspecError
+from gradspec.families import find_targets
 
 HIDDEN, FFN, KV = 48, 96, 24  # TINY: 4 heads of 12, GQA with 2 key/value heads
 LLAMA_LIKE = {
@@ -90,3 +92,50 @@ def test_bad_module_selections_are_clear_errors():
         find_targets(model, "nonexist_xyz")
     with pytest.raises(GradspecError, match="not a valid regular expression"):
         find_targets(model, "(")
+
+
+class MlpOnlyGpt2(ModelFamily):
+    """A family for GPT-2 models alone that reads only their MLP matrices, named its own way."""
+
+    name = "mlp-only-gpt2"
+
+    def matches(self, model):
+        return model.config.model_type == "gpt2"
+
+    def matrices(self, layer):
+        return ((path, module) for path, module in super().matrices(layer) if "mlp" in path)
+
+    def canonical_name(self, relative_name):
+        return f"gpt2-{relative_name}"
+
+
+def test_a_registered_family_reads_the_models_it_matches(monkeypatch):
+    monkeypatch.setattr(families, "FAMILIES", (MlpOnlyGpt2(), *families.FAMILIES))
+    gpt2, llama = tiny("gpt2"), tiny("llama")
+    assert families.family_for(gpt2).name == "mlp-only-gpt2"
+    assert families.family_for(llama).name == "default"
+    found = [(t.param, t.module_name, t.kind) for t in find_targets(gpt2)]
+    assert found == [
+        (f"transformer.h.{layer}.mlp.{leaf}.weight", f"gpt2-mlp.{leaf}", "mlp")
+        for layer in range(2)
+        for leaf in ("c_fc", "c_proj")
+    ]
+    assert len(find_targets(llama)) == 2 * len(LLAMA_LIKE)
+
+
+def test_lora_matrices_are_named_after_the_merged_models_matrices():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("llama"), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    names = {(t.param.split(".layers.")[1], t.module_name, t.kind) for t in find_targets(model)}
+    base = "base_model.model.model.layers.0"
+    assert find_decoder_layers(model)[0] == base.removesuffix(".0")
+    for path, module, kind in [
+        ("self_attn.q_proj.base_layer", "q_proj", "attn"),
+        ("self_attn.q_proj.lora_A.default", "q_proj.lora_A", "attn"),
+        ("self_attn.q_proj.lora_B.default", "q_proj.lora_B", "attn"),
+        ("self_attn.k_proj", "k_proj", "attn"),
+        ("mlp.down_proj.base_layer", "down_proj", "mlp"),
+        ("mlp.down_proj.lora_B.default", "down_proj.lora_B", "mlp"),
+    ]:
+        assert (f"0.{path}.weight", module, kind) in names

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import gradspec
 from gradspec import capture
-from gradspec.adapters import find_targets
+from gradspec.families import find_targets
 
 DATA = GSM8K_DETAILED
 OPTIONS = dict(limit=6, chunk_size=3, batch_size=2)
@@ -163,3 +163,39 @@ def test_each_example_of_a_padded_batch_is_solved_at_its_own_length(
     assert real.nunique() == 4  # one batch padded to the longest
     targets = len(find_targets(AutoModelForCausalLM.from_pretrained(model_dir)))
     assert sorted(lengths) == sorted(real.tolist() * targets)
+
+
+class GradientSums(capture.CaptureBase):
+    """A capture of its own through the public lifecycle: per target, sum over the batch
+    of G^T X (the weight's gradient), from the X and G the hooks hand in."""
+
+    def start_batch(self, token_mask: torch.Tensor) -> None:
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def on_forward(self, index: int, x: torch.Tensor) -> bool:
+        self.inputs[index] = x
+        return True
+
+    def on_backward(self, index: int, grad: torch.Tensor) -> None:
+        x = self.inputs.pop(index)
+        self.sums[index] = grad.flatten(0, -2).T.double() @ x.flatten(0, -2).double()
+
+    def collect(self) -> dict[int, torch.Tensor]:
+        return self.sums
+
+
+def test_a_capture_subclass_gets_each_targets_input_and_output_gradient(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), torch_dtype=torch.float64)
+    targets = find_targets(model)
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)
+    )
+    sums = GradientSums(targets)
+    with sums:
+        sums.start_batch(torch.ones_like(ids, dtype=torch.bool))
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(not t.module._forward_hooks for t in targets)  # teardown removed the hooks
+    assert sorted(sums.collect()) == list(range(len(targets)))
+    for index, target in enumerate(targets):  # the weights' own gradients, from autograd
+        torch.testing.assert_close(sums.collect()[index], target.module.weight.grad)

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import gradspec
-from gradspec.adapters import NOT_SELECTED, coverage, find_decoder_layers, find_targets
+from gradspec.adapters import NOT_SELECTED, find_decoder_layers
 from gradspec.cli import app
+from gradspec.families import coverage, find_targets
 
 DATA = GSM8K.parent / "gsm8k_no_cot.json"
 

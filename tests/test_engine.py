@@ -18,8 +18,8 @@ from gradspec.adapters import find_decoder_layers
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
+from gradspec.routes import choose_route
 from gradspec.shared_data import reasoning_file, wiki_file
-from gradspec.spectra import choose_route
 
 WIKI = SHARED_DATA / wiki_file("popular_wikipedia_100")
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "stable_rank"]

@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradspec.spectra import (
-    ROUTES,
-    choose_route,
-    gradient_singular_values,
-    gram_factor,
-    input_gram,
-    token_factor,
-)
+from gradspec.routes import ROUTES, choose_route, gradient_singular_values
+from gradspec.spectra import gram_factor, input_gram, token_factor
 from gradspec.statistics import STAT_COLUMNS, STATISTICS, spectrum_statistics
 from gradspec.store import SPECTRA_FIELDS
 

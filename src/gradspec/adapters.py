@@ -1,16 +1,25 @@
 """Model adapters: find the decoder layers of a causal LM and the projection matrices in them.
 
-Discovery works on the module tree, not on a list of model classes: the decoder layers are
-the ModuleList with one entry per hidden layer, and the matrices are the Linear (or GPT-2
-Conv1D) modules inside them. Names are then mapped to canonical module names, so a Llama
-``self_attn.q_proj``, a GPT-2 ``attn.c_attn`` and a GPT-NeoX ``attention.query_key_value``
-land in comparable columns.
+``ModelFamily`` says how gradspec reads a family of models: which modules are its decoder
+layers, which matrices in them are targets, how they are named canonically and of which
+kind they are. This class is the default family, whose heuristics work on the module tree,
+not on a list of model classes: the decoder layers are the ModuleList with one entry per
+hidden layer, and the matrices are the Linear (or GPT-2 Conv1D) modules inside them.
+Names are then mapped to canonical module names, so a Llama ``self_attn.q_proj``, a GPT-2
+``attn.c_attn`` and a GPT-NeoX ``attention.query_key_value`` land in comparable columns;
+a PEFT LoRA wrapper's frozen base matrix is named as the merged model's, its ``lora_A`` /
+``lora_B`` matrices get a suffix (``q_proj.lora_A``).
+
+Families that need more (a model whose experts are one fused 3-D parameter, a fused qkv
+to be split) subclass ``ModelFamily`` in their own module and are registered in
+families.py, which picks the family of a model and selects its targets.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +66,8 @@ CANONICAL_NAMES = {
 # Leaf names that mean the attention output in an attention block, the MLP output elsewhere.
 OUTPUT_NAMES = {"c_proj", "dense"}
 ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
+LORA_MATRICES = ("lora_A", "lora_B")
+LORA_BASE = "base_layer"
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,54 @@ class Target:
         if self.expert is None:
             return gradient
         return expert_gradient(self.module, self.module_name, self.expert, gradient)
+
+
+class ModelFamily:
+    """How gradspec reads one family of causal LMs; this class holds the default heuristics.
+
+    A family overrides what differs: ``matches`` (which models it reads), ``decoder_layers``,
+    ``matrices`` (which modules of a layer are targets), ``canonical_name``, ``kind``, or
+    ``targets`` as a whole (where one parameter holds several matrices).
+    """
+
+    name = "default"
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this family reads ``model`` (the default reads every model)."""
+        return True
+
+    def decoder_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """The (name, ModuleList) of decoder layers: one entry per hidden layer of the config."""
+        return find_decoder_layers(model)
+
+    def matrices(self, layer: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """(path inside the layer, module) of each 2-D projection matrix of a decoder layer."""
+        for relative, module in layer.named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and module.weight.ndim == 2:
+                yield relative, module
+
+    def canonical_name(self, relative_name: str) -> str:
+        """Canonical name of a matrix from its path inside a decoder layer."""
+        return lora_canonical_name(relative_name)
+
+    def kind(self, module_name: str, relative_name: str) -> str:
+        """'attn', 'mlp' or 'other'."""
+        return module_kind(module_name, relative_name)
+
+    def targets(self, model: nn.Module) -> list[Target]:
+        """Every matrix of every decoder layer, in layer order: the Linear ones, then each
+        routed expert's (within a fused 3-D weight) and the experts' routers."""
+        layers_name, layers = self.decoder_layers(model)
+        targets = []
+        for layer_index, layer in enumerate(layers):
+            prefix = f"{layers_name}.{layer_index}."
+            for relative, module in self.matrices(layer):
+                name = self.canonical_name(relative)
+                kind = self.kind(name, relative)
+                param = f"{prefix}{relative}.weight"
+                targets.append(Target(param, layer_index, name, kind, module))
+            targets += expert_targets(layer, prefix, layer_index)
+        return targets
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -121,39 +180,29 @@ def module_kind(module_name: str, relative_name: str) -> str:
     return "mlp" if re.search(r"mlp|ffn|feed_forward", relative_name) else "other"
 
 
-def find_targets(model: nn.Module, modules: str = "all") -> list[Target]:
-    """All 2-D projection matrices in the decoder layers that ``modules`` selects.
+def lora_canonical_name(relative_name: str) -> str:
+    """``canonical_module_name``, where a PEFT wrapper's base_layer gets its parent's name
+    and its lora_A / lora_B matrices their parent's name with a suffix."""
+    parts = relative_name.split(".")
+    if parts[-1] == LORA_BASE:
+        return canonical_module_name(".".join(parts[:-1]))
+    if len(parts) >= 3 and parts[-2] in LORA_MATRICES:
+        return f"{canonical_module_name('.'.join(parts[:-2]))}.{parts[-2]}"
+    return canonical_module_name(relative_name)
 
-    ``modules`` is ``all``, ``attn``, ``mlp``, or a regular expression matched against the
-    parameter name (for instance ``'layers\\.(0|1)\\.mlp'``).
-    """
-    layers_name, layers = find_decoder_layers(model)
-    targets = []
-    for layer_index, layer in enumerate(layers):
-        prefix = f"{layers_name}.{layer_index}."
-        layer_targets = _linear_targets(layer, prefix, layer_index)
-        layer_targets += _expert_targets(layer, prefix, layer_index)
-        targets += [t for t in layer_targets if _selected(t, modules)]
-    if not targets:
+
+def select_targets(targets: list[Target], modules: str, model_name: str) -> list[Target]:
+    """The targets ``modules`` selects: ``all``, ``attn``, ``mlp``, or a regular expression
+    matched against the parameter name (for instance ``'layers\\.(0|1)\\.mlp'``)."""
+    selected = [target for target in targets if _selected(target, modules)]
+    if not selected:
         raise GradspecError(
-            f"--modules '{modules}' selects no weight matrix in the decoder "
-            f"layers of {type(model).__name__}"
+            f"--modules '{modules}' selects no weight matrix in the decoder layers of {model_name}"
         )
-    return targets
+    return selected
 
 
-def _linear_targets(layer: nn.Module, prefix: str, layer_index: int) -> list[Target]:
-    """The Linear (and Conv1D) matrices of one decoder layer."""
-    targets = []
-    for relative, module in layer.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module.weight.ndim == 2:
-            name = canonical_module_name(relative)
-            kind = module_kind(name, relative)
-            targets.append(Target(f"{prefix}{relative}.weight", layer_index, name, kind, module))
-    return targets
-
-
-def _expert_targets(layer: nn.Module, prefix: str, layer_index: int) -> list[Target]:
+def expert_targets(layer: nn.Module, prefix: str, layer_index: int) -> list[Target]:
     """Each routed expert's gate, up and down matrices (fused 3-D weights) and the
     experts' router, for every mixture-of-experts block of one decoder layer."""
     targets = []
@@ -213,33 +262,14 @@ class Coverage:
         }
 
 
-def coverage(model: nn.Module, targets: list[Target]) -> Coverage:
-    """What ``targets`` cover of the decoder layers' weights (all parameters are counted,
-    norms and biases too; only weight matrices and fused weights are named when left out)."""
-    layers_name, layers = find_decoder_layers(model)
-    weights = {f"{layers_name}.{name}": p for name, p in layers.named_parameters()}
-    profiled = {t.param for t in targets}
-    supported = {t.param for t in find_targets(model, "all")}
-    left_out = {
-        name: NOT_SELECTED if name in supported else _unsupported(p)
-        for name, p in weights.items()
-        if is_weight_matrix(name, p) and name not in profiled
-    }
-    return Coverage(
-        tuple(name for name in weights if name in profiled),
-        left_out,
-        sum(p.numel() for name, p in weights.items() if name in profiled),
-        sum(p.numel() for p in weights.values()),
-    )
-
-
 def is_weight_matrix(name: str, parameter: nn.Parameter) -> bool:
     """A weight of two or more dimensions; biases stacked per expert (GPT-OSS's
     ``gate_up_proj_bias``: experts x width) are vectors, as other biases."""
     return parameter.ndim >= 2 and not name.endswith("bias")
 
 
-def _unsupported(weight: nn.Parameter) -> str:
+def unsupported(weight: nn.Parameter) -> str:
+    """Why a weight is left out that no family's targets hold."""
     shape = "x".join(str(n) for n in weight.shape)
     return f"not supported: no per-example capture for this {weight.ndim}-D weight ({shape})"
 

@@ -1,15 +1,22 @@
 """Hooks that turn one batched forward/backward into per-example gradient singular values.
 
 As in Opacus and BackPACK, a forward hook keeps each target's input X, and a hook on its
-output receives the output gradient G during backward. For all examples of the batch at
-once, with padding rows set to zero (zero rows add nothing to G^T X), the singular values
-of each example's G^T X are prepared right there (the route's GEMMs) and X is released,
+output receives the output gradient G during backward. ``CaptureBase`` owns the hooks and
+their public lifecycle, as Bergson's ``HookCollectorBase`` and Kronfluence's trackers do:
+``setup`` / ``teardown`` (or a with-block), ``start_batch``, ``on_forward`` (a target's X),
+``on_backward`` (its G) and ``collect`` (the batch's results). A new kind of capture
+subclasses it and implements those three; the hook plumbing stays here.
+
+``SpectraCapture`` is the spectra's capture. For all examples of the batch at once, with
+padding rows set to zero (zero rows add nothing to G^T X), each example's singular values
+of G^T X are prepared right there (the chosen route's GEMMs, routes.py) and X is released,
 so neither per-example nor summed weight gradients are ever built (the weights do not
 require grad). In a padded batch each example is solved at its own length (padding rows
-would only enlarge the QRs and the T x T solves). The small T x T solves go to a worker
-thread (LAPACK releases the GIL), so they overlap with the rest of the backward and, when
-the caller collects a batch's ``PendingSpectra`` after starting the next batch, with that
-batch's forward and backward; ``PendingSpectra.results`` collects them in order.
+would only enlarge the QRs and the T x T solves). The small T x T solves run where their
+route says (routes.SolvePlace): by default on a worker thread (LAPACK releases the GIL),
+so they overlap with the rest of the backward and, when the caller collects a batch's
+``PendingSpectra`` after starting the next batch, with that batch's forward and backward;
+``PendingSpectra.results`` collects them in order.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +34,8 @@ from torch.nn.utils.rnn import pad_sequence
 from .adapters import Target
 from .expert_capture import ExpertsCapture, ExpertSpectra
 from .experts import ROUTER
-from .spectra import InputSpectra, Solve, choose_route, prepare_spectra
+from .routes import StartedSolves, choose_route, prepare_spectra
+from .spectra import InputSpectra, Solve
 
 
 @dataclass
@@ -76,7 +85,7 @@ class PendingSpectra:
 
     examples: int
     targets: int
-    solves: dict[int, tuple[Future[torch.Tensor], torch.Tensor]]
+    solves: dict[int, tuple[StartedSolves, torch.Tensor]]
     experts: list[PendingExperts] = field(default_factory=list)
 
     def results(self) -> list[TargetResult]:
@@ -91,8 +100,8 @@ class PendingSpectra:
                 results.append(routed[index])
                 continue
             if index in self.solves:
-                pending, finite = self.solves[index]
-                values = pending.result()
+                started, finite = self.solves[index]
+                values = _rows_of(started.values())
             else:
                 values = torch.zeros(self.examples, 1)
                 finite = torch.ones(self.examples, dtype=torch.bool)
@@ -100,21 +109,87 @@ class PendingSpectra:
         return results
 
 
-class SpectraCapture:
-    """Context manager holding the hooks for a list of targets over many batches."""
+class CaptureBase:
+    """Hooks on a list of targets over many batches, with a public lifecycle.
+
+    ``setup`` registers a forward hook on each target's module and ``teardown`` removes
+    them (a with-block does both). In a forward pass with grad, the hook hands the target's
+    input to ``on_forward``; if that asks for it, the output's gradient reaches
+    ``on_backward`` during the backward. ``collect`` returns what the batch gave.
+    """
+
+    def __init__(self, targets: list[Target]):
+        self.targets = targets
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def setup(self) -> None:
+        """Register the forward hooks (a routed expert's matrix has none of its own: its
+        experts module is captured as a whole, expert_capture.py)."""
+        for index, target in enumerate(self.targets):
+            if target.expert is None:
+                hook = partial(self._forward_hook, index)
+                self.handles.append(target.module.register_forward_hook(hook))
+
+    def teardown(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> CaptureBase:
+        self.setup()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def start_batch(self, token_mask: torch.Tensor) -> None:
+        """A batch starts: which positions of each example are real tokens."""
+
+    def on_forward(self, index: int, x: torch.Tensor) -> bool:
+        """Target ``index`` read input ``x`` (detached); whether its output gradient is wanted."""
+        raise NotImplementedError
+
+    def on_backward(self, index: int, grad: torch.Tensor) -> None:
+        """The gradient of target ``index``'s output, during the backward."""
+        raise NotImplementedError
+
+    def collect(self) -> Any:
+        """What the batch gave, once its backward has run."""
+        raise NotImplementedError
+
+    def _forward_hook(
+        self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Hand X to ``on_forward``; make the output a point the backward reaches (the first
+        targets' outputs become its leaves, so nothing upstream of them is differentiated)."""
+        if not torch.is_grad_enabled():  # a forward-only pass, such as the IFD denominator
+            return None
+        if not self.on_forward(index, inputs[0].detach()):
+            return None
+        if isinstance(output, tuple):  # a router: (logits, routing weights, experts)
+            output[0].register_hook(partial(self.on_backward, index))
+            return None
+        if not output.requires_grad:
+            output = output.requires_grad_(True)
+        output.register_hook(partial(self.on_backward, index))
+        return output
+
+
+class SpectraCapture(CaptureBase):
+    """Per-example singular values of every target's weight gradient, batch by batch."""
 
     def __init__(self, targets: list[Target], spectra_dtype: torch.dtype):
-        self.targets = targets
+        super().__init__(targets)
         self.spectra_dtype = spectra_dtype
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)
         self.all_real = True  # whether the batch has no padding: token_mask.all(), once
         self.inputs: dict[int, torch.Tensor] = {}
-        self.solves: dict[int, tuple[Future[torch.Tensor], torch.Tensor]] = {}
+        self.solves: dict[int, tuple[StartedSolves, torch.Tensor]] = {}
         self.solver: ThreadPoolExecutor | None = None
         # The last input prepared for the spectra, for the matrices that read the same
         # input (q/k/v, gate/up), whose output gradients arrive one after the other.
         self.last_input: PreparedInput | None = None
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         # Routed experts: one capture per experts module, for all of its targets.
         self.routed: dict[int, tuple[ExpertsCapture, dict[int, Target]]] = {}
         for index, target in enumerate(targets):
@@ -129,23 +204,19 @@ class SpectraCapture:
             self.routed[key] = (ExpertsCapture(target.module, matrices, self.spectra_dtype), {})
         return self.routed[key]
 
-    def __enter__(self) -> SpectraCapture:
-        for index, target in enumerate(self.targets):
-            if target.expert is not None:
-                continue
-            hook = partial(self._keep_input, index)
-            self.handles.append(target.module.register_forward_hook(hook))
+    def setup(self) -> None:
+        """The hooks (and the routed experts' captures) and the solver thread."""
+        super().setup()
+        for target in self.targets:
             if target.module_name == ROUTER:  # its logits feed the routing inside it
                 self.handles.append(target.module.register_forward_pre_hook(_input_with_grad))
         for routed, _ in self.routed.values():
             routed.install()
         self.solver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradspec-solve")
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+    def teardown(self) -> None:
+        """Remove the hooks, forget the inputs, stop the solver thread."""
+        super().teardown()
         for routed, _ in self.routed.values():
             routed.remove()
         self.inputs.clear()
@@ -164,8 +235,8 @@ class SpectraCapture:
         for routed, _ in self.routed.values():
             routed.start_batch(self.token_mask)
 
-    def finish_batch(self) -> PendingSpectra:
-        """The batch's spectra, to collect now or after starting the next batch."""
+    def collect(self) -> PendingSpectra:
+        """The batch's spectra, to read (``results``) now or after starting the next batch."""
         self.last_input = None
         experts = []
         for routed, targets in self.routed.values():
@@ -175,48 +246,43 @@ class SpectraCapture:
             experts.append(PendingExperts(targets, self.solver.submit(spectra.values), spectra))
         return PendingSpectra(self.token_mask.shape[0], len(self.targets), self.solves, experts)
 
-    def batch_results(self) -> list[TargetResult]:
-        """The batch's spectra per target, waiting for the worker (``finish_batch``)."""
-        return self.finish_batch().results()
-
-    def _keep_input(
-        self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Keep X; make the output a point the backward reaches (the first targets' outputs
-        become its leaves, so nothing upstream of them is differentiated)."""
-        if not torch.is_grad_enabled():  # a forward-only pass, such as the IFD denominator
-            return None
+    def on_forward(self, index: int, x: torch.Tensor) -> bool:
+        """Keep X until the target's output gradient arrives."""
         if index in self.inputs:
             raise RuntimeError(
                 f"{self.targets[index].param} ran twice in one forward pass; "
                 "weight sharing inside a layer is not supported"
             )
-        self.inputs[index] = inputs[0].detach()
-        if isinstance(output, tuple):  # a router: (logits, routing weights, experts)
-            output[0].register_hook(partial(self._on_output_grad, index))
-            return None
-        if not output.requires_grad:
-            output = output.requires_grad_(True)
-        output.register_hook(partial(self._on_output_grad, index))
-        return output
+        self.inputs[index] = x
+        return True
 
-    def _on_output_grad(self, index: int, grad: torch.Tensor) -> None:
-        """Prepare the target's spectra from its X and G, in the spectra dtype even when
-        the backward runs inside an autocast region (which would cast the GEMMs down)."""
+    def on_backward(self, index: int, grad: torch.Tensor) -> None:
+        """Prepare the target's spectra from its X and G and start their solves."""
+        groups, finite = self.prepared_groups(index, grad)
+        with torch.autocast(grad.device.type, enabled=False):
+            prepared = [self._prepare(g, x) for g, x in groups]
+        if self.solver is None:
+            raise RuntimeError("SpectraCapture hooks ran outside its with-block")
+        self.solves[index] = (StartedSolves(prepared, self.solver), finite)
+
+    def prepared_groups(
+        self, index: int, grad: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, InputSpectra]], torch.Tensor]:
+        """Target ``index``'s (G, X) per group of examples of equal length, in the spectra
+        dtype even when the backward runs inside an autocast region (which would cast the
+        GEMMs down), and which examples were finite. Releases the kept X."""
         with torch.autocast(grad.device.type, enabled=False):
             x = self._prepared_input(self.inputs.pop(index))
             gs, g_finite = self._real_rows(grad)
-            groups = zip(self._groups(gs), x.spectra, strict=True)
-            solves = [self._prepare(g, xs) for g, xs in groups]
-        if self.solver is None:
-            raise RuntimeError("SpectraCapture hooks ran outside its with-block")
-        self.solves[index] = (self.solver.submit(partial(_rows_of, solves)), x.finite & g_finite)
+            groups = list(zip(self._groups(gs), x.spectra, strict=True))
+        return groups, x.finite & g_finite
 
-    def _prepare(self, g: torch.Tensor, x: InputSpectra) -> Solve:
-        """The GEMMs of the cost model's route for one group of examples of equal length."""
+    def _prepare(self, g: torch.Tensor, x: InputSpectra) -> tuple[str, Solve]:
+        """The cost model's route for one group of examples of equal length, and its solve
+        after its GEMMs."""
         tokens, d_out, d_in = g.shape[1], g.shape[2], x.rows.shape[2]
         route = choose_route(tokens, d_out, d_in, self.spectra_dtype, g.device.type)
-        return prepare_spectra(g, x, route)
+        return route, prepare_spectra(g, x, route)
 
     def _prepared_input(self, x: torch.Tensor) -> PreparedInput:
         """The input's real rows, reused while the same input comes back."""
@@ -256,9 +322,13 @@ def _input_with_grad(module: nn.Module, inputs: tuple) -> tuple | None:
     return (inputs[0].detach().requires_grad_(True), *inputs[1:])
 
 
-def _rows_of(solves: list[Solve]) -> torch.Tensor:
-    """Run the solves; their per-example singular values as rows, zero-padded to one width."""
-    return pad_sequence([row for solve in solves for row in solve()], batch_first=True)
+def _rows_of(values: list[torch.Tensor]) -> torch.Tensor:
+    """The solves' per-example singular values as rows, zero-padded to one width (on the
+    CPU where solves ran on several devices)."""
+    rows = [row for group in values for row in group]
+    if len({row.device for row in rows}) > 1:
+        rows = [row.cpu() for row in rows]
+    return pad_sequence(rows, batch_first=True)
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from . import __version__
-from .adapters import Target, coverage, find_targets
+from .adapters import Target
 from .batching import Batch, collate, per_example_losses, plan_batches, response_logits
 from .capture import PendingSpectra, SpectraCapture
 from .data import (
@@ -50,6 +50,7 @@ from .distributed import (
     split_by_weight,
 )
 from .errors import GradspecError
+from .families import coverage, find_targets
 from .modeling import (
     Checkpoint,
     load_model_and_tokenizer,
@@ -467,7 +468,7 @@ class ChunkRunner:
         """Per-example losses and the batch's spectra, still being solved (the fast method)."""
         if self.capture is None:
             raise RuntimeError("the reference method has no batched spectra pass")
-        return fast_spectra(self.model, self.capture, batch), self.capture.finish_batch()
+        return fast_spectra(self.model, self.capture, batch), self.capture.collect()
 
     def _forward_pass(self, batch: Batch) -> list[float]:
         """Per-example losses from a forward pass alone."""

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .experts import first_projection, output_columns
-from .spectra import InputSpectra, Solve, choose_route, prepare_spectra
+from .routes import choose_route, prepare_spectra
+from .spectra import InputSpectra, Solve
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 For a linear map with inputs X (T x d_in) and output gradients G (T x d_out) over one
 example's T tokens, the weight gradient is G^T X (d_out x d_in), of rank at most T. Three
-exact routes give its singular values, chosen by a cost model (``choose_route``):
+exact routes give its singular values, each with a cost estimate (the registry that
+chooses among them and says where their solves run is routes.py):
 
 - ``full``: form G^T X and take its SVD (T large against min(d_in, d_out));
 - ``gram``: with X X^T = C C^T, the squared non-zero singular values are the eigenvalues
@@ -13,21 +14,18 @@ exact routes give its singular values, chosen by a cost model (``choose_route``)
   is used as it is: its QR would not shrink it, and G^T R_x^T has the singular values of
   G^T X since Q_x has orthonormal columns.
 
-Each route splits into GEMM work (``prepare_spectra``, on the model's device, while the
-gradients exist) and a small T x T solve returned as a closure, which may run elsewhere.
+Each route splits into GEMM work (``prepare_full``, ``prepare_gram``, ``prepare_factor``:
+on the model's device, while the gradients exist) and a small T x T ``Solve``, which may
+run elsewhere (another thread, or the CPU: ``Solve.to``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
-
-Route = Literal["full", "gram", "factor"]
-ROUTES: tuple[Route, ...] = ("full", "gram", "factor")
-Solve = Callable[[], torch.Tensor]
 
 # Costs in float32-GEMM flop equivalents. On a CPU the Gram route's float64 GEMMs, T x T
 # products and eigvalsh cost more thread time than the QRs and SVD of the factor route at
@@ -54,36 +52,27 @@ def _svd_flops(rows: int, cols: int) -> float:
     return SVD_COST_FACTOR * (4.0 * long * short**2 - 4.0 * short**3 / 3)
 
 
-def route_costs(tokens: int, d_out: int, d_in: int, device_type: str = "cpu") -> dict[Route, float]:
-    """Estimated cost of each route for one example (no input work shared)."""
-    k_out, k_in = min(d_out, tokens), min(d_in, tokens)
+def full_cost(tokens: int, d_out: int, d_in: int, device_type: str) -> float:
+    """Estimated cost of the ``full`` route for one example: G^T X and its SVD."""
+    return 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in)
+
+
+def gram_cost(tokens: int, d_out: int, d_in: int, device_type: str) -> float:
+    """Estimated cost of the ``gram`` route for one example (no input work shared)."""
     gram_products = 2.0 * tokens**2 * (d_out + d_in) + tokens**3 / 3 + 4.0 * tokens**3
     gram = FLOAT64_COST_FACTOR * gram_products + EIGVALSH_COST_FACTOR * 4 / 3 * tokens**3
-    return {
-        "full": 2.0 * tokens * d_out * d_in + _svd_flops(d_out, d_in),
-        "gram": GRAM_DEVICE_FACTOR.get(device_type, 1.0) * gram,
-        "factor": _token_factor_flops(d_out, tokens)
+    return GRAM_DEVICE_FACTOR.get(device_type, 1.0) * gram
+
+
+def factor_cost(tokens: int, d_out: int, d_in: int, device_type: str) -> float:
+    """Estimated cost of the ``factor`` route for one example (no input work shared)."""
+    k_out, k_in = min(d_out, tokens), min(d_in, tokens)
+    return (
+        _token_factor_flops(d_out, tokens)
         + _token_factor_flops(d_in, tokens)
         + 2.0 * k_out * tokens * k_in
-        + _svd_flops(k_out, k_in),
-    }
-
-
-def choose_route(
-    tokens: int, d_out: int, d_in: int, dtype: torch.dtype, device_type: str = "cpu"
-) -> Route:
-    """The cheapest exact route on the device; float64 spectra never take the Gram route,
-    which would halve their precision."""
-    costs = route_costs(tokens, d_out, d_in, device_type)
-    if dtype == torch.float64:
-        del costs["gram"]
-    return min(costs, key=costs.__getitem__)
-
-
-def builds_full_gradient(tokens: int, d_out: int, d_in: int) -> bool:
-    """Whether forming G^T X costs less than the factor route (the per-matrix benchmark's
-    'full' column)."""
-    return choose_route(tokens, d_out, d_in, torch.float64) == "full"
+        + _svd_flops(k_out, k_in)
+    )
 
 
 def tall_singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -113,6 +102,11 @@ class InputGram:
     gram: torch.Tensor
     kept: torch.Tensor
     factor: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> InputGram:
+        """A copy on ``device`` (its factor, if computed, included)."""
+        factor = None if self.factor is None else self.factor.to(device)
+        return InputGram(self.gram.to(device), self.kept.to(device), factor)
 
 
 def input_gram(x: torch.Tensor) -> InputGram:
@@ -171,27 +165,42 @@ class InputSpectra:
         return self._gram
 
 
-def prepare_spectra(g: torch.Tensor, x: InputSpectra, route: Route) -> Solve:
-    """Do a route's GEMMs now and return its small solve: descending singular values of
-    each example's g^T x, in g's dtype (zero rows, such as padding, change nothing)."""
-    if route == "full":
-        gradient = g.mT @ x.rows
-        return lambda: tall_singular_values(gradient)
-    if route == "factor":
-        core = token_factor(g) @ x.qr_factor().mT
-        return lambda: tall_singular_values(core)
+@dataclass(frozen=True)
+class Solve:
+    """A route's small solve, split from its GEMMs: ``function(*operands)`` gives the
+    descending singular values of each example. Its operands can be moved (``to``), so the
+    solve can run on another device than the GEMMs."""
+
+    function: Callable[..., torch.Tensor]
+    operands: tuple[Any, ...]
+
+    def __call__(self) -> torch.Tensor:
+        return self.function(*self.operands)
+
+    def to(self, device: torch.device | str) -> Solve:
+        """The same solve with its tensors (and Grams) on ``device``."""
+        moved = tuple(
+            item.to(device) if isinstance(item, (torch.Tensor, InputGram)) else item
+            for item in self.operands
+        )
+        return replace(self, operands=moved)
+
+
+def prepare_full(g: torch.Tensor, x: InputSpectra) -> Solve:
+    """Build each example's G^T X now; its SVD is the solve."""
+    return Solve(tall_singular_values, (g.mT @ x.rows,))
+
+
+def prepare_factor(g: torch.Tensor, x: InputSpectra) -> Solve:
+    """The small core R_g R_x^T now (X's factor shared); its SVD is the solve."""
+    return Solve(tall_singular_values, (token_factor(g) @ x.qr_factor().mT,))
+
+
+def prepare_gram(g: torch.Tensor, x: InputSpectra) -> Solve:
+    """Both float64 Grams now (X's shared); the T x T eigenvalue problem is the solve."""
     x_gram = x.gram()
-    g_gram = output_gram(g, x_gram)
-    return lambda: gram_singular_values(x_gram, g_gram).to(g.dtype)
+    return Solve(_gram_solve, (x_gram, output_gram(g, x_gram), g.dtype))
 
 
-def gradient_singular_values(
-    g: torch.Tensor, x: torch.Tensor, route: Route | None = None
-) -> torch.Tensor:
-    """Descending singular values of g^T x, without building it when T is small.
-
-    ``g`` is (..., T, d_out) and ``x`` (..., T, d_in); leading dimensions are a batch of
-    examples. ``route`` defaults to the cost model's choice.
-    """
-    chosen = route or choose_route(g.shape[-2], g.shape[-1], x.shape[-1], g.dtype, g.device.type)
-    return prepare_spectra(g, InputSpectra(x), chosen)()
+def _gram_solve(x_gram: InputGram, g_gram: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return gram_singular_values(x_gram, g_gram).to(dtype)

@@ -19,7 +19,6 @@ Use :func:`watch`::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -38,16 +37,16 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .. import __version__
-from ..adapters import Target, canonical_module_name, find_decoder_layers, find_targets
+from ..adapters import Target
 from ..capture import SpectraCapture
 from ..data import IGNORE_INDEX
 from ..errors import GradspecError
+from ..families import find_targets
 from ..quality import ROBUST_SCALE
 from ..statistics import STAT_COLUMNS, STATISTICS
 from ..store import TRAINING_RUN, run_schemas, write_json_atomic, write_parquet_atomic
 
 FLAGGED_FILE = "flagged.jsonl"
-LORA_MATRICES = ("lora_A", "lora_B")
 # How far the per-token weights read from the logits' gradient may spread (relative): a
 # loss that does not weight response tokens equally (label smoothing, a custom loss) is
 # refused rather than converted wrongly.
@@ -61,25 +60,6 @@ AGGREGATES = {
 
 
 # ---------------------------------------------------------------- targets and examples
-
-
-def training_targets(model: nn.Module, modules: str = "all") -> list[Target]:
-    """The profiled matrices of a training model; with PEFT LoRA, the frozen base matrices
-    (named as the merged model's) and the LoRA matrices (``q_proj.lora_A``, ...)."""
-    layers_name, _ = find_decoder_layers(model)
-    return [_lora_named(target, layers_name) for target in find_targets(model, modules)]
-
-
-def _lora_named(target: Target, layers_name: str) -> Target:
-    """A PEFT wrapper's base_layer gets its parent's canonical name; lora_A/B a suffix."""
-    relative = target.param.removeprefix(f"{layers_name}.{target.layer}.").removesuffix(".weight")
-    parts = relative.split(".")
-    if parts[-1] == "base_layer":
-        return dataclasses.replace(target, module_name=canonical_module_name(".".join(parts[:-1])))
-    if len(parts) >= 3 and parts[-2] in LORA_MATRICES:
-        parent = canonical_module_name(".".join(parts[:-2]))
-        return dataclasses.replace(target, module_name=f"{parent}.{parts[-2]}")
-    return target
 
 
 class TrainingExamples:
@@ -119,13 +99,11 @@ class TrainingCapture(SpectraCapture):
     """The capture's hooks, entered for profiled steps only; a layer recomputed by gradient
     checkpointing hands in its X again (the same values), which replaces the kept one."""
 
-    def _keep_input(
-        self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor
-    ) -> torch.Tensor | None:
+    def on_forward(self, index: int, x: torch.Tensor) -> bool:
         if index in self.inputs:  # recomputation: its output gradient hook already waits
-            self.inputs[index] = inputs[0].detach()
-            return None
-        return super()._keep_input(index, module, inputs, output)
+            self.inputs[index] = x
+            return False
+        return super().on_forward(index, x)
 
 
 @dataclass
@@ -378,7 +356,7 @@ class GradspecCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module, **kw: Any):
         self.every_n_steps = self.every_n_steps or _logging_interval(args, state)
-        targets = training_targets(model, self.modules)
+        targets = find_targets(model, self.modules)
         self.capture = TrainingCapture(targets, self.spectra_dtype)
         if self.out is not None and is_main_process():
             self.run = TrainingRun(self.out, targets, _manifest(args, targets, self.settings()))
@@ -418,7 +396,7 @@ class GradspecCallback(TrainerCallback):
         """Hooks for one profiled step; other steps run with none (no idle cost)."""
         if self.capture is None:
             raise RuntimeError("the monitor's on_train_begin has not run")
-        self.capture.__enter__()
+        self.capture.setup()
         head = model.get_output_embeddings()
         self.handles = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -431,7 +409,7 @@ class GradspecCallback(TrainerCallback):
             handle.remove()
         self.handles.clear()
         if self.capture is not None:
-            self.capture.__exit__(None, None, None)
+            self.capture.teardown()
 
     # -- hooks on the model
 
@@ -494,7 +472,7 @@ class GradspecCallback(TrainerCallback):
                 "a profiled step's backward never reached the logits the monitor watched: "
                 "the loss must be computed from the LM head's output (or TRL's log_probs)"
             )
-        results = self.capture.batch_results()
+        results = self.capture.collect().results()
         usable = torch.isfinite(micro.scale) & (micro.scale > 0)
         for r in results:
             usable &= torch.from_numpy(r.finite)
