@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
 import os
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .errors import GradspecError
+from .errors import GradspecError, GradspecWarning
 from .options import MODEL_PANEL, ProfileOptions, ReportStatistic, Shard
 from .statistics import statistic_help
 
@@ -61,17 +61,40 @@ def main(
 
 
 def user_errors_exit_cleanly(command: F) -> F:
-    """Print a GradspecError as one red line and exit with status 2, without a traceback."""
+    """Print a GradspecError, or a system error on a file (a full disk, a permission), as
+    one red line and exit with status 2, without a traceback; GradspecWarnings are shown
+    as yellow lines as they come."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
-        except GradspecError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", GradspecWarning)
+                warnings.showwarning = show_warning
+                return command(*args, **kwargs)
+        except (GradspecError, OSError) as exc:
+            message = exc if isinstance(exc, GradspecError) else os_error_message(exc)
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def os_error_message(exc: OSError) -> str:
+    """A system error in one line: the file, then the system's reason."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
+
+
+_show_python_warning = warnings.showwarning
+
+
+def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+    """A GradspecWarning as one yellow line; other warnings as Python shows them."""
+    if issubclass(category, GradspecWarning):
+        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _show_python_warning(message, category, *args, **kw)
 
 
 class RateColumn(ProgressColumn):
@@ -213,6 +236,19 @@ def print_coverage(manifest: dict[str, Any], prefix: str = "") -> None:
             console.print(f"[{style}]{prefix}coverage:[/] {line}", highlight=False)
 
 
+def table_output(run_dir: Path, out: Path | None, default: str) -> Path:
+    """Where a command writes its table: ``out`` (a .parquet or .csv file outside any run
+    directory, not the run's own files), else ``default`` in the run directory."""
+    from .files import refuse_unsafe_output
+    from .quality import check_table_path
+    from .store import DERIVED_TABLES
+
+    if out is None:
+        return run_dir / default
+    check_table_path(out, "--out")
+    return refuse_unsafe_output(out, [], "--out", allowed_in_run=DERIVED_TABLES)
+
+
 @app.command()
 @user_errors_exit_cleanly
 def score(
@@ -226,8 +262,9 @@ def score(
     from .quality import SCORES, example_scores, save_table
     from .store import load_run
 
+    path = table_output(run_dir, out, "scores.parquet")
     scores = example_scores(load_run(run_dir))
-    path = save_table(scores, out or run_dir / "scores.parquet")
+    save_table(scores, path)
     table = Table("score", "scored", "median", "10%", "90%", title="per-example scores")
     for name in SCORES:
         values = scores[name].dropna()
@@ -258,9 +295,12 @@ def flag(
     from .quality import example_scores, flag_ranking, read_labels, save_table
     from .store import load_run
 
+    if top < 0:
+        raise GradspecError(f"--top {top}: must be at least 0")
+    path = table_output(run_dir, out, "flags.parquet")
     scores = example_scores(load_run(run_dir))
     ranking = flag_ranking(scores, read_labels(labels, scores) if labels else None)
-    path = save_table(ranking, out or run_dir / "flags.parquet")
+    save_table(ranking, path)
     table = Table(
         "rank",
         "example",
@@ -289,7 +329,13 @@ def flag(
 def select(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
     data: Annotated[str, typer.Option(help="The data the run profiled (file, directory, glob).")],
-    keep: Annotated[str, typer.Option(help="A count N, or a fraction in (0, 1].")],
+    keep: Annotated[
+        str,
+        typer.Option(
+            help="A count N (an integer: 1 keeps one example), or a fraction in (0, 1] "
+            "written with a point (0.5; 1.0 keeps all)."
+        ),
+    ],
     out: Annotated[
         Path,
         typer.Option(
@@ -339,10 +385,36 @@ def select(
     )
     kept = int(selection.report["kept"].sum())
     written = ", ".join(str(p) for p in selection.outputs)
+    n_data = len(selection.report)
+    unprofiled = n_data - selection.n_profiled
+    never = f", {unprofiled} never profiled by the run (dropped)" if unprofiled else ""
     console.print(
-        f"[green]done:[/] kept {kept} of {len(selection.report)} examples in "
-        f"{written}; reasons in {selection.sidecar}"
+        f"[green]done:[/] kept {kept} of {n_data} examples ({selection.n_profiled} "
+        f"profiled{never}) in {written}; reasons in {selection.sidecar}"
     )
+
+
+@app.command()
+@user_errors_exit_cleanly
+def check(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to check.")],
+) -> None:
+    """Check run directories: the manifest, every part, and the examples no part covers."""
+    from .store import run_problems
+
+    damaged = 0
+    for run_dir in run_dirs:
+        problems = run_problems(run_dir)
+        damaged += bool(problems)
+        for problem in problems:
+            console.print(f"[yellow]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        if not problems:
+            console.print(f"[green]ok:[/] {run_dir}", highlight=False)
+    if damaged:
+        raise GradspecError(
+            f"{damaged} of {len(run_dirs)} run(s) have problems; rerunning `gradspec profile` "
+            "with the same arguments redoes missing or damaged parts"
+        )
 
 
 def parse_pairs(values: list[str], option: str) -> dict[str, str]:
@@ -407,6 +479,7 @@ def study(
     bootstrap: ReportBootstrap = 2000,
 ) -> None:
     """Profile every model x dataset cell of a study (skipping finished ones), then report."""
+    from .integrity import read_manifest
     from .report import write_report
     from .study import load_study, run_study
 
@@ -421,7 +494,7 @@ def study(
     console.print(f"[green]profiled:[/] {ran} cells; {len(cells) - ran} already done")
     first_cells = {cell.model.label: cell for cell, _ in reversed(cells)}
     for label, cell in sorted(first_cells.items()):
-        print_coverage(json.loads((out / cell.run / "manifest.json").read_text()), f"{label} ")
+        print_coverage(read_manifest(out / cell.run / "manifest.json"), f"{label} ")
     path = write_report(
         [out],
         out / "report.html",

@@ -21,7 +21,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .errors import GradspecError
+from .errors import RunMismatchError
+from .options import ProfileOptions
 from .paths import project_root
 from .report import write_report
 from .runs import study_order
@@ -58,6 +59,7 @@ def run_demo_study(progress_bar: ProgressBar, prepare: Prepare, limit: int | Non
     A demo folder left by other inputs (another model or gradspec version), whose runs the
     engine refuses to mix, is redone.
     """
+    ProfileOptions(limit=limit)  # a bad --limit fails before anything is prepared
     study = load_study(demo_study_file(), data_dir=shared_data_dir())
     prepare([model.path for model in study.models])
     root = demo_root()
@@ -67,7 +69,7 @@ def run_demo_study(progress_bar: ProgressBar, prepare: Prepare, limit: int | Non
 
     try:
         run_study(study, root, device="cpu", limit=limit, progress=progress)
-    except GradspecError as exc:
+    except RunMismatchError as exc:  # only this: other errors keep the folder as it is
         if not root.is_dir():
             raise
         stderr.print(f"[yellow]redoing the demo runs:[/] {exc}", highlight=False)

@@ -12,9 +12,10 @@ import functools
 import itertools
 import os
 import platform
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,12 @@ from .distributed import (
     rank_device,
     split_by_weight,
 )
-from .errors import GradspecError
+from .errors import GradspecError, GradspecWarning
 from .families import coverage, find_targets
+from .files import enclosing_run
 from .modeling import (
     Checkpoint,
+    context_length,
     load_model_and_tokenizer,
     model_signature,
     resolve_checkpoint,
@@ -135,7 +138,19 @@ def profile_on(
     """:func:`profile` on the given ranks (``LOCAL``: this process alone)."""
     plan = agree(ranks, lambda: _plan(ranks, model, data, out, rank_device(device), shard, options))
     _refuse_different_runs(ranks, plan, out)
+    try:
+        return _profile_planned(ranks, plan, out, progress)
+    finally:
+        plan.store.lock.release()
+
+
+def _profile_planned(
+    ranks: Ranks, plan: _Plan, out: str | os.PathLike, progress: Callable[[int, int], None] | None
+) -> RunTables:
+    """Profile the chunks the run directory still lacks; rank 0 holds the run's lock from
+    before it decides which chunks those are until the session is recorded."""
     opts, examples, store = plan.opts, plan.examples, plan.store
+    agree(ranks, lambda: store.lock_if_exists() if ranks.is_main else None)
     # Rank 0's view of the finished parts is everyone's, so all split the same chunks.
     missing = from_main(ranks, store.missing_chunks(len(examples), opts.chunk_size))
     done = len(examples) - sum(last - first + 1 for first, last in missing)
@@ -147,6 +162,10 @@ def profile_on(
             ranks, lambda: _load_checked_model(ranks, plan, examples[0])
         )
         plan.manifest["coverage"] = coverage(net, targets).as_dict()
+        if ranks.is_main:
+            pending = [ex for first, last in missing for ex in examples[first : last + 1]]
+            stated = store.fingerprint["max_length"] is not None
+            warn_overlong(pending, tokenizer, opts, stated)
         mine = _my_chunks(ranks, missing, examples, tokenizer, opts)
     # Rank 0 alone writes the manifest; the others start writing parts once it exists.
     agree(
@@ -204,16 +223,69 @@ def _plan(
         "spectra_dtype": str(spectra_dtype).removeprefix("torch."),
     }
     signature, data_hash = model_signature(model_dir), data_sha256(files)
+    # The fingerprint keeps --max-length as given: unset means the model's context, which
+    # the model's signature fixes, so runs made before that default still resume.
     fingerprint = {k: v for k, v in resolved.items() if k != "limit"}
     fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
+    _refuse_out_inside_a_run(Path(out))
     store = RunStore(out, fingerprint, opts.top_k)
     store.check()
+    context = context_length(model_dir)
+    opts = replace(opts, max_length=truncation_length(opts.max_length, context))
     manifest = _manifest(
-        checkpoint, signature, files, data_hash, len(examples), resolved, torch_device
+        checkpoint,
+        {**signature, "context_length": context},
+        files,
+        data_hash,
+        len(examples),
+        {**resolved, "max_length": opts.max_length},
+        torch_device,
     )
     return _Plan(
         opts, model_dir, examples, store, manifest, dtype, spectra_dtype, torch_device, sharding
     )
+
+
+def _refuse_out_inside_a_run(out: Path) -> None:
+    """A run directory may not be made inside another one, whose files gradspec owns."""
+    run = enclosing_run(out.parent)
+    if run is not None:
+        raise GradspecError(f"--out {out} is inside the run directory {run}; choose another")
+
+
+def truncation_length(max_length: int | None, context: int | None) -> int | None:
+    """``--max-length``, by default the model's context; warns if it exceeds the context."""
+    if max_length is not None and context is not None and max_length > context:
+        warnings.warn(
+            f"--max-length {max_length} exceeds the model's context of {context} tokens "
+            "(config max_position_embeddings); longer examples run past what it was made for",
+            GradspecWarning,
+            stacklevel=2,
+        )
+    return max_length or context
+
+
+def warn_overlong(
+    examples: list[Example], tokenizer: Any, opts: ProfileOptions, stated: bool
+) -> None:
+    """Warn when examples are longer than ``opts.max_length`` (``stated`` by --max-length,
+    else the model's context), naming the longest: they are truncated to it, and the
+    examples table's truncated column says which."""
+    if opts.max_length is None:
+        return
+    whole = replace(opts, max_length=None)
+    lengths = [(len(encode_with_options(tokenizer, ex, whole).input_ids), ex) for ex in examples]
+    over = [(n, ex) for n, ex in lengths if n > opts.max_length]
+    if over:
+        n, longest = max(over, key=lambda item: item[0])
+        limit = f"--max-length {opts.max_length}" if stated else "the model's context"
+        warnings.warn(
+            f"{len(over)} example(s) longer than {limit} ({opts.max_length} tokens) are "
+            f"truncated to it; the longest is example {longest.index} "
+            f"({longest.source}:{longest.source_line}, {n} tokens)",
+            GradspecWarning,
+            stacklevel=2,
+        )
 
 
 def _refuse_different_runs(ranks: Ranks, plan: _Plan, out: str | os.PathLike) -> None:

@@ -7,6 +7,16 @@ class GradspecError(Exception):
     """An error caused by the user's input or options, with a message that says how to fix it."""
 
 
+class RunMismatchError(GradspecError):
+    """A run directory holds results of other inputs (or an older format), so a resume
+    into it is refused: results are never mixed."""
+
+
+class GradspecWarning(UserWarning):
+    """Something the user should know about the input (e.g. examples truncated); the CLI
+    prints it as one yellow line and carries on."""
+
+
 class DataError(GradspecError):
     """Bad training data: names the file, the line (1-based) or row (0-based), and the field."""
 

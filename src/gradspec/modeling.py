@@ -33,15 +33,32 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+# The device types gradspec runs on, and whether this machine has each.
+DEVICE_AVAILABLE = {
+    "cpu": lambda: True,
+    "cuda": torch.cuda.is_available,
+    "mps": torch.backends.mps.is_available,
+}
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' is CUDA when available, else CPU."""
+    """'auto' is CUDA when available, else CPU; otherwise cpu, cuda, cuda:N or mps, if this
+    machine has it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GradspecError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in DEVICE_AVAILABLE:
+        raise GradspecError(f"--device {device}: use auto, cpu, cuda, cuda:N or mps")
+    if not DEVICE_AVAILABLE[resolved.type]():
+        raise GradspecError(f"--device {device}: {resolved.type} is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise GradspecError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dtype:
@@ -126,6 +143,25 @@ def gguf_identity(manifest: Path) -> bytes:
     described = json.loads(manifest.read_text())
     described.pop("path", None)
     return json.dumps(described, sort_keys=True).encode()
+
+
+# Config attributes that hold a model's context length, by architecture family.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+def context_length(model_dir: Path) -> int | None:
+    """The longest input the model was made for (its config's position count), if known."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    return next(
+        (
+            value
+            for name in CONTEXT_ATTRIBUTES
+            if isinstance(value := getattr(config, name, None), int) and value > 0
+        ),
+        None,
+    )
 
 
 def model_signature(model_dir: Path) -> dict[str, Any]:

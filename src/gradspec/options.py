@@ -89,6 +89,17 @@ BATCH_PANEL = "Batching"
 OUTPUT_PANEL = "What is recorded"
 
 
+# The smallest value each numeric option takes (None, where allowed, means "not set").
+LEAST_VALUES = {
+    "limit": 1,
+    "batch_size": 1,
+    "max_length": 1,
+    "token_budget": 1,
+    "top_k": 0,
+    "chunk_size": 1,
+}
+
+
 def _cli(help: str, panel: str) -> dict[str, str]:
     """Field metadata that makes a ProfileOptions field a CLI option."""
     return {"help": help, "panel": panel}
@@ -138,7 +149,12 @@ class ProfileOptions:
     )
     token_budget: int = field(default=4096, metadata=_cli("Padded tokens per batch.", BATCH_PANEL))
     max_length: int | None = field(
-        default=None, metadata=_cli("Truncate examples to L tokens.", DATA_PANEL)
+        default=None,
+        metadata=_cli(
+            "Truncate examples to L tokens; default: the model's context "
+            "(config max_position_embeddings). Longer examples are reported.",
+            DATA_PANEL,
+        ),
     )
     dtype: ModelDtype = field(
         default=ModelDtype.auto,
@@ -181,12 +197,12 @@ class ProfileOptions:
 
     def check(self) -> None:
         """Reject impossible numbers before any work starts."""
-        for name in ("limit", "batch_size", "max_length"):
+        for name, least in LEAST_VALUES.items():
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise GradspecError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.top_k < 0 or self.chunk_size < 1 or self.token_budget < 1:
-            raise GradspecError("--top-k must be >= 0; chunk size and token budget >= 1")
+            if value is not None and value < least:
+                raise GradspecError(
+                    f"--{name.replace('_', '-')} must be at least {least}, got {value}"
+                )
 
 
 def parse_choice(kind: type[E], name: str, value: object) -> E:

@@ -9,13 +9,13 @@ writing the same folder twice. (The shared data's folder and layout: ``shared_da
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+
+from .files import exclusive_lock
 
 CACHE_ENV = "GRADSPEC_CACHE"
 
@@ -29,17 +29,6 @@ def project_root() -> Path:
 def cache_root() -> Path:
     """Where gradspec caches what it builds: $GRADSPEC_CACHE, else ``<project>/.cache``."""
     return Path(os.environ.get(CACHE_ENV) or project_root() / ".cache")
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing); other holders wait."""
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_atomically(

@@ -63,6 +63,7 @@ import pandas as pd
 
 from .analysis import mad
 from .errors import GradspecError
+from .files import atomic_path
 from .statistics import STATISTICS
 from .store import TRAINING_ID_COLUMNS, RunTables
 
@@ -299,12 +300,23 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def save_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a table as CSV when the name ends in .csv, as Parquet otherwise."""
+TABLE_SUFFIXES = (".parquet", ".csv")
+
+
+def check_table_path(path: str | os.PathLike, option: str) -> Path:
+    """``path`` if it names a table file gradspec writes: .parquet or .csv."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
-        frame.to_csv(path, index=False)
-    else:
-        frame.to_parquet(path, index=False)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise GradspecError(f"{option} {path}: name a .parquet or .csv file")
+    return path
+
+
+def save_table(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a table atomically, as CSV when the name ends in .csv, else as Parquet."""
+    path = check_table_path(path, "table")
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
     return path

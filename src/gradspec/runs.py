@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any
 
 from .analysis import LayerValues, layer_values
 from .errors import GradspecError
+from .integrity import read_json_object
 from .labels import describe, normalize_labels
 from .store import RunTables, load_run
 
@@ -84,7 +84,7 @@ def load_runs(
 def study_runs(study_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, Any]]]:
     """(run directory, labels) of each cell of a study folder that has started."""
     root = Path(study_dir)
-    for entry in json.loads((root / STUDY_FILE).read_text())["cells"]:
+    for entry in read_study_record(root)["cells"]:
         run = root / entry["run"]
         if (run / "manifest.json").exists():
             yield run, entry["labels"]
@@ -94,10 +94,26 @@ def recorded_finding_modules(run_dirs: Sequence[str | os.PathLike]) -> tuple[str
     """The modules a study file named to decide its findings ([findings] modules), if any."""
     for path in map(Path, run_dirs):
         if is_study_dir(path):
-            named = json.loads((path / STUDY_FILE).read_text()).get("findings", {})
+            named = read_study_record(path).get("findings", {})
             if named.get("modules"):
                 return tuple(named["modules"])
     return ()
+
+
+def read_study_record(root: Path) -> dict[str, Any]:
+    """A study folder's study.json, checked: a "cells" list of objects, each with a "name",
+    a "run" folder and "labels"; a GradspecError names what is wrong."""
+    path = root / STUDY_FILE
+    remedy = "the study's record is damaged; rerun the study into another --out"
+    record = read_json_object(path, remedy)
+    cells = record.get("cells")
+    shapes = {"name": str, "run": str, "labels": dict}
+    if not isinstance(cells, list) or not all(
+        isinstance(cell, dict) and all(isinstance(cell.get(k), t) for k, t in shapes.items())
+        for cell in cells
+    ):
+        raise GradspecError(f"{path}: 'cells' is not a list of name, run and labels; {remedy}")
+    return record
 
 
 def is_study_dir(path: str | os.PathLike) -> bool:

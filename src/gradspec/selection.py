@@ -26,11 +26,20 @@ import pandas as pd
 
 from .data import Example, data_sha256, load_examples, resolve_data_files
 from .errors import DataError, GradspecError
+from .files import refuse_unsafe_output
 from .formats import format_of
-from .quality import SCORES, SUSPECT_DIRECTION, example_scores, gradient_signature, save_table
+from .quality import (
+    SCORES,
+    SUSPECT_DIRECTION,
+    check_table_path,
+    example_scores,
+    gradient_signature,
+    save_table,
+)
 from .store import load_run
 
 Decision = tuple[bool, str]  # (kept, reason)
+KEEP_HELP = "a count N >= 1 (an integer), or a fraction in (0, 1] with a point (0.5, 1.0)"
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Selection:
     report: pd.DataFrame
     outputs: list[Path]
     sidecar: Path
+    n_profiled: int  # examples of the data the run profiled (the others were never ranked)
 
 
 def select(
@@ -56,7 +66,8 @@ def select(
 ) -> Selection:
     """Write the examples of ``data`` kept by score (and coverage) to ``out``.
 
-    ``keep`` is a count N or a fraction in (0, 1] of the examples that have the score;
+    ``keep`` is a count N (an integer: "1" keeps one) or a fraction in (0, 1] written
+    with a point ("1.0" keeps all) of the examples that have the score;
     ``prefer`` is 'low' or 'high' (default: the less suspect end of ``by``). Refuses data
     that differs from what the run profiled. ``out`` is a file for one data file, a
     directory (one file per input file, same names) for several. ``within`` ('source' or
@@ -65,6 +76,10 @@ def select(
     tables = load_run(run_dir)
     files = check_data_unchanged(tables.manifest, data)
     out_path = check_output(Path(out), files)
+    targets = output_files(files, out_path)
+    sidecar_path = Path(sidecar) if sidecar else default_sidecar(out_path, len(files))
+    refuse_unsafe_output(sidecar_path, [*files, *targets], "--sidecar")
+    check_table_path(sidecar_path, "--sidecar")
     scores = example_scores(tables)
     prefer = prefer or ("low" if SUSPECT_DIRECTION.get(by, 1) > 0 else "high")
     ranked = rank_eligible(scores, by, prefer)
@@ -85,10 +100,9 @@ def select(
             report.columns.get_loc("rank"), "stratum", report["example_index"].map(strata)
         )
     kept = set(report.loc[report["kept"], "example_index"])
-    outputs = write_selected(examples, files, kept, out_path)
-    sidecar_path = Path(sidecar) if sidecar else default_sidecar(out_path, len(files))
+    write_selected(examples, files, kept, targets)
     save_table(report, sidecar_path)
-    return Selection(report, outputs, sidecar_path)
+    return Selection(report, targets, sidecar_path, len(scores))
 
 
 # ---------------------------------------------------------------- checks and options
@@ -108,9 +122,9 @@ def check_data_unchanged(manifest: dict[str, Any], data: str | os.PathLike) -> l
 
 
 def check_output(out: Path, files: list[Path]) -> Path:
-    """Refuse to overwrite an input file; several input files need an output directory."""
-    if any(out.resolve() == f.resolve() for f in files):
-        raise GradspecError(f"--out {out} is an input data file; choose another path")
+    """Refuse to overwrite an input file (or a link to one) or to write into a run
+    directory; several input files need an output directory."""
+    refuse_unsafe_output(out, files, "--out")
     if len(files) > 1 and out.is_file():
         raise GradspecError(
             f"--out {out}: the data has {len(files)} files, so --out must be "
@@ -120,7 +134,8 @@ def check_output(out: Path, files: list[Path]) -> Path:
 
 
 def parse_keep(keep: str, n_eligible: int) -> int:
-    """How many to keep: an integer count N >= 1, or a fraction in (0, 1] (rounded half up)."""
+    """How many to keep: an integer count N >= 1 ("1" is one example), or a fraction in
+    (0, 1] written with a point ("1.0" is all; rounded half up)."""
     try:
         count = int(keep)
     except ValueError:
@@ -129,12 +144,10 @@ def parse_keep(keep: str, n_eligible: int) -> int:
         except ValueError:
             fraction = math.nan
         if not 0 < fraction <= 1:
-            raise GradspecError(
-                f"--keep {keep}: give a count N >= 1 or a fraction in (0, 1]"
-            ) from None
+            raise GradspecError(f"--keep {keep}: {KEEP_HELP}") from None
         return min(n_eligible, math.floor(fraction * n_eligible + 0.5))
     if count < 1:
-        raise GradspecError(f"--keep {keep}: give a count N >= 1 or a fraction in (0, 1]")
+        raise GradspecError(f"--keep {keep}: {KEEP_HELP}")
     return min(count, n_eligible)
 
 
@@ -331,15 +344,20 @@ def default_sidecar(out: Path, n_files: int) -> Path:
     return out / "selection.csv" if n_files > 1 else out.with_name(f"{out.stem}.selection.csv")
 
 
+def output_files(files: list[Path], out: Path) -> list[Path]:
+    """Where each data file's kept records go (``out``, or one file per input in the
+    directory ``out``), none of them an input or a link to one."""
+    targets = [out / path.name for path in files] if len(files) > 1 else [out]
+    for target in targets:
+        refuse_unsafe_output(target, files, "--out")
+    return targets
+
+
 def write_selected(
-    examples: list[Example], files: list[Path], kept: set[int], out: Path
-) -> list[Path]:
+    examples: list[Example], files: list[Path], kept: set[int], targets: list[Path]
+) -> None:
     """Write each data file's kept records, in input order, in that file's own format."""
-    outputs = []
-    for path in files:
+    for path, target in zip(files, targets, strict=True):
         rows = [ex.row for ex in examples if Path(ex.source) == path and ex.index in kept]
-        target = out / path.name if len(files) > 1 else out
         target.parent.mkdir(parents=True, exist_ok=True)
         format_of(path).write(target, rows, like=path)
-        outputs.append(target)
-    return outputs

@@ -17,7 +17,6 @@ manifest's ``data.n_examples`` says how many examples (the first N) the run hold
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,7 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import GradspecError
+from .errors import GradspecError, RunMismatchError
+from .files import RUN_LOCK, TMP_SUFFIX, RunLock, write_json_atomic, write_parquet_atomic
+from .integrity import parquet_problem, read_manifest
 from .statistics import STATISTICS
 
 # Bumped whenever the tables change (2: the stable_rank column; 3: the expert columns), so
@@ -79,6 +80,8 @@ TRAINING_EXAMPLE_FIELDS = [
 TRAINING_SPECTRA_FIELDS = [("step", pa.int64())]
 TRAINING_ID_COLUMNS = ("step", "epoch")  # with the example index: which occurrence a row is
 PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+# Tables a command may write at the top of a run directory (score's and flag's defaults).
+DERIVED_TABLES = ("scores.parquet", "flags.parquet")
 
 
 def spectra_schema(top_k: int) -> pa.Schema:
@@ -106,20 +109,6 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file and rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file to a temporary name and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class RunTables:
     """The tables of a run directory, as pandas DataFrames sorted by example and parameter."""
@@ -137,24 +126,44 @@ class RunStore:
         self.fingerprint = fingerprint
         self.schema = spectra_schema(top_k)
         self.manifest_path = self.root / "manifest.json"
+        self.lock = RunLock(self.root)
 
     def check(self) -> dict[str, Any] | None:
         """Refuse a directory holding something else, without writing; the old manifest."""
+        if self.root.exists() and not self.root.is_dir():
+            raise GradspecError(f"--out {self.root} is a file, not a run directory")
         if self.manifest_path.exists():
-            old = json.loads(self.manifest_path.read_text())
-            self._refuse_if_different(old.get("fingerprint", {}))
+            old = read_manifest(self.manifest_path)
+            if not isinstance(old.get("fingerprint"), dict):
+                raise GradspecError(
+                    f"{self.root} holds a {old.get('kind')} run, not one `gradspec profile` "
+                    "can resume; use another --out"
+                )
+            self._refuse_if_different(old["fingerprint"])
             return old
-        if self.root.exists() and any(self.root.iterdir()):
+        if self.root.exists() and any(p.name != RUN_LOCK for p in self.root.iterdir()):
             raise GradspecError(
                 f"{self.root} exists, is not empty and has no manifest.json; choose another --out"
             )
         return None
 
+    def lock_if_exists(self) -> None:
+        """Take the run's lock now if the directory exists (else :meth:`open` takes it), so
+        the chunks left to profile are decided by the one writer."""
+        if self.root.is_dir():
+            self.lock.acquire()
+
     def open(self, manifest: dict[str, Any], world_size: int = 1, shard: str = "none") -> None:
         """Create the directory, or continue an existing one made with the same inputs;
         the session records how many processes (ranks) write its parts, and how they held
         the model (``shard``)."""
-        old = self.check()
+        self.check()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GradspecError(f"cannot create {self.root}: {exc.strerror or exc}") from None
+        self.lock.acquire()
+        old = self.check()  # again, now that no other writer can change it
         if old is not None:
             manifest = {
                 "coverage": old.get("coverage"),  # kept when this session loads no model
@@ -163,8 +172,11 @@ class RunStore:
                 "sessions": old.get("sessions", []),
             }
             self._remove_leftovers()
-        (self.root / "examples").mkdir(parents=True, exist_ok=True)
-        (self.root / "spectra").mkdir(parents=True, exist_ok=True)
+        for folder in ("examples", "spectra"):
+            try:
+                (self.root / folder).mkdir(exist_ok=True)
+            except OSError as exc:
+                raise GradspecError(f"cannot write {self.root}: {exc.strerror or exc}") from None
         manifest.setdefault("created", now_iso())
         manifest.setdefault("sessions", [])
         session = {"started": now_iso(), "ended": None, "ranks": world_size, "shard": shard}
@@ -176,7 +188,7 @@ class RunStore:
     def _refuse_if_different(self, old: dict[str, Any]) -> None:
         old_format = old.get("format_version")
         if old_format not in RESUMABLE_FORMATS:
-            raise GradspecError(
+            raise RunMismatchError(
                 f"{self.root} holds a run in format {old_format} of an earlier gradspec, which "
                 f"cannot be resumed into format {FORMAT_VERSION}: use another --out, or delete "
                 "it (reports still read it)."
@@ -190,14 +202,20 @@ class RunStore:
             details = "; ".join(
                 f"{k}: was {old.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in changed
             )
-            raise GradspecError(
+            raise RunMismatchError(
                 f"{self.root} holds a run with other inputs ({details}). "
                 "Results are never mixed: use another --out, or delete it."
             )
 
     def finished_ranges(self) -> list[tuple[int, int]]:
-        """(first, last) example indices of every chunk whose examples part exists, sorted."""
-        return sorted(_part_range(p) for p in (self.root / "examples").glob("part-*.parquet"))
+        """(first, last) example indices of every chunk whose examples part exists and is
+        intact (see :func:`damaged_parts`: a damaged chunk is profiled again), sorted."""
+        damaged = damaged_parts(self.root)
+        return sorted(
+            _part_range(p)
+            for p in (self.root / "examples").glob("part-*.parquet")
+            if p.name not in damaged
+        )
 
     def missing_chunks(self, n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
         """The chunks still to profile for examples 0..n_examples-1: the examples no finished
@@ -214,10 +232,14 @@ class RunStore:
         return chunks
 
     def _remove_leftovers(self) -> None:
-        """Delete what a killed session left: ``.tmp`` files and spectra parts whose chunk
-        never finished (no examples part). Finished parts are never touched."""
-        for tmp in self.root.glob("*/*.tmp"):
+        """Delete what a killed session left (temporary files, spectra parts whose chunk
+        never finished) and the parts of damaged chunks, which are profiled again; intact
+        finished parts are never touched. The caller holds the run's lock."""
+        for tmp in self.root.glob(f"*/*{TMP_SUFFIX}"):
             tmp.unlink()
+        for name in damaged_parts(self.root):
+            for folder in ("examples", "spectra"):
+                (self.root / folder / name).unlink(missing_ok=True)
         finished = {p.name for p in (self.root / "examples").glob("part-*.parquet")}
         for part in (self.root / "spectra").glob("part-*.parquet"):
             if part.name not in finished:
@@ -248,9 +270,10 @@ class RunStore:
                 )
 
     def close(self) -> None:
-        """Record the end of this session in the manifest."""
+        """Record the end of this session in the manifest and let other writers in."""
         self.manifest["sessions"][-1]["ended"] = now_iso()
         write_json_atomic(self.manifest_path, self.manifest)
+        self.lock.release()
 
 
 def _part_range(path: Path) -> tuple[int, int]:
@@ -264,10 +287,8 @@ def load_run(run_dir: str | os.PathLike) -> RunTables:
     ``data.n_examples`` (parts a larger earlier ``--limit`` left are kept, not read); a
     training run's tables keep their step columns."""
     root = Path(run_dir)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
-        raise GradspecError(f"{root} is not a gradspec run directory (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(root / "manifest.json")
+    refuse_damaged(root)
     n_examples = manifest.get("data", {}).get("n_examples")
     done = sorted(
         p.name
@@ -282,6 +303,50 @@ def load_run(run_dir: str | os.PathLike) -> RunTables:
         examples.sort_values("example_index", ignore_index=True),
         spectra.sort_values(["example_index", "layer", "param"], ignore_index=True),
     )
+
+
+def damaged_parts(root: Path) -> dict[str, str]:
+    """Each finished chunk (part name) whose examples or spectra part is missing, truncated
+    or unreadable, with the problem; an examples part must hold one row per example."""
+    problems = {}
+    for part in sorted((root / "examples").glob("part-*.parquet")):
+        first, last = _part_range(part)
+        problem = parquet_problem(part, last - first + 1) or parquet_problem(
+            root / "spectra" / part.name
+        )
+        if problem:
+            problems[part.name] = problem
+    return problems
+
+
+def run_problems(root: Path) -> list[str]:
+    """Everything wrong with a run directory, one line each: its manifest's problem, then
+    each damaged chunk, then the examples among the manifest's first ``n_examples`` that no
+    intact part covers (an interrupted run, or lost parts: ``profile`` redoes them)."""
+    try:
+        manifest = read_manifest(root / "manifest.json")
+    except GradspecError as exc:
+        return [str(exc)]
+    problems = list(damaged_parts(root).values())
+    n_examples = manifest.get("data", {}).get("n_examples")
+    if n_examples is not None and not is_training_run(manifest):
+        store = RunStore(root, {}, 0)
+        problems += [
+            f"{root}: examples {first}..{last} have no intact part (interrupted, or parts "
+            "lost); rerun `gradspec profile` to profile them"
+            for first, last in store.missing_chunks(n_examples, n_examples or 1)
+        ]
+    return problems
+
+
+def refuse_damaged(root: Path) -> None:
+    """A GradspecError naming the first damaged chunk of a run and how to repair it."""
+    damaged = damaged_parts(root)
+    if damaged:
+        raise GradspecError(
+            f"{root}: {len(damaged)} damaged chunk(s), e.g. {next(iter(damaged.values()))}; "
+            f"`gradspec check {root}` lists them, rerunning `gradspec profile` redoes them"
+        )
 
 
 def _read_parts(

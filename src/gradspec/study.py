@@ -35,7 +35,6 @@ inputs, so a rerun skips finished cells and `gradspec report` finds the labels a
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import tomllib
@@ -49,11 +48,11 @@ from .data import data_sha256, resolve_data_files
 from .distributed import LOCAL, Ranks, agree, all_gather, process_group, split_by_weight
 from .engine import profile_on
 from .errors import GradspecError
+from .files import write_json_atomic
 from .labels import LABEL_KEYS, normalize_labels
 from .modeling import check_model_path, model_signature, resolve_checkpoint
 from .options import ProfileOptions, Template
-from .runs import STUDY_FILE
-from .store import write_json_atomic
+from .runs import STUDY_FILE, read_study_record
 
 STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets", "findings")
 MODEL_KEYS = ("label", "path", "package", "file", "template", "pair", "family")
@@ -141,7 +140,7 @@ def load_study(
         document = tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GradspecError(f"study file {source} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise GradspecError(f"{source}: not valid TOML: {exc}") from None
     _refuse_unknown(document, STUDY_KEYS, str(source))
     base = source.parent
@@ -339,7 +338,7 @@ def run_study(
     one rank stops every rank with its message once the others finished their cells.
     """
     root = Path(out)
-    options = {**study.profile, **({"limit": limit} if limit else {})}
+    options = {**study.profile, **({"limit": limit} if limit is not None else {})}
     device = device or options.pop("device", "auto")
     options.pop("device", None)  # when --device overrode it
     cells = study.cells()
@@ -436,11 +435,12 @@ def _cell_record(cell: Cell, previous: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _read_record(root: Path) -> dict[str, Any]:
-    path = root / STUDY_FILE
-    if not path.exists():
+    if root.exists() and not root.is_dir():
+        raise GradspecError(f"--out {root} is a file, not a study folder")
+    if not (root / STUDY_FILE).exists():
         if root.exists() and any(root.iterdir()):
             raise GradspecError(
                 f"{root} exists, is not empty and has no {STUDY_FILE}; choose another --out"
             )
         return {}
-    return json.loads(path.read_text())
+    return read_study_record(root)

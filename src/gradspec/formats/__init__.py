@@ -62,6 +62,43 @@ def schema_of(record: Any, where: Location) -> RecordSchema:
     """The schema of ``record``, validated; errors name the file, line or row, and field."""
     if not isinstance(record, dict):
         raise where.error(f"expected a JSON object, found {type(record).__name__}")
+    field = lone_surrogate_field(record)
+    if field is not None:
+        raise where.error(
+            "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+            "Unicode text",
+            field=field,
+        )
     schema = next(s for s in SCHEMAS.values() if s.matches(record))
     schema.validate(record, where)
     return schema
+
+
+def lone_surrogate_field(value: Any, field: str = "") -> str | None:
+    """The dotted path of the first key or string in ``value`` that is not valid Unicode
+    (a lone surrogate, as JSON's "\\ud800" escape reads), or None."""
+    if isinstance(value, str):
+        return None if _encodes(value) else field or "(record)"
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        path = f"{field}.{key}" if field else str(key)
+        if isinstance(key, str) and not _encodes(key):
+            return path
+        found = lone_surrogate_field(item, path)
+        if found is not None:
+            return found
+    return None
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (encodes as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

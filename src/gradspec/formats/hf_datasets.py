@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, GradspecError
+from ..paths import move_into_place
 from .base import SourceRecord
 from .table import table_records
 
@@ -41,8 +42,7 @@ class HfDatasetFolder:
         staging = path.with_name(f".{path.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         load_dataset_folder(like).select(rows).save_to_disk(str(staging))
-        shutil.rmtree(path, ignore_errors=True)
-        staging.rename(path)
+        move_into_place(staging, path)
 
 
 def is_dataset_dict(path: Path) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .base import SourceRecord
-from .text import JSON_SUFFIXES, is_json_array, write_like
+from .text import JSON_SUFFIXES, is_json_array, read_text, write_exactly
 
 
 class JsonArray:
@@ -22,13 +22,13 @@ class JsonArray:
 
     def read(self, path: Path) -> list[SourceRecord]:
         """Parse the array element by element, so each record keeps its line and raw text."""
-        return parse_json_array(str(path), path.read_text(encoding="utf-8"))
+        return parse_json_array(str(path), read_text(path))
 
     def write(self, path: Path, rows: Sequence[int], like: Path) -> None:
         """The source array with only ``rows``, keeping its opening, separators and ending."""
-        text = like.read_text(encoding="utf-8")
+        text = read_text(like)
         raws = [record.raw for record in parse_json_array(str(like), text)]
-        write_like(path, render_json_array(text, raws, [raws[i] for i in rows]), like)
+        write_exactly(path, render_json_array(text, raws, [raws[i] for i in rows]))
 
 
 def parse_json_array(path: str, text: str) -> list[SourceRecord]:
@@ -40,21 +40,30 @@ def parse_json_array(path: str, text: str) -> list[SourceRecord]:
     def fail(at: int, message: str) -> DataError:
         return DataError(path, text.count("\n", 0, at) + 1, f"malformed JSON: {message}")
 
+    def end_array(close: int) -> list[SourceRecord]:
+        """The records, if nothing but space follows the closing ']' at ``close``."""
+        rest = _skip_space(text, close + 1)
+        if rest < len(text):
+            raise fail(rest, "extra data after the array")
+        return records
+
     while True:
         pos = _skip_space(text, pos)
         if pos < len(text) and text[pos] == "]" and not records:
-            return records
+            return end_array(pos)
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise fail(exc.pos, exc.msg) from None
+        except RecursionError:
+            raise fail(pos, "nested too deeply") from None
         line = text.count("\n", 0, pos) + 1
         records.append(SourceRecord(len(records), record, line, text[pos:end]))
         pos = _skip_space(text, end)
         if pos >= len(text):
             raise fail(pos, "unterminated array")
         if text[pos] == "]":
-            return records
+            return end_array(pos)
         if text[pos] != ",":
             raise fail(pos, f"expected ',' or ']' after a record, found {text[pos]!r}")
         pos += 1

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import DataError
+from ..files import write_parquet_atomic
 from .base import SourceRecord
 from .table import table_records
 
@@ -31,13 +32,17 @@ class Parquet:
 
     def read(self, path: Path) -> list[SourceRecord]:
         """Every row as a record, numbered from 0."""
-        return table_records(read_table(path).to_pylist())
+        table = read_table(path)
+        try:
+            return table_records(table.to_pylist())
+        except (pa.ArrowException, UnicodeDecodeError, ValueError) as exc:
+            raise DataError(str(path), None, f"unreadable values ({exc})") from None
 
     def write(self, path: Path, rows: Sequence[int], like: Path) -> None:
         """The rows at ``rows`` of ``like``, with its schema (metadata too) and compression."""
         table = read_table(like)
         kept = table.take(pa.array(rows, type=pa.int64()))
-        pq.write_table(kept, path, compression=compression_of(like))
+        write_parquet_atomic(kept, path, compression=compression_of(like))
 
 
 def read_table(path: Path) -> pa.Table:

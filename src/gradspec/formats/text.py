@@ -1,8 +1,12 @@
-"""What the JSON array and JSONL formats share: their suffixes and how their text is written."""
+"""What the JSON array and JSONL formats share: their suffixes, and reading and writing
+their text exactly (UTF-8, line ends as they are)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..errors import DataError
+from ..files import write_text_atomic
 
 JSON_SUFFIXES = (".json", ".jsonl")
 
@@ -17,7 +21,21 @@ def is_json_array(path: Path) -> bool:
     return False
 
 
-def write_like(path: Path, body: str, like: Path) -> None:
-    """Write ``body`` as UTF-8 with the line ends of ``like`` (CRLF if it has any)."""
-    newline = "\r\n" if b"\r\n" in like.read_bytes() else "\n"
-    path.write_text(body, encoding="utf-8", newline=newline)
+def read_text(path: Path) -> str:
+    """The file's text decoded as UTF-8 with its line ends untouched (a record's line is
+    ended by "\\n" alone: U+2028 or NEL inside a string is text); a DataError names the line
+    of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            str(path), line, f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column})"
+        ) from None
+
+
+def write_exactly(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 with its line ends as they are, atomically."""
+    write_text_atomic(path, text, newline="")

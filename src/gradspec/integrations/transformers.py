@@ -42,9 +42,10 @@ from ..capture import SpectraCapture
 from ..data import IGNORE_INDEX
 from ..errors import GradspecError
 from ..families import find_targets
+from ..files import RunLock, write_json_atomic, write_parquet_atomic, write_text_atomic
 from ..quality import ROBUST_SCALE
 from ..statistics import STAT_COLUMNS, STATISTICS
-from ..store import TRAINING_RUN, run_schemas, write_json_atomic, write_parquet_atomic
+from ..store import TRAINING_RUN, run_schemas
 
 FLAGGED_FILE = "flagged.jsonl"
 # How far the per-token weights read from the logits' gradient may spread (relative): a
@@ -268,7 +269,13 @@ class TrainingRun:
         self.written = 0
         for folder in ("examples", "spectra"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.root)  # held until close(): one writer per run directory
+        self.lock.acquire()
         write_json_atomic(self.root / "manifest.json", manifest)
+
+    def close(self) -> None:
+        """Let another writer in."""
+        self.lock.release()
 
     def write_step(self, step: int, epoch: float, records: StepRecords, scores: np.ndarray) -> None:
         first, n = self.written, len(records.ids)
@@ -316,8 +323,10 @@ class TrainingRun:
         return pa.table(columns, schema=self.spectra_schema)
 
     def append_flags(self, lines: list[dict[str, Any]]) -> None:
-        with (self.root / FLAGGED_FILE).open("a") as out:
-            out.writelines(json.dumps(line) + "\n" for line in lines)
+        """Add lines to the flagged file (rewritten whole, atomically: flags are few)."""
+        path = self.root / FLAGGED_FILE
+        before = path.read_text(encoding="utf-8") if path.exists() else ""
+        write_text_atomic(path, before + "".join(json.dumps(line) + "\n" for line in lines))
 
 
 # ---------------------------------------------------------------- the callback
@@ -391,6 +400,8 @@ class GradspecCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
         self._detach()
+        if self.run is not None:
+            self.run.close()
 
     def _attach(self, model: nn.Module) -> None:
         """Hooks for one profiled step; other steps run with none (no idle cost)."""

@@ -18,13 +18,15 @@ Every table is also written as ``<report>_tables/<name>.csv``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import GradspecError
+from ..errors import GradspecError, GradspecWarning
+from ..files import atomic_path, refuse_unsafe_output, write_text_atomic
 from ..findings import MATRIX_SETS, evaluate_findings
-from ..runs import load_runs, recorded_finding_modules
+from ..runs import Run, load_runs, recorded_finding_modules
 from ..statistics import REPORT_STATISTICS
 from .context import ReportContext
 from .html import render_html
@@ -56,18 +58,38 @@ def write_report(
     """
     if statistic not in REPORT_STATISTICS:
         raise GradspecError(f"--statistic {statistic}: use one of {', '.join(REPORT_STATISTICS)}")
-    runs = load_runs(run_dirs, labels)
-    out = Path(out_html)
+    out = refuse_unsafe_output(out_html, [], "--out")
+    runs = with_profiled_examples(load_runs(run_dirs, labels))
     tables = build_tables(runs, statistic, split, n_boot, seed, out.parent)
     chosen = tuple(finding_modules) or recorded_finding_modules(run_dirs)
     findings = evaluate_findings(runs, n_boot, seed, {"chosen": chosen} if chosen else MATRIX_SETS)
     for finding in findings:
         tables[f"finding_{finding.number}"] = finding.table
-    csv_dir = out.parent / f"{out.stem}_tables"
-    csv_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        table.to_csv(csv_dir / f"{name}.csv", index=False)
     context = ReportContext(title, runs, statistic, split, n_boot, seed)
-    out.with_suffix(".md").write_text(render_markdown(context, tables, findings))
-    out.write_text(render_html(context, tables, findings))
+    markdown = render_markdown(context, tables, findings)
+    page = render_html(context, tables, findings)
+    csv_dir = out.parent / f"{out.stem}_tables"
+    for name, table in tables.items():
+        with atomic_path(csv_dir / f"{name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    write_text_atomic(out.with_suffix(".md"), markdown)
+    write_text_atomic(out, page)
     return out
+
+
+def with_profiled_examples(runs: list[Run]) -> list[Run]:
+    """The runs that have spectra rows; the others are left out with a warning (all of them
+    empty: an error), since a run with no profiled example has no curve to draw."""
+    empty = [run.name for run in runs if run.tables.spectra.empty]
+    if len(empty) == len(runs):
+        raise GradspecError(
+            f"{', '.join(empty)}: no profiled examples (every example skipped, or no data); "
+            "nothing to report"
+        )
+    if empty:
+        warnings.warn(
+            f"left out of the report, having no profiled examples: {', '.join(empty)}",
+            GradspecWarning,
+            stacklevel=2,
+        )
+    return [run for run in runs if not run.tables.spectra.empty]
