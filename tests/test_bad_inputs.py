@@ -575,3 +575,16 @@ def test_typer_usage_errors_exit_2_without_a_traceback(line):
     result = cli(*line.split())
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output and "Usage:" in result.output
+
+
+def test_the_training_monitor_holds_its_run_directory_lock(tmp_path):
+    from gradspec.files import RunLock
+    from gradspec.integrations.transformers import TrainingRun
+
+    monitor = TrainingRun(tmp_path / "train", [], {"kind": "training", "options": {}})
+    with pytest.raises(GradspecError, match="being written by another gradspec process"):
+        RunLock(tmp_path / "train").acquire()
+    monitor.close()
+    other = RunLock(tmp_path / "train")
+    other.acquire()
+    other.release()
