@@ -588,3 +588,15 @@ def test_the_training_monitor_holds_its_run_directory_lock(tmp_path):
     other = RunLock(tmp_path / "train")
     other.acquire()
     other.release()
+
+
+def test_check_of_a_study_folder_checks_each_started_cell(made, tmp_path):
+    run = made[2]
+    for name in ("a", "b"):
+        shutil.copytree(run, tmp_path / "study" / name)
+    first_part(tmp_path / "study" / "b", "spectra").unlink()
+    cells = [{"name": n, "run": n, "labels": {}} for n in ("a", "b")]
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"cells": cells}))
+    result = cli("check", tmp_path / "study")
+    assert_one_line_refusal(result, "1 of 2 run(s) have problems")
+    assert f"ok: {tmp_path / 'study' / 'a'}" in result.output

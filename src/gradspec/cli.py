@@ -397,11 +397,19 @@ def select(
 @app.command()
 @user_errors_exit_cleanly
 def check(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to check.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories and/or study folders to check.")
+    ],
 ) -> None:
     """Check run directories: the manifest, every part, and the examples no part covers."""
+    from .runs import is_study_dir, study_runs
     from .store import run_problems
 
+    run_dirs = [
+        run
+        for path in run_dirs
+        for run in ([r for r, _ in study_runs(path)] if is_study_dir(path) else [path])
+    ]
     damaged = 0
     for run_dir in run_dirs:
         problems = run_problems(run_dir)
@@ -409,7 +417,7 @@ def check(
         for problem in problems:
             console.print(f"[yellow]problem:[/] {problem}", highlight=False, soft_wrap=True)
         if not problems:
-            console.print(f"[green]ok:[/] {run_dir}", highlight=False)
+            console.print(f"[green]ok:[/] {run_dir}", highlight=False, soft_wrap=True)
     if damaged:
         raise GradspecError(
             f"{damaged} of {len(run_dirs)} run(s) have problems; rerunning `gradspec profile` "
