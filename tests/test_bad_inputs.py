@@ -278,6 +278,15 @@ def test_12_a_unicode_line_separator_inside_a_jsonl_string_is_text(separator, tm
     assert [ex.line for ex in examples] == [1, 2]
 
 
+def test_a_lone_surrogate_is_refused_in_one_line_naming_its_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    record = {"instruction": "a", "output": "b", "notes": {"x\ny": "\ud800"}}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'notes.x\\ny': holds a lone") as refused:
+        load_examples(path)
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("option", ["--out", "--sidecar"])
 def test_13_a_table_name_other_than_parquet_or_csv_is_refused(option, made, tmp_path):
     _, data, run = made

@@ -73,8 +73,9 @@ def user_errors_exit_cleanly(command: F) -> F:
                 warnings.showwarning = show_warning
                 return command(*args, **kwargs)
         except (GradspecError, OSError) as exc:
-            message = exc if isinstance(exc, GradspecError) else os_error_message(exc)
-            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            message = str(exc) if isinstance(exc, GradspecError) else os_error_message(exc)
+            one_line = " ".join(message.splitlines())  # a library's message may span lines
+            console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -86,7 +86,8 @@ def lone_surrogate_field(value: Any, field: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        path = f"{field}.{key}" if field else str(key)
+        name = str(key) if str(key).isprintable() else ascii(str(key))[1:-1]
+        path = f"{field}.{name}" if field else name
         if isinstance(key, str) and not _encodes(key):
             return path
         found = lone_surrogate_field(item, path)
