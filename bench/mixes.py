@@ -14,9 +14,12 @@ fluent as the good ones and only their relation to the instruction is wrong:
   (StrategyQA). Instructions whose response never states the gold answer are not eligible;
   the Wikipedia sets have no final answer.
 - ``truncated``: the response cut at a word boundary between 30% and 70% of its words
-  (responses of fewer than ``MIN_TRUNCATE_WORDS`` words are not eligible).
+  (responses of fewer than ``corruptions.MIN_TRUNCATE_WORDS`` words are not eligible).
 
-Everything is deterministic given the seed and the cell's task and style.
+``swapped`` and ``truncated`` are ``gradspec.corruptions``' own (the kinds ``gradspec flag
+--learn`` corrupts a user's data with), the answer rules per task are shared with its
+``wrong_answer``; ``irrelevant`` and the gold-answer ``wrong_answer`` need the shared
+data's files. Everything is deterministic given the seed and the cell's task and style.
 """
 
 from __future__ import annotations
@@ -31,19 +34,22 @@ from typing import Any
 
 import numpy as np
 
+from gradspec.corruptions import (
+    AnswerSpan,
+    answer_spans,
+    ecqa_options,
+    normalise_gold,
+    swapped,
+    truncated,
+    wrong_answer_text,
+)
 from gradspec.labels import CORRECTNESS
-from gradspec.shared_data import REASONING_TASKS, reasoning_file, wiki_file
+from gradspec.shared_data import REASONING_TASKS, math_file, reasoning_file, wiki_file
 
 KINDS = ("irrelevant", "swapped", "wrong_answer", "truncated")
 ANSWER_TASKS = REASONING_TASKS  # each has a final answer to corrupt
-MIN_TRUNCATE_WORDS = 8
 # Most constrained kinds pick their instructions first, so that each gets its share.
 PICK_ORDER = ("wrong_answer", "truncated", "irrelevant", "swapped")
-
-NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
-OPTION_LETTER = re.compile(r"\(([A-E])\)")
-YES_NO = re.compile(r"\b(yes|no)\b(?=\s*[.,;:!*\"')\]]|\s*$)", re.IGNORECASE | re.MULTILINE)
-OPTIONS_BLOCK = re.compile(r"Options:(?:\\n|\n)(.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,16 @@ def reasoning_cell(data: Path, task: str, style: str) -> CellFiles:
     )
 
 
+def math_cell(data: Path, subject: str, style: str) -> CellFiles:
+    """A MATH subject in one style; no answer-only file, so no gold answers."""
+    return CellFiles(
+        subject,
+        style,
+        data / math_file(subject, style),
+        data / math_file(subject, style, CORRECTNESS[1]),
+    )
+
+
 def wiki_cell(data: Path, name: str) -> CellFiles:
     """A Wikipedia set (style 'wiki'); no gold answers."""
     return CellFiles(name, "wiki", data / wiki_file(name), data / wiki_file(name, CORRECTNESS[1]))
@@ -82,36 +98,7 @@ class MixExample:
     index: int  # position of the instruction in the correct file
 
 
-@dataclass(frozen=True)
-class AnswerSpan:
-    """Where a candidate final answer is stated in a response, and its normalised value."""
-
-    start: int
-    end: int
-    value: str
-
-
 # ---------------------------------------------------------------- answers per task
-
-
-def answer_spans(task: str, response: str, instruction: str) -> list[AnswerSpan]:
-    """Every place the response states a candidate answer of the task's kind, in order."""
-    if task == "gsm8k":
-        return [
-            AnswerSpan(m.start(), m.end(), normalise_number(m.group()))
-            for m in NUMBER.finditer(response)
-        ]
-    if task == "aqua":
-        return [
-            AnswerSpan(m.start(), m.end(), m.group(1)) for m in OPTION_LETTER.finditer(response)
-        ]
-    if task == "strategyqa":
-        return [
-            AnswerSpan(m.start(), m.end(), m.group(1).lower()) for m in YES_NO.finditer(response)
-        ]
-    if task == "ecqa":
-        return option_text_spans(response, ecqa_options(instruction))
-    raise ValueError(f"no final answer rule for task {task!r}")
 
 
 def extract_answer(task: str, text: str, instruction: str) -> str | None:
@@ -121,70 +108,11 @@ def extract_answer(task: str, text: str, instruction: str) -> str | None:
     return spans[-1].value if spans else None
 
 
-def normalise_number(text: str) -> str:
-    """'1,000.00' -> '1000', '-2.50' -> '-2.5': one spelling per value."""
-    value = float(text.replace(",", ""))
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def normalise_gold(task: str, gold: str) -> str:
-    """The no_cot response as the value ``answer_spans`` gives for it."""
-    gold = gold.strip()
-    if task == "gsm8k":
-        return normalise_number(gold)
-    if task == "aqua":
-        return gold.strip("()")
-    return gold.lower()
-
-
-def ecqa_options(instruction: str) -> list[str]:
-    """The options listed after 'Options:' (one per '- ' line; the data escape newlines)."""
-    block = OPTIONS_BLOCK.search(instruction)
-    if block is None:
-        return []
-    lines = re.split(r"\\n|\n", block.group(1))
-    return [line[2:].strip() for line in lines if line.startswith("- ")]
-
-
-def option_text_spans(response: str, options: Sequence[str]) -> list[AnswerSpan]:
-    """Case-insensitive whole-word mentions of the options, in order of position."""
-    spans = []
-    for option in options:
-        pattern = re.compile(rf"(?<!\w){re.escape(option)}(?!\w)", re.IGNORECASE)
-        spans += [
-            AnswerSpan(m.start(), m.end(), option.lower()) for m in pattern.finditer(response)
-        ]
-    return sorted(spans, key=lambda s: (s.start, -s.end))
-
-
 def final_answer_span(task: str, response: str, instruction: str, gold: str) -> AnswerSpan | None:
     """The last statement of the gold answer in the response, or None if it never states it."""
     wanted = normalise_gold(task, gold)
     matches = [s for s in answer_spans(task, response, instruction) if s.value == wanted]
     return matches[-1] if matches else None
-
-
-def wrong_answer_text(
-    task: str, stated: str, gold: str, instruction: str, rng: np.random.Generator
-) -> str:
-    """A different answer written the way ``stated`` (the response's own text) writes it."""
-    if task == "gsm8k":
-        value = float(normalise_gold(task, gold))
-        step = int(rng.integers(1, 10))
-        wrong = value + step if value - step < 0 or rng.random() < 0.5 else value - step
-        decimals = len(stated.split(".")[1]) if "." in stated else 0
-        return f"{wrong:.{decimals}f}"
-    if task == "aqua":
-        letters = [c for c in "ABCDE" if c != normalise_gold(task, gold)]
-        return f"({rng.choice(letters)})"
-    if task == "strategyqa":
-        flipped = "no" if stated.lower() == "yes" else "yes"
-        return flipped.capitalize() if stated[0].isupper() else flipped
-    if task == "ecqa":
-        others = [o for o in ecqa_options(instruction) if o.lower() != gold.strip().lower()]
-        wrong = str(rng.choice(others))
-        return wrong.title() if stated.istitle() and not stated.islower() else wrong
-    raise ValueError(f"no final answer rule for task {task!r}")
 
 
 def with_wrong_answer(
@@ -217,18 +145,6 @@ def aqua_option_text_end(response: str, span: AnswerSpan, instruction: str, stat
     if text and following.startswith(" " + text):
         return span.end + 1 + len(text)
     return span.end
-
-
-# ---------------------------------------------------------------- the other corruptions
-
-
-def truncated(record: dict[str, str], rng: np.random.Generator) -> dict[str, str] | None:
-    """The response cut after 30-70% of its words, or None when it is too short to cut."""
-    words = list(re.finditer(r"\S+", record["output"]))
-    if len(words) < MIN_TRUNCATE_WORDS:
-        return None
-    keep = int(rng.integers(round(0.3 * len(words)), round(0.7 * len(words)) + 1))
-    return {**record, "output": record["output"][: words[keep - 1].end()]}
 
 
 # ---------------------------------------------------------------- the mix
@@ -304,8 +220,8 @@ def corrupted_candidates(
     if "wrong_answer" in kinds and files.answers is not None and files.task in ANSWER_TASKS:
         found["wrong_answer"] = wrong_answers(files.task, mix, read_records(files.answers), rng)
     if "truncated" in kinds:
-        cut = {i: truncated(record, rng) for i, record in enumerate(mix)}
-        found["truncated"] = {i: record for i, record in cut.items() if record is not None}
+        cut = {i: truncated(record["output"], (), rng) for i, record in enumerate(mix)}
+        found["truncated"] = {i: {**mix[i], "output": out} for i, out in cut.items() if out}
     return found
 
 
@@ -324,13 +240,13 @@ def swapped_responses(
     mix: list[dict[str, str]], pool: list[dict[str, str]], rng: np.random.Generator
 ) -> dict[int, dict[str, str]]:
     """Each instruction with a different response drawn, without replacement, from ``pool``."""
-    donors = [int(d) for d in rng.permutation(len(pool))]
+    donors = [pool[int(d)]["output"] for d in rng.permutation(len(pool))]
     found = {}
     for i, record in enumerate(mix):
-        donor = next((d for d in donors if pool[d]["output"] != record["output"]), None)
-        if donor is not None:
-            donors.remove(donor)
-            found[i] = {**record, "output": pool[donor]["output"]}
+        response = swapped(record["output"], donors, rng)
+        if response is not None:
+            donors.remove(response)
+            found[i] = {**record, "output": response}
     return found
 
 

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mixes import (
-    KINDS,
-    CellFiles,
-    answer_spans,
-    build_mix,
-    ecqa_options,
-    final_answer_span,
-    truncated,
-    with_wrong_answer,
-)
+from mixes import KINDS, CellFiles, build_mix, final_answer_span, with_wrong_answer
+
+from gradspec.corruptions import answer_spans, ecqa_options, truncated
 
 AQUA_INSTRUCTION = (
     "The average of 9 results is 50. What is the fifth result?"
@@ -103,10 +96,10 @@ def test_truncation_keeps_a_word_prefix_of_30_to_70_percent():
     words = [f"w{i}" for i in range(20)]
     record = {"instruction": "q", "input": "", "output": " ".join(words)}
     for seed in range(20):
-        cut = truncated(record, np.random.default_rng(seed))["output"]
+        cut = truncated(record["output"], (), np.random.default_rng(seed))
         kept = cut.split(" ")
         assert kept == words[: len(kept)] and 6 <= len(kept) <= 14
-    assert truncated({**record, "output": "too short to cut"}, rng()) is None
+    assert truncated("too short to cut", (), rng()) is None
 
 
 # ---------------------------------------------------------------- the mix

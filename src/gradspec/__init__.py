@@ -22,6 +22,7 @@ _PUBLIC = {
     "DataError": "errors",
     "GradspecError": "errors",
     "encode": "data",
+    "learn_flags": "detector",
     "load_examples": "data",
     "load_run": "store",
     "profile": "engine",
@@ -32,6 +33,7 @@ __all__ = [  # noqa: RUF022 - the version first, then _PUBLIC's names
     "DataError",
     "GradspecError",
     "encode",
+    "learn_flags",
     "load_examples",
     "load_run",
     "profile",
@@ -39,6 +41,7 @@ __all__ = [  # noqa: RUF022 - the version first, then _PUBLIC's names
 
 if TYPE_CHECKING:
     from .data import encode, load_examples
+    from .detector import learn_flags
     from .engine import profile
     from .errors import DataError, GradspecError
     from .store import load_run

@@ -40,6 +40,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+LEARN_PANEL = "Learned detector (--learn)"
 
 
 def _show_version(value: bool) -> None:
@@ -291,6 +292,45 @@ def flag(
         typer.Option(help="Full ranking, .parquet or .csv; default RUN_DIR/flags.parquet."),
     ] = None,
     top: Annotated[int, typer.Option(help="Show the N most suspect examples.")] = 20,
+    learn: Annotated[
+        bool,
+        typer.Option(
+            help="Learn a detector from corrupted twins of a sample of the run's examples, "
+            "profiled with the run's model and options into RUN_DIR-twins/ (resumable).",
+            rich_help_panel=LEARN_PANEL,
+        ),
+    ] = False,
+    kinds: Annotated[
+        str,
+        typer.Option(
+            help="With --learn: corruptions, comma-separated, of "
+            "stitched, swapped, wrong_answer, truncated.",
+            rich_help_panel=LEARN_PANEL,
+        ),
+    ] = "stitched,swapped,wrong_answer,truncated",
+    twins: Annotated[
+        int,
+        typer.Option(help="With --learn: examples given a twin.", rich_help_panel=LEARN_PANEL),
+    ] = 256,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="With --learn: which examples and corruptions.", rich_help_panel=LEARN_PANEL
+        ),
+    ] = 0,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --learn: the model, if not where the run's manifest says.",
+            rich_help_panel=LEARN_PANEL,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="With --learn: cpu, cuda, ...; default the run's.", rich_help_panel=LEARN_PANEL
+        ),
+    ] = None,
 ) -> None:
     """Rank the examples whose responses most likely do not answer their instruction."""
     from .quality import example_scores, flag_ranking, read_labels, save_table
@@ -298,19 +338,32 @@ def flag(
 
     if top < 0:
         raise GradspecError(f"--top {top}: must be at least 0")
+    if learn and labels:
+        raise GradspecError("--learn and --labels: use one of them")
     path = table_output(run_dir, out, "flags.parquet")
-    scores = example_scores(load_run(run_dir))
-    ranking = flag_ranking(scores, read_labels(labels, scores) if labels else None)
+    if learn:
+        from .detector import learn_flags, learnable_run
+
+        learnable_run(run_dir, kinds.split(","), twins)  # refuses before the progress bar
+        with progress_bar("profiling twins") as update:
+            learned = learn_flags(
+                run_dir, kinds.split(","), twins, seed, model, device, progress=update
+            )
+        ranking, summary = learned.ranking, learned.summary
+        per_kind = ", ".join(
+            f"{kind} {value:.2f}" for kind, value in summary["held_out_auroc_per_kind"].items()
+        )
+        console.print(
+            f"learned from {summary['pairs']} twins in {learned.folder}: held-out AUROC "
+            f"{summary['held_out_auroc']:.3f} ({per_kind})",
+            highlight=False,
+        )
+    else:
+        scores = example_scores(load_run(run_dir))
+        ranking = flag_ranking(scores, read_labels(labels, scores) if labels else None)
     save_table(ranking, path)
-    table = Table(
-        "rank",
-        "example",
-        "source:line",
-        "flag",
-        "percentile",
-        "probability",
-        title="most suspect examples",
-    )
+    columns = ["rank", "example", "source:line", "flag", "percentile", "probability"]
+    table = Table(*columns, *(["drivers"] if learn else []), title="most suspect examples")
     for row in ranking.head(top).itertuples():
         probability = "-" if math.isnan(row.probability) else f"{row.probability:.3f}"
         table.add_row(
@@ -320,6 +373,7 @@ def flag(
             f"{row.flag:+.3f}",
             f"{row.flag_pct:.3f}",
             probability,
+            *([row.drivers] if learn else []),
         )
     console.print(table)
     console.print(f"[green]done:[/] {len(ranking)} examples ranked into {path}")

@@ -210,10 +210,14 @@ def flag_ranking(scores: pd.DataFrame, labels: pd.DataFrame | None = None) -> pd
         ranked = ranked.merge(labels, on="example_index", how="left")
         ranked["probability"] = calibrated_probability(ranked)
         order = "probability"
+    return rank_table(ranked, order, ["flag", "flag_pct", "probability", "label"])
+
+
+def rank_table(ranked: pd.DataFrame, order: str, columns: list[str]) -> pd.DataFrame:
+    """Rows ranked by ``order``, highest (most suspect) first, ties by example index."""
     ranked = ranked.sort_values([order, "example_index"], ascending=[False, True])
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
-    columns = ["rank", *id_columns(ranked), "flag", "flag_pct", "probability", "label"]
-    return ranked[columns].reset_index(drop=True)
+    return ranked[["rank", *id_columns(ranked), *columns]].reset_index(drop=True)
 
 
 def calibrated_probability(ranked: pd.DataFrame) -> np.ndarray:
