@@ -5,8 +5,11 @@ response style and every Wikipedia set, the first ``--pool-size`` / 16 instructi
 ``--share`` of them given their irrelevant twin instead of their own response. The pool is
 profiled once with gradspec (with IFD) and scored (``gradspec.quality``). ``--k`` examples
 are then kept by each method: ``random``, the baselines ``loss`` and ``ifd``, every gradient
-score, ``flag``, and ``diverse`` (``gradspec select --diverse``: facility location over the
-gradient signatures of the best 1.5k by flag). Each scored method also has a
+score, ``flag``, ``diverse`` (``gradspec select --diverse``: facility location over the
+gradient signatures of the best 1.5k by flag) and ``learned`` (the probability of the
+detector ``gradspec flag --learn`` learns from corrupted twins of ``--learn-twins`` pool
+examples, every corruption kind, profiled beside the pool's profile with the same
+options; ``gradspec.detector.learn_flags``). Each scored method also has a
 ``<method>_within`` variant that ranks an example by its place within its own source file
 (``gradspec select --within cell``; the pool's records carry their file as ``cell``), so k
 is spread over the files as the pool is: pooled over styles, gradient scores select by
@@ -32,11 +35,12 @@ from ``random`` with a paired bootstrap. Every (method, seed) result is cached a
 Defaults, chosen for a 2-core CPU: pool 160 (10 per cell, 48 irrelevant), k = 64 (40%:
 a perfect filter can drop every irrelevant response; random keeps about 19), 16 steps of 4
 (one epoch of k), 128 tokens, 4 held-out instructions per cell (64 loss items), 12 per
-answer task (48 generations of 32 tokens), 3 seeds, ``DEFAULT_METHODS`` (11: random, loss,
-ifd, nuclear_norm, flag, diverse and the five ``_within`` variants; the attention/MLP
-nuclear norms, effective rank and layer MAD behaved like nuclear_norm in the first run and
-are left to ``--methods``): 34 runs with ``base``, two at a time (``--jobs 2``: processes
-of one thread each, each run's result its own JSON file renamed into place).
+answer task (48 generations of 32 tokens), 3 seeds, ``DEFAULT_METHODS`` (13: random, loss,
+ifd, nuclear_norm, flag, diverse, learned and the six ``_within`` variants; the
+attention/MLP nuclear norms, effective rank and layer MAD behaved like nuclear_norm in the
+first run and are left to ``--methods``): 40 runs with ``base``, two at a time (``--jobs
+2``: processes of one thread each, each run's result its own JSON file renamed into
+place), and 160 twins for ``learned``.
 
 Estimated wall time of the default run on two idle cores: about 40 minutes (under 45 with
 a 10% margin for two processes sharing the memory bus). From CPU seconds of one thread
@@ -45,7 +49,8 @@ profile with IFD 1.4 s per pool example (16 examples: 22.5 s), so 225 s for 160;
 fine-tune 2.2 s + 4.45 s per step of 4 (1 and 5 steps: 6.6 and 24.4 s), so 73 s; the 64
 loss items 24.8 s and the 48 greedy answers about 28 s on the merged model (29.4 and 32.7
 s with the LoRA adapters unmerged): a run about 127 s, ``base`` about 54 s. 225 s +
-(33 x 127 s + 54 s) / 2 + about 40 s of selections and worker start = 2390 s.
+(33 x 127 s + 54 s) / 2 + about 40 s of selections and worker start = 2390 s for the
+first 11 methods; ``learned`` adds its 160 twins (225 s) and 6 runs (381 s): about 3000 s.
 
     .venv/bin/python bench/eval_selection.py --model path/to/smollm2-135m-instruct
     .venv/bin/python bench/eval_selection.py --model M --device cuda --jobs 1 \\
@@ -65,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from mixes import (
     ANSWER_TASKS,
@@ -89,6 +95,7 @@ from transformers import (
 import gradspec
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.data import Example, encode_example, load_examples
+from gradspec.detector import learn_flags
 from gradspec.modeling import check_model_dir, model_signature
 from gradspec.selection import select
 from gradspec.shared_data import REASONING_TASKS, STYLE_SUFFIXES, WIKI_SETS, shared_data_dir
@@ -101,13 +108,15 @@ GRADIENT_SCORES = (
     "layer_mad",
     "flag",
 )
-SCORED = ("loss", "ifd", *GRADIENT_SCORES, "diverse")
+# ``learned``: the probability of gradspec's learned detector (``gradspec flag --learn``:
+# twins of the pool, every corruption kind, profiled beside the pool's profile).
+SCORED = ("loss", "ifd", *GRADIENT_SCORES, "diverse", "learned")
 # ``<method>_within``: ranked by the place within the example's source file (``select
 # --within cell``), so k is spread over the files as the pool is: pooled gradient scores
 # select by response style (answer-only responses have the largest gradients).
 WITHIN = "cell"
 METHODS = ("random", *SCORED, *(f"{method}_within" for method in SCORED))
-DEFAULT_SCORED = ("loss", "ifd", "nuclear_norm", "flag", "diverse")
+DEFAULT_SCORED = ("loss", "ifd", "nuclear_norm", "flag", "diverse", "learned")
 DEFAULT_METHODS = ("random", *DEFAULT_SCORED, *(f"{method}_within" for method in DEFAULT_SCORED))
 # LoRA rather than a full fine-tune: a fraction of the optimizer state and of the weight
 # gradients (the CPU budget), the adapter setting LESS fine-tunes with, and the model's
@@ -145,6 +154,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.5,
         help="diverse: cover from the best POOL x k by flag (select --pool)",
+    )
+    parser.add_argument(
+        "--learn-twins",
+        type=int,
+        default=160,
+        help="learned: pool examples given a corrupted twin (flag --learn --twins)",
     )
     parser.add_argument("--eval-per-cell", type=int, default=4, help="held-out loss items")
     parser.add_argument("--accuracy-per-task", type=int, default=12, help="generated answers")
@@ -281,6 +296,7 @@ def selected_indices(
     score = method.removesuffix("_within")
     by, diverse = ("flag", True) if score == "diverse" else (score, False)
     work = context["work"]
+    extra = learned_scores(context, args) if score == "learned" else None
     selection = select(
         context["run"],
         work / "pool.json",
@@ -290,9 +306,26 @@ def selected_indices(
         diverse=diverse,
         pool=args.diverse_pool,
         within=WITHIN if method.endswith("_within") else None,
+        extra_scores=extra,
     )
     report = selection.report
     return sorted(int(i) for i in report.loc[report["kept"], "example_index"])
+
+
+def learned_scores(context: dict[str, Any], args: argparse.Namespace) -> pd.DataFrame:
+    """The learned detector's probability per pool example, as the score ``learned``
+    (learnt once per pool, with all corruption kinds, the pool seed as its seed)."""
+    if "learned" not in context:
+        learned = learn_flags(
+            context["run"], sample=args.learn_twins, seed=args.pool_seed, device=args.device
+        )
+        console.print(
+            f"learned detector: held-out AUROC {learned.summary['held_out_auroc']:.3f} "
+            f"on {learned.summary['pairs']} twins ({learned.folder})"
+        )
+        scores = learned.ranking[["example_index", "probability"]]
+        context["learned"] = scores.rename(columns={"probability": "learned"})
+    return context["learned"]
 
 
 # ---------------------------------------------------------------- fine-tune and evaluate

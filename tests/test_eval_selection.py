@@ -25,6 +25,7 @@ from mixes import extract_answer, read_records
 from transformers import AutoTokenizer
 
 from gradspec import encode
+from gradspec.detector import learn_flags
 from gradspec.shared_data import reasoning_file
 
 ECQA_INSTRUCTION = (
@@ -212,3 +213,39 @@ def test_tiny_run_selects_fine_tunes_evaluates_and_resumes(
     }
     main([*argv, "--seeds", "0,1,2", "--report-only"])  # seed 2 is reported, not trained
     assert {p: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")} == after
+
+
+@pytest.mark.slow
+def test_learned_detector_selects_pooled_and_within_each_file(
+    tiny_model: Callable[[str], Path], shared_data: Path, tmp_path: Path
+):
+    argv = [
+        *("--model", str(tiny_model("llama")), "--template", "plain", "--work", str(tmp_path)),
+        *("--pool-size", "96", "--k", "24", "--steps", "1", "--seeds", "0", "--jobs", "1"),
+        *("--max-length", "128", "--eval-per-cell", "1", "--accuracy-per-task", "1"),
+        *("--new-tokens", "2", "--methods", "learned,learned_within", "--learn-twins", "48"),
+    ]
+    report = main(argv)
+    results, args = report.parent, parse_args(argv)
+    profile = results.parent / "profile"
+    learned = learn_flags(profile, sample=48, seed=args.pool_seed, device="cpu")
+    assert learned.folder.parent == results.parent / "profile-twins"
+    assert learned.summary["pairs"] >= 20
+    probability = learned.ranking.set_index("example_index")["probability"]
+    kept = json.loads((results / "learned_seed0.json").read_text())["kept"]
+    expected = sorted(
+        probability.to_frame()
+        .reset_index()
+        .sort_values(["probability", "example_index"])["example_index"][:24]
+    )
+    assert kept == expected
+    pool = json.loads((results.parent / "pool.json").read_text())
+    within = json.loads((results / "learned_within_seed0.json").read_text())["kept"]
+    per_file = pd.Series([pool[i]["cell"] for i in within]).value_counts()
+    scored_files = pd.Series([pool[i]["cell"] for i in probability.index]).value_counts()
+    assert (
+        len(within) == 24 and per_file.max() <= -(-24 * scored_files.max() // len(probability)) + 1
+    )
+    assert within != kept  # spread over the files, not the pooled lowest probabilities
+    text = report.read_text()
+    assert "| learned |" in text and "| learned_within |" in text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def select(
     pool: float = 2.0,
     sidecar: str | os.PathLike | None = None,
     within: str | None = None,
+    extra_scores: pd.DataFrame | None = None,
 ) -> Selection:
     """Write the examples of ``data`` kept by score (and coverage) to ``out``.
 
@@ -72,6 +74,8 @@ def select(
     that differs from what the run profiled. ``out`` is a file for one data file, a
     directory (one file per input file, same names) for several. ``within`` ('source' or
     a record field) ranks by the place within each stratum (``rank_within``).
+    ``extra_scores`` (``example_index`` and score columns, higher = more suspect, e.g. the
+    learned detector's ``probability``) adds scores ``by`` can name.
     """
     tables = load_run(run_dir)
     files = check_data_unchanged(tables.manifest, data)
@@ -81,8 +85,12 @@ def select(
     refuse_unsafe_output(sidecar_path, [*files, *targets], "--sidecar")
     check_table_path(sidecar_path, "--sidecar")
     scores = example_scores(tables)
+    known = list(SCORES)
+    if extra_scores is not None:
+        scores = scores.merge(extra_scores, on="example_index", how="left")
+        known += [name for name in extra_scores if name != "example_index"]
     prefer = prefer or ("low" if SUSPECT_DIRECTION.get(by, 1) > 0 else "high")
-    ranked = rank_eligible(scores, by, prefer)
+    ranked = rank_eligible(scores, by, prefer, known)
     examples = load_examples(data)
     order, strata = by, None
     if within is not None:
@@ -151,10 +159,12 @@ def parse_keep(keep: str, n_eligible: int) -> int:
     return min(count, n_eligible)
 
 
-def rank_eligible(scores: pd.DataFrame, by: str, prefer: str) -> pd.Series:
+def rank_eligible(
+    scores: pd.DataFrame, by: str, prefer: str, known: Sequence[str] = SCORES
+) -> pd.Series:
     """Scores of the examples that have one, best first (ties by example index)."""
-    if by not in SCORES:
-        raise GradspecError(f"--by {by}: unknown score; use one of {', '.join(SCORES)}")
+    if by not in known:
+        raise GradspecError(f"--by {by}: unknown score; use one of {', '.join(known)}")
     if prefer not in ("low", "high"):
         raise GradspecError(f"--prefer {prefer}: use 'low' or 'high'")
     eligible = scores.loc[scores[by].notna(), ["example_index", by]]
