@@ -227,15 +227,17 @@ def profile_twins(
     model: str | os.PathLike | None = None,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    minimum: int = MIN_PAIRS,
 ) -> tuple[list[Twin], RunTables]:
-    """Build the twins of a sample of the run's examples and profile them (resumably)."""
+    """Build the twins of a sample of the run's examples and profile them (resumably);
+    refused with fewer than ``minimum`` twins."""
     from .engine import profile
 
     manifest = tables.manifest
     ok = set(tables.examples.loc[tables.examples["status"] == "ok", "example_index"])
     examples = [ex for ex in run_examples(manifest) if ex.index in ok]
     twins = corrupted_twins(examples, kinds, sample, seed)
-    check_enough(len(twins), len(examples), "examples could be corrupted")
+    check_enough(len(twins), len(examples), "examples could be corrupted", minimum)
     write_if_changed(folder / "twins.json", json.dumps([t.record for t in twins], indent=1))
     twin_tables = profile(
         model or manifest["model"]["path"],
@@ -248,11 +250,11 @@ def profile_twins(
     return twins, twin_tables
 
 
-def check_enough(n_pairs: int, n_examples: int, what: str) -> None:
-    """Refuse to learn from fewer than MIN_PAIRS pairs."""
-    if n_pairs < MIN_PAIRS:
+def check_enough(n_pairs: int, n_examples: int, what: str, minimum: int = MIN_PAIRS) -> None:
+    """Refuse to learn from fewer than ``minimum`` pairs."""
+    if n_pairs < minimum:
         raise GradspecError(
-            f"--learn needs at least {MIN_PAIRS} examples with a corrupted twin; only "
+            f"--learn needs at least {minimum} examples with a corrupted twin; only "
             f"{n_pairs} of {n_examples} {what}: profile more examples"
         )
 
