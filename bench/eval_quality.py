@@ -19,6 +19,20 @@ emptied (same template), giving the gradient analogues of IFD ``nuc_ifd`` and
 Pooled tables use each score's percentile within its own run, so that runs on different
 scales can be pooled. Runs and per-cell scores are cached in ``--work``; a rerun resumes.
 
+The learned detector (``gradspec flag --learn``; skipped with ``--no-learned``): every mix
+example gets a corrupted twin from ``gradspec.corruptions`` (all four kinds in turn),
+profiled with the same options beside the cell's run (``run-twins/``, resumable), and the
+detector's probability is evaluated without flattering it: every real example is scored
+by detectors learnt on other cells only (``CELL_FOLDS`` folds of cells), **leaving one
+kind out** (learnt on twins of the three other kinds; the mixes' ``irrelevant`` is tested
+against ``stitched`` twins, ``LEARNED_KIND``) and **one task out** (learnt on the other
+tasks' twins), each with every feature and with ``BASELINE_FEATURES`` (loss, IFD, response
+length) only: ``all-base`` is the AUROC the gradient features add, with a bootstrap
+interval. ``--quick`` is a smoke run (``QUICK``). The full evaluation, every task and
+style plus MATH with 40 instructions per cell (22 cells), resumes where it stops:
+
+    .venv/bin/python bench/eval_quality.py --limit 40 --markdown bench/results-learned-smollm2.md
+
     .venv/bin/python bench/eval_quality.py --limit 40   # the demo's SmolLM2-135M-Instruct
     .venv/bin/python bench/eval_quality.py --model path/to/checkpoint-or.gguf \\
         --limit 16 --max-length 256 --blank-instruction

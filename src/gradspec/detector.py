@@ -50,6 +50,9 @@ FOLDS = 5  # out-of-fold scoring and calibration folds (fewer with fewer pairs)
 REGULARISATION = 0.1  # C of the logistic regression: the inverse L2 penalty
 TOP_DRIVERS = 3
 DEFAULT_SAMPLE = 256
+# Options of the run not given to the twins' run: how many examples, and how the user's
+# records map to fields (the twins are chat records of their own).
+NOT_FOR_TWINS = {"limit", "fields"}
 
 
 @dataclass
@@ -183,7 +186,7 @@ def out_of_fold(
 
 def twins_folder(run_dir: str | os.PathLike, kinds: Sequence[str], sample: int, seed: int) -> Path:
     """The sibling folder of a run that holds one setting's twins and their run."""
-    run = Path(run_dir)
+    run = Path(run_dir).resolve()
     return run.with_name(f"{run.name}-twins") / f"{'+'.join(kinds)}_n{sample}_seed{seed}"
 
 
@@ -207,7 +210,7 @@ def run_examples(manifest: dict[str, Any]) -> list[Example]:
 
 def twin_options(manifest: dict[str, Any]) -> dict[str, Any]:
     """The run's profiling options (all but its limit), to profile the twins the same way."""
-    names = {option.name for option in fields(ProfileOptions)} - {"limit"}
+    names = {option.name for option in fields(ProfileOptions)} - NOT_FOR_TWINS
     return {k: v for k, v in manifest.get("options", {}).items() if k in names}
 
 
