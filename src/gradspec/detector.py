@@ -40,9 +40,10 @@ import pandas as pd
 from .corruptions import CORRUPTIONS, Twin, check_kinds, corrupted_twins
 from .data import Example, data_sha256, load_examples
 from .errors import GradspecError
+from .files import write_json_atomic, write_text_atomic
 from .options import ProfileOptions
-from .quality import auroc, example_scores, layer_mad, ok_spectra, rank_table
-from .store import RunTables, load_run, write_json_atomic
+from .quality import auroc, example_scores, layer_mad, ok_spectra, rank_table, save_table
+from .store import RunTables, load_run
 
 BASELINE_FEATURES = ("loss", "ifd", "length")  # what the gradient features are measured against
 MIN_PAIRS = 20  # fewer (original, twin) pairs than this: nothing to learn from
@@ -215,10 +216,10 @@ def twin_options(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_if_changed(path: Path, text: str) -> None:
-    """Write a file, leaving an identical one untouched (a run hashes its data)."""
+    """Write a file atomically, leaving an identical one untouched (a run hashes its data)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+        write_text_atomic(path, text)
 
 
 def profile_twins(
@@ -333,7 +334,7 @@ def learn_flags(
     twin_table = pairs.assign(probability=held_out[len(pairs) :])
     summary = held_out_summary(held_out, pairs, seed)
     write_json_atomic(folder / "learned.json", summary)
-    twin_table.to_csv(folder / "twins.csv", index=False)
+    save_table(twin_table, folder / "twins.csv")
     return LearnedFlags(ranking, twin_table, summary, folder)
 
 
