@@ -429,7 +429,13 @@ def flag(
 @user_errors_exit_cleanly
 def select(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
-    data: Annotated[str, typer.Option(help="The data the run profiled (file, directory, glob).")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="The data the run profiled (file, directory, glob, or the Hub data set id: "
+            "its split and config are the run's)."
+        ),
+    ],
     keep: Annotated[
         str,
         typer.Option(
@@ -593,7 +599,8 @@ def study(
     from .study import load_study, run_study
 
     spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
-    prepare_checkpoints([m.path for m in spec.models])
+    for spec_model in spec.models:
+        prepare_checkpoints([spec_model.path], spec_model.revision, spec_model.trust_remote_code)
     cells = run_study(
         spec, out, device=device, limit=limit, progress=lambda cell: rank_progress_bar(cell.name)
     )
