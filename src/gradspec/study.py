@@ -294,8 +294,14 @@ def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
     try:
         check_model_path(path, revision, trust)
     except GradspecError as exc:
+        what = (
+            str(exc)
+            if isinstance(path, str)
+            else f"{path} is not a local checkpoint directory with a config.json, a .gguf "
+            "file nor a PEFT adapter folder"
+        )
         raise GradspecError(
-            f"{where}: model '{label}': {exc} (fix the path, or give the model with "
+            f"{where}: model '{label}': {what} (fix the path, or give the model with "
             "--model LABEL=PATH)"
         ) from None
     return ModelSpec(label, path, template, _pair_labels(entry, where), revision, trust)
@@ -342,8 +348,13 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
             parse_fields(spec.fields)
         spec.resolve()
     except GradspecError as exc:
-        hint = "" if isinstance(path, str) else " (fix data_dir or the path, or give --data-dir)"
-        raise GradspecError(f"{where}: {exc}{hint}") from None
+        if isinstance(path, str) or spec.fields or spec.split or spec.config:
+            raise GradspecError(f"{where}: {exc}") from None
+        raise GradspecError(
+            f"{where}: data path {path} does not exist or holds no "
+            "data gradspec reads (fix data_dir or the path, or give the data "
+            "folder with --data-dir)"
+        ) from None
     reserved = ("label", "path", *HUB_DATASET_KEYS)
     labels = normalize_labels({k: v for k, v in entry.items() if k not in reserved}, where)
     default = "-".join(
