@@ -265,6 +265,8 @@ def _plan(
     # The fingerprint keeps --max-length as given: unset means the model's context, which
     # the model's signature fixes, so runs made before that default still resume.
     fingerprint = {k: v for k, v in resolved.items() if k != "limit"}
+    if checkpoint.adapter is None:  # decides nothing then; runs before the option resume
+        del fingerprint["adapter_matrices"]
     fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
     _refuse_out_inside_a_run(Path(out))
     store = RunStore(out, fingerprint, opts.top_k)
