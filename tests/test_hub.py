@@ -139,7 +139,7 @@ def test_code_in_the_repository_runs_only_with_trust_remote_code(tiny_model, tmp
     hf_home = tmp_path / "hf"
     cache_repo(folder, hf_home, "acme/remote", COMMIT)
     refused = gradspec_cli(*profile_args("acme/remote", tmp_path / "no"), env=offline_env(hf_home))
-    assert refused.returncode == 2
+    assert refused.returncode == 2, refused.stderr
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].endswith("with --trust-remote-code")
     assert not (tmp_path / "no").exists()

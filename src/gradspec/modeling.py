@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +82,8 @@ def resolve_dtype(
         return torch.float32
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with remote_code_refused(model_dir):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     config_dtype = getattr(config, "dtype", None)
     return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
@@ -186,6 +189,20 @@ def check_model_dir(model: str | os.PathLike) -> Path:
     return path
 
 
+@contextmanager
+def remote_code_refused(model_dir: Path) -> Iterator[None]:
+    """transformers' refusal of a model whose code lives in its repository, as one line."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise GradspecError(
+            f"--model {model_dir}: its code lives in its repository; run it only if you "
+            "trust that code, with --trust-remote-code"
+        ) from None
+
+
 def load_model_and_tokenizer(
     model_dir: Path,
     dtype: torch.dtype,
@@ -203,18 +220,11 @@ def load_model_and_tokenizer(
     implementation = {"attn_implementation": "eager"} if eager_attention else {}
     if dtype == torch.float64:  # transformers' grouped experts kernels have no float64
         implementation["experts_implementation"] = "eager"
-    try:
+    with remote_code_refused(model_dir):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **implementation
         )
-    except ValueError as exc:
-        if "trust_remote_code" not in str(exc):
-            raise
-        raise GradspecError(
-            f"--model {model_dir}: its code lives in its repository; run it only if you "
-            "trust that code, with --trust-remote-code"
-        ) from None
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -236,7 +246,8 @@ def context_length(model_dir: Path, trust_remote_code: bool = False) -> int | No
     """The longest input the model was made for (its config's position count), if known."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with remote_code_refused(model_dir):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     config = config.get_text_config()
     return next(
         (
