@@ -483,23 +483,27 @@ class MatrixBench:
 
 def matrix_stage(scale: Scale, report: StageReport, budget: Budget) -> None:
     """Per matrix at Llama-3.1-8B shapes, T in priority order: the published method once,
-    then every candidate (route, solver); solve timings are shared by equal cores."""
+    then every route a run would time; solve timings are shared by equal cores."""
     import torch
 
     device = torch.device(scale.device)
     summary = report.section(
-        "Per matrix at Llama-3.1-8B shapes: fastest exact candidate against the published method",
+        "Per matrix at Llama-3.1-8B shapes: the measured route against the published method",
         [
             "Published: float32 G^T X as stored (d_out x d_in), then torch.linalg.svd (U, V, "
             "full matrices), as arXiv:2410.23743's code and `--method reference` do; run once. "
-            "Candidates: each route's GEMMs/QRs (prepare) and each solver of its small core, "
-            f"median of {scale.repeats} after a warm-up (one run when over 0.5 s); random "
-            "Gaussian G (T x d_out) and X (T x d_in) in float32 on the device. 'cost model' is "
-            "the route the fixed cost model picks, with the default solver. Exact: max "
+            "Routes: those of gradspec.routes a run would time at the shape (tuning.py), each "
+            "timed as its GEMMs/QRs (prepare) and its small solve (for -cpu routes: the copy "
+            f"to the CPU and the solve there), median of {scale.repeats} after a warm-up (one "
+            "run when over 0.5 s); random Gaussian G (T x d_out) and X (T x d_in) in float32 on "
+            "the device. Measured choice: the fastest exact one (what `--route auto` takes); "
+            "cost model: the route routes.choose_route estimates cheapest. Exact: max "
             f"|values - published| / s1 <= {EXACT:g}.",
         ],
     )
-    bench = MatrixBench(scale, report, budget, summary, report.section("Per matrix: every one"))
+    bench = MatrixBench(
+        scale, report, budget, summary, report.section("Per matrix: every route timed")
+    )
     warm_g, warm_x = random_factors(8, 64, 48, device, seed=0)
     torch.linalg.svd(warm_g.T @ warm_x)  # load the solver libraries before timing
     divisor = scale.matrix_divisor
@@ -515,35 +519,39 @@ def matrix_stage(scale: Scale, report: StageReport, budget: Budget) -> None:
 
 
 def measure_matrix(bench: MatrixBench, name: str, g: Any, x: Any) -> None:
-    """The published method and every candidate on one (G, X): a summary row and a row
-    per candidate."""
+    """The published method and every route a run would time on one (G, X): a summary row
+    and a row per route."""
     import torch
 
-    from gradspec.spectra import InputSpectra, choose_route
+    from gradspec.routes import SolvePlace, choose_route
+    from gradspec.spectra import InputSpectra
 
     device, tokens, d_out, d_in = g.device, g.shape[0], g.shape[1], x.shape[1]
     published_s, published = synchronized(device, lambda: torch.linalg.svd(g.T @ x).S.cpu())
     bench.published_seconds[name] = published_s
-    results: dict[str, tuple[float, float]] = {}  # seconds and error of each candidate
-    for candidate in candidates(tokens, d_out, d_in, device):
+    results: dict[str, tuple[float, float]] = {}  # seconds and error of each route
+    for route_name, route in bench_routes(tokens, d_out, d_in, device).items():
         if bench.budget.left() < 5:
             break
         prepare_s, solve = median_time(
-            device, lambda c=candidate: c.prepare(g, InputSpectra(x)), bench.scale.repeats
+            device, lambda r=route: r.prepare(g, InputSpectra(x)), bench.scale.repeats
         )
-        key = (candidate.solver, tuple(solve.core.shape), solve.core.dtype)
+        if route.place == SolvePlace.CPU:
+            solve = solve.to("cpu")  # the copy is timed as part of the solve, below
+        cores = [op for op in solve.operands if isinstance(op, torch.Tensor)]
+        key = (solve.function, route.place, *(tuple(core.shape) for core in cores))
         if key not in bench.solve_seconds:
             bench.solve_seconds[key] = median_time(device, solve, bench.scale.repeats)[0]
         error = relative_difference(solve().cpu(), published)
         total = prepare_s + bench.solve_seconds[key]
-        results[candidate.name] = (total, error)
+        results[route_name] = (total, error)
         bench.report.add(
             bench.detail,
             {
                 "matrix": name,
                 "T": tokens,
-                "candidate": candidate.name,
-                "core": "x".join(map(str, solve.core.shape)),
+                "route": route_name,
+                "core": "x".join(map(str, cores[-1].shape)),
                 "prepare s": seconds(prepare_s),
                 "solve s": seconds(bench.solve_seconds[key]),
                 "total s": seconds(total),
@@ -551,11 +559,10 @@ def measure_matrix(bench: MatrixBench, name: str, g: Any, x: Any) -> None:
                 "max diff / s1": f"{error:.1e}",
             },
         )
-    exact = {n: r for n, r in results.items() if r[1] <= EXACT}
+    exact = {n: r for n, r in results.items() if r[1] <= EXACT and n not in BENCH_ONLY}
     best = min(exact, key=lambda n: exact[n][0]) if exact else None
     model_route = choose_route(tokens, d_out, d_in, torch.float32, device.type)
-    model_default = "eigvalsh" if model_route == "gram" else "svdvals"
-    model_s = results.get(f"{model_route}/{model_default}", (float("nan"), 0.0))[0]
+    model_s = results.get(model_route, (float("nan"), 0.0))[0]
     bench.report.add(
         bench.summary,
         {
@@ -563,13 +570,40 @@ def measure_matrix(bench: MatrixBench, name: str, g: Any, x: Any) -> None:
             "d_out x d_in": f"{d_out}x{d_in}",
             "T": tokens,
             "published s": seconds(published_s),
-            "fastest exact": best or "-",
+            "measured choice": best or "-",
             "its s": seconds(exact[best][0]) if best else "-",
-            "fastest vs published": ratio(published_s, exact[best][0]) if best else "-",
+            "vs published": ratio(published_s, exact[best][0]) if best else "-",
             "cost model": model_route,
             "cost model vs published": ratio(published_s, model_s),
         },
     )
+
+
+BENCH_ONLY = ("factor-gesvda",)  # measured here, never chosen by a run (approximate)
+
+
+def bench_routes(tokens: int, d_out: int, d_in: int, device: Any) -> dict[str, Any]:
+    """The routes a run would time at this shape on this device (tuning.worth_timing) and,
+    on CUDA, the factor core through cuSOLVER's gesvda beside them: approximate for
+    ill-conditioned cores, so measured here only."""
+    import dataclasses
+
+    import torch
+
+    from gradspec import routes, tuning
+    from gradspec.spectra import driver_singular_values, prepare_factor
+
+    usable = routes.usable_routes(device.type, torch.float32)
+    names = tuning.worth_timing(tokens, d_out, d_in, device.type, usable)
+    found = {name: routes.ROUTES[name] for name in names}
+    if device.type == "cuda":
+        gesvda = partial(driver_singular_values, driver="gesvda")
+        found[BENCH_ONLY[0]] = dataclasses.replace(
+            routes.ROUTES["factor"],
+            name=BENCH_ONLY[0],
+            prepare=routes.with_core_solver(prepare_factor, gesvda),
+        )
+    return found
 
 
 def relative_difference(values: Any, published: Any) -> float:
@@ -589,89 +623,6 @@ def random_factors(tokens: int, d_out: int, d_in: int, device: Any, seed: int) -
     generator = torch.Generator(device).manual_seed(seed)
     g = torch.randn(tokens, d_out, generator=generator, device=device)
     return g, torch.randn(tokens, d_in, generator=generator, device=device)
-
-
-@dataclass(frozen=True)
-class CoreSolve:
-    """A prepared core and the solver that gives its singular values."""
-
-    core: Any
-    solver: Callable[[Any], Any]
-
-    def __call__(self) -> Any:
-        return self.solver(self.core)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One exact route and one solver of its core."""
-
-    route: str
-    solver: str
-    core: Callable[[Any, Any], Any]  # (G, InputSpectra of X) -> the core
-    solve: Callable[[Any], Any]
-
-    @property
-    def name(self) -> str:
-        return f"{self.route}/{self.solver}"
-
-    def prepare(self, g: Any, x: Any) -> CoreSolve:
-        return CoreSolve(self.core(g, x), self.solve)
-
-
-def candidates(tokens: int, d_out: int, d_in: int, device: Any) -> list[Candidate]:
-    """The routes (the full gradient only where it is at most twice the factor core's
-    side) with each solver of their core on this device."""
-    import torch
-
-    from gradspec.spectra import (
-        gram_factor,
-        output_gram,
-        tall_singular_values,
-        token_factor,
-    )
-
-    def factor_core(g: Any, x: Any) -> Any:
-        return token_factor(g) @ x.qr_factor().mT
-
-    def gram_core(g: Any, x: Any) -> Any:
-        x_gram = x.gram()
-        factor = gram_factor(x_gram)
-        return factor.mT @ output_gram(g, x_gram) @ factor
-
-    def eigen_values(core: Any) -> Any:
-        return torch.linalg.eigvalsh(core).clamp(min=0).sqrt().flip(-1).float()
-
-    def gram_product_values(core: Any) -> Any:
-        core = core.double()
-        product = core.mT @ core if core.shape[-1] <= core.shape[-2] else core @ core.mT
-        return eigen_values(product)
-
-    svd_solvers: dict[str, Callable[[Any], Any]] = {"svdvals": tall_singular_values}
-    if torch.device(device).type == "cuda":
-        for driver in ("gesvd", "gesvdj", "gesvda"):
-            svd_solvers[driver] = partial(driver_singular_values, driver=driver)
-    svd_solvers["eigvalsh"] = gram_product_values
-    svd_solvers["cpu"] = lambda core: tall_singular_values(core.cpu())
-    cores = {"factor": factor_core}
-    if min(d_out, d_in) <= 2 * tokens:
-        cores["full"] = lambda g, x: g.mT @ x.rows
-    found = [
-        Candidate(r, s, core, solve)
-        for r, core in cores.items()
-        for s, solve in svd_solvers.items()
-    ]
-    found.append(Candidate("gram", "eigvalsh", gram_core, eigen_values))
-    found.append(Candidate("gram", "cpu", gram_core, lambda core: eigen_values(core.cpu())))
-    return found
-
-
-def driver_singular_values(matrix: Any, driver: str) -> Any:
-    """svdvals with a cuSOLVER driver, on the tall orientation (gesvda needs it)."""
-    import torch
-
-    tall = matrix if matrix.shape[-2] >= matrix.shape[-1] else matrix.mT
-    return torch.linalg.svdvals(tall, driver=driver)
 
 
 # ---------------------------------------------------------------- stage: end to end

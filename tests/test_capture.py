@@ -13,7 +13,7 @@ from conftest import GSM8K_DETAILED
 from transformers import AutoModelForCausalLM
 
 import gradspec
-from gradspec import capture
+from gradspec import capture, tuning
 from gradspec.families import find_targets
 
 DATA = GSM8K_DETAILED
@@ -36,8 +36,8 @@ class InlineExecutor:
 
 
 def recording_prepare(threads: set[str]) -> Callable[..., Callable[[], torch.Tensor]]:
-    """capture.prepare_spectra whose solves note the thread they run on."""
-    prepare = capture.prepare_spectra
+    """tuning.prepare_spectra whose solves note the thread they run on."""
+    prepare = tuning.prepare_spectra
 
     def wrapped(*args: object) -> Callable[[], torch.Tensor]:
         solve = prepare(*args)
@@ -54,12 +54,13 @@ def recording_prepare(threads: set[str]) -> Callable[..., Callable[[], torch.Ten
 def test_worker_solves_give_the_inline_results_in_order(tiny_model, tmp_path, monkeypatch):
     model_dir = tiny_model("llama")
     threads: set[str] = set()
+    options = {**OPTIONS, "route": "factor"}  # forced: no solve of a measurement, inline
     with monkeypatch.context() as patch:
-        patch.setattr(capture, "prepare_spectra", recording_prepare(threads))
-        worker = gradspec.profile(model_dir, DATA, tmp_path / "worker", device="cpu", **OPTIONS)
+        patch.setattr(tuning, "prepare_spectra", recording_prepare(threads))
+        worker = gradspec.profile(model_dir, DATA, tmp_path / "worker", device="cpu", **options)
     with monkeypatch.context() as patch:
         patch.setattr(capture, "ThreadPoolExecutor", InlineExecutor)
-        inline = gradspec.profile(model_dir, DATA, tmp_path / "inline", device="cpu", **OPTIONS)
+        inline = gradspec.profile(model_dir, DATA, tmp_path / "inline", device="cpu", **options)
     assert {name.split("_")[0] for name in threads} == {"gradspec-solve"}
     pd.testing.assert_frame_equal(worker.spectra, inline.spectra)
     assert list(worker.spectra["example_index"].unique()) == list(range(6))
@@ -91,7 +92,8 @@ def test_a_batch_is_collected_after_the_next_batch_ran(tiny_model, tmp_path, mon
 def test_worker_failure_surfaces_and_the_run_resumes(tiny_model, tmp_path, monkeypatch):
     model_dir, out = tiny_model("llama"), tmp_path / "run"
     calls = [0]
-    prepare = capture.prepare_spectra
+    prepare = tuning.prepare_spectra
+    options = {**OPTIONS, "route": "factor"}  # forced: each prepare is one matrix's
     # (example, matrix) pairs of the first chunk: batches, or examples of a padded batch
     per_chunk = OPTIONS["chunk_size"] * len(
         find_targets(AutoModelForCausalLM.from_pretrained(model_dir))
@@ -108,14 +110,14 @@ def test_worker_failure_surfaces_and_the_run_resumes(tiny_model, tmp_path, monke
         return broken
 
     with monkeypatch.context() as patch:
-        patch.setattr(capture, "prepare_spectra", failing)
+        patch.setattr(tuning, "prepare_spectra", failing)
         with pytest.raises(torch.linalg.LinAlgError, match="failed to converge"):
-            gradspec.profile(model_dir, DATA, out, device="cpu", **OPTIONS)
+            gradspec.profile(model_dir, DATA, out, device="cpu", **options)
     assert len(list((out / "spectra").glob("part-*.parquet"))) == 1
     assert not any(t.name.startswith("gradspec-solve") for t in threading.enumerate())
 
-    resumed = gradspec.profile(model_dir, DATA, out, device="cpu", **OPTIONS)
-    straight = gradspec.profile(model_dir, DATA, tmp_path / "straight", device="cpu", **OPTIONS)
+    resumed = gradspec.profile(model_dir, DATA, out, device="cpu", **options)
+    straight = gradspec.profile(model_dir, DATA, tmp_path / "straight", device="cpu", **options)
     pd.testing.assert_frame_equal(resumed.spectra, straight.spectra)
     assert len(resumed.manifest["sessions"]) == 2
 
@@ -125,18 +127,14 @@ def test_gram_route_in_the_engine_gives_the_cpu_results(tiny_model, tmp_path, mo
     """Every matrix through the Gram route (a GPU's choice at real shapes), run on the CPU
     with padded batches, against the CPU's own routes."""
     model_dir = tiny_model("llama")
-    taken: list[str] = []
-
-    def gram_everywhere(*args: object) -> str:
-        taken.append("gram")
-        return "gram"
-
     options = {**OPTIONS, "dtype": dtype}
-    cpu = gradspec.profile(model_dir, DATA, tmp_path / "cpu", device="cpu", **options)
-    with monkeypatch.context() as patch:
-        patch.setattr(capture, "choose_route", gram_everywhere)
-        gpu = gradspec.profile(model_dir, DATA, tmp_path / "gram", device="cpu", **options)
-    assert taken
+    cpu = gradspec.profile(
+        model_dir, DATA, tmp_path / "cpu", device="cpu", route="factor", **options
+    )
+    gpu = gradspec.profile(
+        model_dir, DATA, tmp_path / "gram", device="cpu", route="gram", **options
+    )
+    assert gpu.manifest["sessions"][-1]["routes"]["route"] == "gram"
     columns = ["nuclear_norm", "spectral_norm", "frobenius_norm"]
     pd.testing.assert_frame_equal(gpu.spectra[columns], cpu.spectra[columns], rtol=1e-4)
     pd.testing.assert_series_equal(
@@ -148,16 +146,16 @@ def test_each_example_of_a_padded_batch_is_solved_at_its_own_length(
     tiny_model, tmp_path, monkeypatch
 ):
     lengths: list[int] = []
-    prepare = capture.prepare_spectra
+    prepare = tuning.prepare_spectra
 
     def recording(g: torch.Tensor, *args: object) -> Callable[[], torch.Tensor]:
         lengths.extend([g.shape[1]] * g.shape[0])
         return prepare(g, *args)
 
     model_dir = tiny_model("llama")
-    options = dict(limit=4, batch_size=4)
+    options = dict(limit=4, batch_size=4, route="factor")  # forced: nothing timed
     with monkeypatch.context() as patch:
-        patch.setattr(capture, "prepare_spectra", recording)
+        patch.setattr(tuning, "prepare_spectra", recording)
         tables = gradspec.profile(model_dir, DATA, tmp_path / "run", device="cpu", **options)
     real = tables.examples["n_prompt_tokens"] + tables.examples["n_response_tokens"]
     assert real.nunique() == 4  # one batch padded to the longest

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import GSM8K, read_shared
+from conftest import DEVICES, GSM8K, read_shared
 from test_engine import assert_statistics_close, explicit_gradient_statistics
 from test_spectra import explicit_statistics, ill_conditioned_inputs
 
 import gradspec
-from gradspec.spectra import ROUTES, gradient_singular_values
+from gradspec.routes import ROUTES, SolvePlace, usable_routes
 from gradspec.statistics import STAT_COLUMNS, spectrum_statistics
 from gradspec.study import load_study, run_study
+from gradspec.tuning import run_route
 
 SHAPES = [  # tokens, d_out, d_in: below and above both widths, wide, one token, and past
     (7, 40, 30),  # cuSOLVER's batched size (32) on every side
@@ -56,20 +57,30 @@ def assert_statistics_of(values: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
             assert stats[name] == pytest.approx(value, rel=tolerance, abs=1e-12), (where, name)
 
 
+def device_routes() -> list[Any]:
+    """(device, route) for every route that serves float32 spectra on the device (its
+    solvers and places included), CUDA's skipped as DEVICES skips them."""
+    return [
+        pytest.param(device.values[0], route, marks=device.marks, id=f"{device.id}-{route}")
+        for device in DEVICES
+        for route in usable_routes(device.values[0], torch.float32)
+    ]
+
+
 @pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("device", "route"), device_routes())
 @pytest.mark.parametrize(("tokens", "d_out", "d_in"), SHAPES)
 def test_every_route_equals_float64_svd_on_device(
     device: str, route: str, precision: torch.dtype, tokens: int, d_out: int, d_in: int
 ):
-    """float32 gradients, and bf16 ones (as a bf16 model hands them) in float32 spectra."""
+    """float32 gradients, and bf16 ones (as a bf16 model hands them) in float32 spectra;
+    solved where the route solves (the CPU for the -cpu routes)."""
     generator = torch.Generator().manual_seed(tokens * d_out + d_in)
     g = torch.randn(2, tokens, d_out, generator=generator).to(precision)
     x = torch.randn(2, tokens, d_in, generator=generator).to(precision)
-    values = gradient_singular_values(
-        g.to(device, torch.float32), x.to(device, torch.float32), route
-    )
-    assert values.device.type == device and values.dtype == torch.float32
+    values = run_route(g.to(device, torch.float32), x.to(device, torch.float32), route)
+    solved_on = "cpu" if ROUTES[route].place == SolvePlace.CPU else device
+    assert values.device.type == solved_on and values.dtype == torch.float32
     assert_statistics_of(values, g, x, f"{route} {tokens}x{d_out}x{d_in}")
 
 
@@ -92,12 +103,12 @@ def degenerate_cores() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("case", list(degenerate_cores()))
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize(("device", "route"), device_routes())
 def test_degenerate_cores_on_device(device: str, route: str, case: str):
     """Repeated tokens, one-token responses and all-zero cores: finite, exact values (a
     singular Gram's Cholesky fails and falls back to eigh, on the GPU too)."""
     g, x = degenerate_cores()[case]
-    values = gradient_singular_values(g.to(device), x.to(device), route)
+    values = run_route(g.to(device), x.to(device), route)
     assert_statistics_of(values, g, x, f"{route} {case}")
 
 

@@ -13,13 +13,12 @@ from conftest import GSM8K, SHARED_DATA, read_shared
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gradspec
-from gradspec import capture
 from gradspec.adapters import find_decoder_layers
 from gradspec.batching import collate, per_example_losses, plan_batches, response_logits
 from gradspec.capture import SpectraCapture
 from gradspec.data import encode_example, load_examples
-from gradspec.routes import choose_route
 from gradspec.shared_data import reasoning_file, wiki_file
+from gradspec.tuning import RouteChooser
 
 WIKI = SHARED_DATA / wiki_file("popular_wikipedia_100")
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "stable_rank"]
@@ -27,15 +26,16 @@ STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "s
 
 @pytest.fixture
 def routes(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """The routes (``full``, ``gram`` or ``factor``) the spectra of the test actually took."""
+    """The routes the spectra of the test actually took."""
     taken: set[str] = set()
+    prepare = RouteChooser.prepare
 
-    def recording(*args: Any) -> str:
-        route = choose_route(*args)
+    def recording(self: RouteChooser, *args: Any) -> tuple[str, Any]:
+        route, solve = prepare(self, *args)
         taken.add(route)
-        return route
+        return route, solve
 
-    monkeypatch.setattr(capture, "choose_route", recording)
+    monkeypatch.setattr(RouteChooser, "prepare", recording)
     return taken
 
 
@@ -51,18 +51,6 @@ def explicit_gradient_statistics(
         for name, p in model.named_parameters()
         if name.startswith(layers_name + ".") and p.ndim == 2
     }
-    return explicit_statistics(model, tokenizer, matrices, records, max_length)
-
-
-def explicit_statistics(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    matrices: dict[str, torch.nn.Parameter],
-    records: list[dict],
-    max_length: int | None,
-) -> pd.DataFrame:
-    """Per example and matrix of ``matrices``: the statistics of the float64 SVD of the
-    autograd gradient of the example's loss."""
     rows = []
     for index, record in enumerate(records):
         ids, labels = gradspec.encode(tokenizer, record, max_length=max_length)
@@ -112,9 +100,9 @@ def assert_statistics_close(
 def test_fast_method_equals_explicit_float64_svd(
     arch, data, max_length, route, tiny_model, tmp_path, routes
 ):
-    # Short "Tell me about X." prompts cut at 40 tokens keep T below the 48-wide matrices:
-    # the factor route (GQA's 24-row k/v may still take the full one); long GSM8K answers
-    # take the full-gradient route.
+    # Short "Tell me about X." prompts cut at 40 tokens keep T below the 48-wide matrices,
+    # where the factor route shrinks them; long GSM8K answers are where the full gradient
+    # is cheapest (the cost model's choices). Each route is forced.
     records = read_shared(data, 4)
     tables = gradspec.profile(
         tiny_model(arch),
@@ -125,10 +113,12 @@ def test_fast_method_equals_explicit_float64_svd(
         batch_size=4,
         dtype="float64",
         max_length=max_length,
+        route=route,
     )
     expected = explicit_gradient_statistics(tiny_model(arch), records, max_length)
     assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
-    assert route in routes, f"the {route} route must be exercised, took {routes}"
+    assert routes == {route}
+    assert tables.manifest["sessions"][-1]["routes"] == {"route": route, "measured": []}
     losses = expected.groupby("example_index")["loss"].first()
     # Both take the cross-entropy in float32 (as HF does, float64 models too), of logits
     # computed at different sets of positions: equal up to float32 rounding.
@@ -154,11 +144,12 @@ def test_float32_model_matches_float64_explicit_gradients(
         dtype="float32",
         spectra_dtype=spectra_dtype,
         max_length=max_length,
+        route=route,
     )
     assert tables.manifest["options"]["spectra_dtype"] == spectra_dtype
     expected = explicit_gradient_statistics(tiny_model("llama"), read_shared(data, 3), max_length)
     assert_statistics_close(tables.spectra, expected, rtol=1e-4, rank_rtol=1e-3)
-    assert route in routes, f"the {route} route must be exercised, took {routes}"
+    assert routes == {route}
 
 
 def _profile_variant(model_dir: Path, out: Path, **options) -> pd.DataFrame:

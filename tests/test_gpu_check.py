@@ -41,8 +41,8 @@ def test_cpu_dry_run_writes_one_results_file_with_every_stage(shared_data: Path,
         ("passed",),  # tests
         ("q_proj, o_proj", "128x128", "32"),  # per matrix, T = 1024 / 32
         ("down_proj", "128x448", "128"),  # the last shape at the last T
-        ("down_proj", "128", "factor/cpu"),
-        ("down_proj", "128", "gram/eigvalsh"),
+        ("down_proj", "128", "factor"),  # the routes a run times on a CPU
+        ("down_proj", "128", "factor-eigvalsh"),
         ("1", "2", "2"),  # end to end at batch 1: 2 examples in 2 batches
         ("auto", "4"),
         ("published, estimated", "2"),

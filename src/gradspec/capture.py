@@ -9,7 +9,8 @@ subclasses it and implements those three; the hook plumbing stays here.
 
 ``SpectraCapture`` is the spectra's capture. For all examples of the batch at once, with
 padding rows set to zero (zero rows add nothing to G^T X), each example's singular values
-of G^T X are prepared right there (the chosen route's GEMMs, routes.py) and X is released,
+of G^T X are prepared right there (the GEMMs of the route tuning.py measured fastest, or
+the forced one; routes.py) and X is released,
 so neither per-example nor summed weight gradients are ever built (the weights do not
 require grad). In a padded batch each example is solved at its own length (padding rows
 would only enlarge the QRs and the T x T solves). The small T x T solves run where their
@@ -34,8 +35,9 @@ from torch.nn.utils.rnn import pad_sequence
 from .adapters import Target
 from .expert_capture import ExpertsCapture, ExpertSpectra
 from .experts import ROUTER
-from .routes import StartedSolves, choose_route, prepare_spectra
+from .routes import StartedSolves
 from .spectra import InputSpectra, Solve
+from .tuning import RouteChooser
 
 
 @dataclass
@@ -179,9 +181,16 @@ class CaptureBase:
 class SpectraCapture(CaptureBase):
     """Per-example singular values of every target's weight gradient, batch by batch."""
 
-    def __init__(self, targets: list[Target], spectra_dtype: torch.dtype):
+    def __init__(
+        self,
+        targets: list[Target],
+        spectra_dtype: torch.dtype,
+        chooser: RouteChooser | None = None,
+    ):
+        """``chooser`` picks each matrix's route; by default the fastest, measured."""
         super().__init__(targets)
         self.spectra_dtype = spectra_dtype
+        self.chooser = chooser or RouteChooser()
         self.token_mask = torch.ones(0, 0, dtype=torch.bool)
         self.all_real = True  # whether the batch has no padding: token_mask.all(), once
         self.inputs: dict[int, torch.Tensor] = {}
@@ -278,11 +287,9 @@ class SpectraCapture(CaptureBase):
         return groups, x.finite & g_finite
 
     def _prepare(self, g: torch.Tensor, x: InputSpectra) -> tuple[str, Solve]:
-        """The cost model's route for one group of examples of equal length, and its solve
-        after its GEMMs."""
-        tokens, d_out, d_in = g.shape[1], g.shape[2], x.rows.shape[2]
-        route = choose_route(tokens, d_out, d_in, self.spectra_dtype, g.device.type)
-        return route, prepare_spectra(g, x, route)
+        """The route for one group of examples of equal length (measured, tuning.py, or
+        forced), and its solve after its GEMMs."""
+        return self.chooser.prepare(g, x, self.spectra_dtype)
 
     def _prepared_input(self, x: torch.Tensor) -> PreparedInput:
         """The input's real rows, reused while the same input comes back."""

@@ -16,19 +16,23 @@ function to ``PLACES``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 import torch
 
 from .spectra import (
     InputSpectra,
     Solve,
+    driver_singular_values,
     factor_cost,
     full_cost,
     gram_cost,
+    gram_product_singular_values,
     prepare_factor,
     prepare_full,
     prepare_gram,
@@ -55,14 +59,59 @@ class SolverRoute:
     prepare: Prepare
     place: SolvePlace = SolvePlace.WORKER
     float64: bool = True  # keeps float64 precision (a Gram halves it)
+    devices: tuple[str, ...] = ("cpu", "cuda")  # device types its GEMMs may run on
+
+    def runs_on(self, device_type: str, dtype: torch.dtype) -> bool:
+        """Whether the route serves gradients on this device at this spectra precision."""
+        return device_type in self.devices and (dtype != torch.float64 or self.float64)
 
 
+def with_core_solver(prepare: Prepare, values: Callable[[torch.Tensor], torch.Tensor]) -> Prepare:
+    """The same GEMMs as ``prepare`` (full or factor: one core operand), the core's singular
+    values taken by ``values``."""
+
+    def prepared(g: torch.Tensor, x: InputSpectra) -> Solve:
+        return dataclasses.replace(prepare(g, x), function=values)
+
+    return prepared
+
+
+# Other solvers of a full or factor core: two cuSOLVER drivers of torch's svdvals (its
+# default driver on CUDA is gesvdj, falling back to gesvd when Jacobi does not converge) and
+# one symmetric eigenproblem of the float64 Gram product.
+CORE_SOLVERS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], tuple[str, ...], bool]] = {
+    "gesvd": (partial(driver_singular_values, driver="gesvd"), ("cuda",), True),
+    "gesvdj": (partial(driver_singular_values, driver="gesvdj"), ("cuda",), True),
+    "eigvalsh": (gram_product_singular_values, ("cpu", "cuda"), False),
+}
+BASE_ROUTES = (
+    SolverRoute("full", full_cost, prepare_full),
+    SolverRoute("gram", gram_cost, prepare_gram, float64=False),
+    SolverRoute("factor", factor_cost, prepare_factor),
+)
 ROUTES: dict[str, SolverRoute] = {
     route.name: route
     for route in (
-        SolverRoute("full", full_cost, prepare_full),
-        SolverRoute("gram", gram_cost, prepare_gram, float64=False),
-        SolverRoute("factor", factor_cost, prepare_factor),
+        *BASE_ROUTES,
+        *(
+            dataclasses.replace(
+                base,
+                name=f"{base.name}-{solver}",
+                prepare=with_core_solver(base.prepare, values),
+                devices=devices,
+                float64=float64,
+            )
+            for base in BASE_ROUTES
+            if base.name != "gram"
+            for solver, (values, devices, float64) in CORE_SOLVERS.items()
+        ),
+        # The small solves on the CPU while the GPU goes on with the model (GPU offload).
+        *(
+            dataclasses.replace(
+                base, name=f"{base.name}-cpu", place=SolvePlace.CPU, devices=("cuda",)
+            )
+            for base in BASE_ROUTES
+        ),
     )
 }
 
@@ -72,14 +121,18 @@ def route_costs(tokens: int, d_out: int, d_in: int, device_type: str = "cpu") ->
     return {name: route.cost(tokens, d_out, d_in, device_type) for name, route in ROUTES.items()}
 
 
+def usable_routes(device_type: str, dtype: torch.dtype) -> list[str]:
+    """The routes that serve gradients on this device at this spectra precision."""
+    return [name for name, route in ROUTES.items() if route.runs_on(device_type, dtype)]
+
+
 def choose_route(
     tokens: int, d_out: int, d_in: int, dtype: torch.dtype, device_type: str = "cpu"
 ) -> str:
-    """The name of the cheapest route on the device; float64 spectra take only routes that
-    keep float64 precision."""
+    """The name of the cheapest usable route by the cost model (ties: the first registered,
+    so the base routes); float64 spectra take only routes that keep float64 precision."""
     costs = route_costs(tokens, d_out, d_in, device_type)
-    allowed = [name for name in costs if dtype != torch.float64 or ROUTES[name].float64]
-    return min(allowed, key=costs.__getitem__)
+    return min(usable_routes(device_type, dtype), key=costs.__getitem__)
 
 
 def prepare_spectra(g: torch.Tensor, x: InputSpectra, route: str) -> Solve:

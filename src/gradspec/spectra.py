@@ -27,17 +27,12 @@ from typing import Any
 
 import torch
 
-# Costs in float32-GEMM flop equivalents. On a CPU the Gram route's float64 GEMMs, T x T
-# products and eigvalsh cost more thread time than the QRs and SVD of the factor route at
-# every measured shape (bench/README.md), so CPUs take it only where the cost model's
-# GPU_GRAM_FACTOR lets it: on a GPU, GEMMs are its fast kernels and Householder QRs and
-# SVDs its slow ones.
+# Costs in float32-GEMM flop equivalents, the same on every device: they only estimate
+# which routes are worth timing (tuning.py measures the run's own shapes on its own device
+# and picks the fastest) and choose where nothing is measured.
 SVD_COST_FACTOR = 3.0  # an SVD runs at about a third of the flop rate of QR and GEMM
 FLOAT64_COST_FACTOR = 2.0  # a float64 GEMM against a float32 one
 EIGVALSH_COST_FACTOR = 4.0  # float64 eigvalsh per (4/3) T^3 flops, mostly matrix-vector bound
-# Measured on a CPU: the Gram route takes 1.2-1.7x the factor route's thread time at
-# T = 150-1024 and widths 576-14336; on a GPU assumed GEMM-bound (bench --parts phases).
-GRAM_DEVICE_FACTOR = {"cpu": 0.7, "cuda": 0.2}
 
 
 def _token_factor_flops(width: int, tokens: int) -> float:
@@ -61,7 +56,7 @@ def gram_cost(tokens: int, d_out: int, d_in: int, device_type: str) -> float:
     """Estimated cost of the ``gram`` route for one example (no input work shared)."""
     gram_products = 2.0 * tokens**2 * (d_out + d_in) + tokens**3 / 3 + 4.0 * tokens**3
     gram = FLOAT64_COST_FACTOR * gram_products + EIGVALSH_COST_FACTOR * 4 / 3 * tokens**3
-    return GRAM_DEVICE_FACTOR.get(device_type, 1.0) * gram
+    return gram
 
 
 def factor_cost(tokens: int, d_out: int, d_in: int, device_type: str) -> float:
@@ -81,6 +76,24 @@ def tall_singular_values(matrix: torch.Tensor) -> torch.Tensor:
     On a CPU this beats a float64 Gram's ``eigvalsh`` on the square T x T cores from T ~ 265
     (bench/README.md)."""
     return torch.linalg.svdvals(matrix if matrix.shape[-2] >= matrix.shape[-1] else matrix.mT)
+
+
+def driver_singular_values(matrix: torch.Tensor, driver: str) -> torch.Tensor:
+    """svdvals through one cuSOLVER driver (``gesvd``: QR iteration, ``gesvdj``: Jacobi;
+    CUDA only), on the tall orientation."""
+    return torch.linalg.svdvals(
+        matrix if matrix.shape[-2] >= matrix.shape[-1] else matrix.mT, driver=driver
+    )
+
+
+def gram_product_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values as square roots of the eigenvalues of the float64 Gram product of
+    the smaller side (M^T M or M M^T): one symmetric eigenproblem instead of an SVD. The
+    Gram squares the condition number, so values keep float32's precision, not float64's."""
+    m = matrix.to(torch.float64)
+    product = m.mT @ m if m.shape[-1] <= m.shape[-2] else m @ m.mT
+    values = torch.linalg.eigvalsh(product).clamp(min=0).sqrt().flip(-1)
+    return values.to(matrix.dtype)
 
 
 def token_factor(a: torch.Tensor) -> torch.Tensor:
