@@ -51,6 +51,18 @@ def explicit_gradient_statistics(
         for name, p in model.named_parameters()
         if name.startswith(layers_name + ".") and p.ndim == 2
     }
+    return explicit_statistics(model, tokenizer, matrices, records, max_length)
+
+
+def explicit_statistics(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    matrices: dict[str, torch.nn.Parameter],
+    records: list[dict],
+    max_length: int | None,
+) -> pd.DataFrame:
+    """Per example and matrix of ``matrices``: the statistics of the float64 SVD of the
+    autograd gradient of the example's loss."""
     rows = []
     for index, record in enumerate(records):
         ids, labels = gradspec.encode(tokenizer, record, max_length=max_length)

@@ -36,8 +36,9 @@ def test_a_run_without_the_stable_rank_column_reads_it_as_null(tmp_path):
 
 
 def test_a_format_2_run_resumes_with_null_expert_columns(tiny_model, shared_data, tmp_path):
-    """Format 3 only added the (nullable) expert columns: a dense run written in format 2
-    resumes, its old parts read the expert columns as null, and the run equals a fresh one."""
+    """Format 3 only added nullable columns (experts, the examples' fields mapping) and
+    options that are unset by default: a dense run written in format 2 resumes, its old
+    parts read the new columns as null, and the run equals a fresh one."""
     import json
 
     import gradspec
@@ -47,14 +48,18 @@ def test_a_format_2_run_resumes_with_null_expert_columns(tiny_model, shared_data
     gradspec.profile(tiny_model("llama"), data, out, device="cpu", limit=2, chunk_size=2)
     for part in (out / "spectra").glob("*.parquet"):  # as format 2 wrote it
         pq.write_table(pq.read_table(part).drop_columns(["expert", "expert_tokens"]), part)
+    for part in (out / "examples").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).drop_columns(["fields"]), part)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["fingerprint"]["format_version"] = 2
+    for option in ("fields", "adapter_matrices"):  # options added since
+        manifest["fingerprint"].pop(option, None)
     (out / "manifest.json").write_text(json.dumps(manifest))
     resumed = gradspec.profile(tiny_model("llama"), data, out, device="cpu", limit=4, chunk_size=2)
     fresh = gradspec.profile(
         tiny_model("llama"), data, tmp_path / "fresh", device="cpu", limit=4, chunk_size=2
     )
-    assert resumed.spectra["expert"].isna().all()
+    assert resumed.spectra["expert"].isna().all() and resumed.examples["fields"].isna().all()
     columns = ["example_index", "param", "nuclear_norm", "effective_rank"]
     assert resumed.spectra[columns].equals(fresh.spectra[columns])
     assert gradspec.load_run(out).manifest["fingerprint"]["format_version"] == FORMAT_VERSION

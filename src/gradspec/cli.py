@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GradspecError, GradspecWarning
-from .options import MODEL_PANEL, ProfileOptions, ReportStatistic, Shard
+from .options import DATA_PANEL, MODEL_PANEL, ProfileOptions, ReportStatistic, Shard
 from .statistics import statistic_help
 
 app = typer.Typer(
@@ -174,17 +174,25 @@ def with_profile_options(command: F) -> F:
     return command
 
 
-def prepare_checkpoints(models: list[Path]) -> None:
-    """Convert GGUF models (once; cached) before any progress bar, saying so meanwhile."""
+def prepare_checkpoints(
+    models: list[Path | str], revision: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """Convert GGUF models (once; cached) and fetch Hub models before any progress bar,
+    saying so meanwhile."""
     from .gguf_checkpoint import find_gguf
+    from .hub import is_hub_id
     from .modeling import resolve_checkpoint
 
     for model in models:
-        if find_gguf(model) is None:
+        if find_gguf(model) is not None:
+            doing = "a GGUF file is dequantised once"
+        elif not Path(model).exists() and is_hub_id(str(model)):
+            doing = "fetched from the Hugging Face Hub, or found in its cache"
+        else:
             continue
-        with console.status(f"preparing {model} (a GGUF file is dequantised once)"):
-            checkpoint = resolve_checkpoint(model)
-        console.print(f"model: {model} -> {checkpoint.directory}", highlight=False)
+        with console.status(f"preparing {model} ({doing})"):
+            checkpoint = resolve_checkpoint(model, revision, trust_remote_code)
+        console.print(f"model: {model} -> {checkpoint.directory}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -192,9 +200,19 @@ def prepare_checkpoints(models: list[Path]) -> None:
 @with_profile_options
 def profile(
     model: Annotated[
-        Path, typer.Option(help="Checkpoint directory (config.json inside), or a .gguf file.")
+        str,
+        typer.Option(
+            help="Hub model id (org/name[@revision]), checkpoint folder, .gguf file, or PEFT "
+            "adapter folder; a local path wins over a Hub id."
+        ),
     ],
-    data: Annotated[str, typer.Option(help="Alpaca/chat JSON or JSONL file, directory or glob.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Data file (.json, .jsonl, .parquet), datasets folder, directory or glob, "
+            "or a Hub data set id (org/name)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Run directory; rerun the command to resume.")],
     device: Annotated[
         str, typer.Option(help="cpu, cuda, cuda:N or auto.", rich_help_panel=MODEL_PANEL)
@@ -208,15 +226,43 @@ def profile(
             rich_help_panel=MODEL_PANEL,
         ),
     ] = Shard.none,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="Branch, tag or commit of a Hub model id.", rich_help_panel=MODEL_PANEL),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            help="Run the Python code of a Hub model's repository (only if you trust it).",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = False,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split of a Hub data set (default: train).", rich_help_panel=DATA_PANEL),
+    ] = None,
+    data_config: Annotated[
+        str | None,
+        typer.Option(
+            help="Config (subset) of a Hub data set, e.g. main for openai/gsm8k.",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = None,
     **options: Any,
 ) -> None:
     """Profile per-example gradient spectra of every decoder-layer matrix into RUN_DIR."""
     from .engine import profile as run_profile
 
-    prepare_checkpoints([model])
+    prepare_checkpoints([model], revision, trust_remote_code)
+    hub = {
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+        "split": split,
+        "data_config": data_config,
+    }
     with rank_progress_bar("profiling") as update:
         tables = run_profile(
-            model, data, out, device=device, shard=shard, progress=update, **options
+            model, data, out, device=device, shard=shard, progress=update, **hub, **options
         )
     if not is_main_process():
         return
@@ -383,7 +429,13 @@ def flag(
 @user_errors_exit_cleanly
 def select(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `gradspec profile`.")],
-    data: Annotated[str, typer.Option(help="The data the run profiled (file, directory, glob).")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="The data the run profiled (file, directory, glob, or the Hub data set id: "
+            "its split and config are the run's)."
+        ),
+    ],
     keep: Annotated[
         str,
         typer.Option(
@@ -547,7 +599,8 @@ def study(
     from .study import load_study, run_study
 
     spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
-    prepare_checkpoints([m.path for m in spec.models])
+    for spec_model in spec.models:
+        prepare_checkpoints([spec_model.path], spec_model.revision, spec_model.trust_remote_code)
     cells = run_study(
         spec, out, device=device, limit=limit, progress=lambda cell: rank_progress_bar(cell.name)
     )

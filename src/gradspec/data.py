@@ -21,6 +21,8 @@ from jinja2.exceptions import TemplateError
 
 from .errors import GradspecError
 from .formats import SCHEMAS, Location, format_of, is_data_path, schema_of
+from .formats.fields import map_fields
+from .hub import dataset_split, hub_dataset_name
 from .options import PAPER_SYSTEM_MESSAGE, ProfileOptions
 
 IGNORE_INDEX = -100
@@ -77,6 +79,30 @@ class Encoded:
 # ---------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """The local files of ``--data``; for a Hub data set, what the manifest records of it."""
+
+    files: list[Path]
+    hub: dict[str, Any] | None = None
+
+
+def resolve_data(
+    data: str | os.PathLike, split: str | None = None, config: str | None = None
+) -> DataSource:
+    """``--data`` as local files: a local path wins; a Hub id (``org/name``) is one split
+    (default ``train``) of the data set, in config ``config``, saved once as a folder."""
+    name = hub_dataset_name(data)
+    if name is None:
+        if split or config:
+            raise GradspecError(
+                f"--split/--data-config: only for a Hub data set id; --data {data} is local"
+            )
+        return DataSource(resolve_data_files(data))
+    dataset = dataset_split(name, split, config)
+    return DataSource([dataset.directory], dataset.record())
+
+
 def resolve_data_files(data: str | os.PathLike) -> list[Path]:
     """The data named by a file, a datasets folder, a directory of data, or a glob."""
     path = Path(data)
@@ -109,14 +135,20 @@ def data_sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_examples(data: str | os.PathLike) -> list[Example]:
-    """Every record of the data, validated, numbered 0.. in file order."""
+def load_examples(
+    data: str | os.PathLike | DataSource, fields: dict[str, str] | None = None
+) -> list[Example]:
+    """Every record of the data, its fields mapped by ``fields`` ({schema field: record
+    field}), validated, numbered 0.. in file order."""
+    source_files = data.files if isinstance(data, DataSource) else resolve_data_files(data)
     examples: list[Example] = []
-    for path in resolve_data_files(data):
+    for path in source_files:
         for source in format_of(path).read(path):
-            kind = schema_of(source.value, source.location(path)).name
+            where = source.location(path)
+            record = map_fields(source.value, fields or {}, where)
+            kind = schema_of(record, where).name
             examples.append(
-                Example(len(examples), str(path), source.row, source.line, source.value, kind)
+                Example(len(examples), str(path), source.row, source.line, record, kind)
             )
     return examples
 

@@ -29,13 +29,14 @@ from .batching import Batch, collate, per_example_losses, plan_batches, response
 from .capture import PendingSpectra, SpectraCapture
 from .data import (
     IGNORE_INDEX,
+    DataSource,
     Encoded,
     Example,
     data_sha256,
     encode_response_only,
     encode_with_options,
     load_examples,
-    resolve_data_files,
+    resolve_data,
 )
 from .distributed import (
     LOCAL,
@@ -51,13 +52,14 @@ from .distributed import (
     split_by_weight,
 )
 from .errors import GradspecError, GradspecWarning
-from .families import coverage, find_targets
+from .families import coverage
 from .files import enclosing_run
+from .formats.fields import parse_fields
 from .modeling import (
     Checkpoint,
+    checkpoint_targets,
     context_length,
-    load_model_and_tokenizer,
-    model_signature,
+    load_checkpoint,
     resolve_checkpoint,
     resolve_device,
     resolve_dtype,
@@ -91,13 +93,22 @@ def profile(
     device: str = "auto",
     shard: str = "none",
     progress: Callable[[int, int], None] | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    split: str | None = None,
+    data_config: str | None = None,
     **options: Any,
 ) -> RunTables:
-    """Profile every example of ``data`` on the local checkpoint ``model`` into ``out``.
+    """Profile every example of ``data`` on ``model`` into ``out``.
 
-    Options are those of :class:`ProfileOptions`. Finished chunks already in ``out`` are
-    kept, so an interrupted call can simply be repeated. ``progress(done, total)`` is
-    called after each chunk and each batch. Returns the run's tables.
+    ``model`` is a checkpoint folder, a GGUF file, a PEFT adapter folder or a Hub model id;
+    ``data`` a data file, folder or glob, or a Hub data set id. ``revision`` (of a Hub
+    model; ``org/name@revision`` also works), ``trust_remote_code`` (run the code of the
+    model's repository), ``split`` (default train) and ``data_config`` (of a Hub data set)
+    say how to take Hub ids. Options are those of :class:`ProfileOptions`. Finished chunks
+    already in ``out`` are kept, so an interrupted call can simply be repeated.
+    ``progress(done, total)`` is called after each chunk and each batch. Returns the run's
+    tables.
 
     Under ``torchrun`` (or inside a process group the caller set up) every rank calls this
     with the same arguments: the missing chunks are split across the ranks, each returns
@@ -106,8 +117,27 @@ def profile(
     """
     with process_group(device) as ranks:
         return profile_on(
-            ranks, model, data, out, device=device, shard=shard, progress=progress, **options
+            ranks,
+            model,
+            data,
+            out,
+            device=device,
+            shard=shard,
+            progress=progress,
+            hub=HubOptions(revision, trust_remote_code, split, data_config),
+            **options,
         )
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How to take Hub ids: the model's ``revision`` (and whether its repository's code may
+    run), and the data set's ``split`` and ``config``. Ignored for local paths."""
+
+    revision: str | None = None
+    trust_remote_code: bool = False
+    split: str | None = None
+    data_config: str | None = None
 
 
 @dataclass
@@ -115,7 +145,7 @@ class _Plan:
     """What every rank resolved before anything is written."""
 
     opts: ProfileOptions
-    model_dir: Path
+    checkpoint: Checkpoint
     examples: list[Example]
     store: RunStore
     manifest: dict[str, Any]
@@ -134,10 +164,16 @@ def profile_on(
     device: str = "auto",
     shard: str = "none",
     progress: Callable[[int, int], None] | None = None,
+    hub: HubOptions | None = None,
     **options: Any,
 ) -> RunTables:
     """:func:`profile` on the given ranks (``LOCAL``: this process alone)."""
-    plan = agree(ranks, lambda: _plan(ranks, model, data, out, rank_device(device), shard, options))
+    plan = agree(
+        ranks,
+        lambda: _plan(
+            ranks, model, data, out, rank_device(device), shard, hub or HubOptions(), options
+        ),
+    )
     _refuse_different_runs(ranks, plan, out)
     try:
         return _profile_planned(ranks, plan, out, progress)
@@ -207,18 +243,21 @@ def _plan(
     out: str | os.PathLike,
     device: str,
     shard: str,
+    hub: HubOptions,
     options: dict[str, Any],
 ) -> _Plan:
     """Check the options, model, data and run directory, without writing anything."""
     opts = ProfileOptions(**options)
     sharding = parse_choice(Shard, "shard", shard)
     check_shard(sharding, ranks, opts.method)
-    checkpoint = resolve_checkpoint(model)
-    model_dir = checkpoint.directory
-    files = resolve_data_files(data)
-    examples = load_examples(data)[: opts.limit]
+    checkpoint = resolve_checkpoint(model, hub.revision, hub.trust_remote_code)
+    data_source = resolve_data(data, hub.split, hub.data_config)
+    examples = load_examples(data_source, parse_fields(opts.fields) if opts.fields else None)
+    examples = examples[: opts.limit]
     torch_device = resolve_device(device)
-    dtype = resolve_dtype(opts.dtype, torch_device, model_dir)
+    dtype = resolve_dtype(
+        opts.dtype, torch_device, checkpoint.directory, checkpoint.trust_remote_code
+    )
     spectra_dtype = resolve_spectra_dtype(opts.spectra_dtype, dtype)
     check_route(opts.route, torch_device, spectra_dtype)
     resolved = {
@@ -226,28 +265,30 @@ def _plan(
         "dtype": str(dtype).removeprefix("torch."),
         "spectra_dtype": str(spectra_dtype).removeprefix("torch."),
     }
-    signature, data_hash = model_signature(model_dir), data_sha256(files)
+    signature, data_hash = checkpoint.fingerprint(), data_sha256(data_source.files)
     # The fingerprint keeps --max-length as given: unset means the model's context, which
     # the model's signature fixes, so runs made before that default still resume. The route
     # changes values only within float32 rounding: a rerun may take another.
     fingerprint = {k: v for k, v in resolved.items() if k not in ("limit", "route")}
+    if checkpoint.adapter is None:  # decides nothing then; runs before the option resume
+        del fingerprint["adapter_matrices"]
     fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
     _refuse_out_inside_a_run(Path(out))
     store = RunStore(out, fingerprint, opts.top_k)
     store.check()
-    context = context_length(model_dir)
+    context = context_length(checkpoint.directory, checkpoint.trust_remote_code)
     opts = replace(opts, max_length=truncation_length(opts.max_length, context))
     manifest = _manifest(
         checkpoint,
         {**signature, "context_length": context},
-        files,
+        data_source,
         data_hash,
         len(examples),
         {**resolved, "max_length": opts.max_length},
         torch_device,
     )
     return _Plan(
-        opts, model_dir, examples, store, manifest, dtype, spectra_dtype, torch_device, sharding
+        opts, checkpoint, examples, store, manifest, dtype, spectra_dtype, torch_device, sharding
     )
 
 
@@ -339,13 +380,14 @@ def _load_checked_model(
     ``--modules`` selects, after checking that the template encodes the first example (so a
     bad option fails before anything is written)."""
     opts, sharded = plan.opts, plan.shard != Shard.none
-    net, tokenizer = load_model_and_tokenizer(
-        plan.model_dir,
+    net, tokenizer = load_checkpoint(
+        plan.checkpoint,
         plan.dtype,
         torch.device("cpu") if sharded else plan.device,  # fully_shard moves each shard
+        opts.adapter_matrices,
         eager_attention=opts.padding_side == "left",
     )
-    targets = find_targets(net, opts.modules)
+    targets = checkpoint_targets(net, plan.checkpoint, opts.modules, opts.adapter_matrices)
     if sharded:
         shard_model(net, plan.device, ranks, plan.shard)
     encode_with_options(tokenizer, first_example, opts)
@@ -372,7 +414,7 @@ def _report_within_chunk(
 def _manifest(
     checkpoint: Checkpoint,
     signature: dict[str, Any],
-    files: list[Path],
+    data_source: DataSource,
     data_hash: str,
     n_examples: int,
     options: dict[str, Any],
@@ -380,15 +422,13 @@ def _manifest(
 ) -> dict[str, Any]:
     return {
         "gradspec_version": __version__,
-        "model": {
-            "path": str(checkpoint.directory.resolve()),
-            **signature,
-            **({"gguf": checkpoint.gguf} if checkpoint.gguf else {}),
-        },
+        "model": {**signature, **checkpoint.record()},
         "data": {
-            "paths": [str(f.resolve()) for f in files],
+            "paths": [str(f.resolve()) for f in data_source.files],
             "sha256": data_hash,
             "n_examples": n_examples,
+            **({"hub": data_source.hub} if data_source.hub else {}),
+            **({"fields": options["fields"]} if options.get("fields") else {}),
         },
         "options": options,
         "device": str(device),
@@ -435,7 +475,9 @@ class ChunkRunner:
         self, chunk: list[Example], on_progress: Callable[[int], None]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         encoded = [encode_with_options(self.tokenizer, ex, self.opts) for ex in chunk]
-        example_rows = [_example_row(ex, enc) for ex, enc in zip(chunk, encoded, strict=True)]
+        example_rows = [
+            _example_row(ex, enc, self.opts.fields) for ex, enc in zip(chunk, encoded, strict=True)
+        ]
         spectra: dict[int, list[dict[str, Any]]] = {}
         todo = [i for i, enc in enumerate(encoded) if enc.skip_reason is None]
         finished = len(chunk) - len(todo)
@@ -553,7 +595,7 @@ class ChunkRunner:
             return per_example_losses(*response_logits(self.model, batch)).tolist()
 
 
-def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:
+def _example_row(example: Example, encoded: Encoded, fields: str | None) -> dict[str, Any]:
     status = f"skipped:{encoded.skip_reason}" if encoded.skip_reason else "ok"
     return {
         "example_index": example.index,
@@ -567,6 +609,7 @@ def _example_row(example: Example, encoded: Encoded) -> dict[str, Any]:
         "status": status,
         "response_only_loss": None,
         "ifd": None,
+        "fields": fields,
     }
 
 

@@ -13,6 +13,7 @@ from enum import Enum, StrEnum
 from typing import TypeVar
 
 from .errors import GradspecError
+from .formats.fields import format_fields, parse_fields
 from .statistics import REPORT_STATISTICS
 
 
@@ -78,6 +79,15 @@ class PaddingSide(StrEnum):
     right = "right"
 
 
+class AdapterMatrices(StrEnum):
+    """For a PEFT LoRA adapter: the ``merged`` matrices W + BA, the adapter's ``lora`` A and
+    B matrices, or ``both`` (named as the training monitor names them)."""
+
+    merged = "merged"
+    lora = "lora"
+    both = "both"
+
+
 E = TypeVar("E", bound=StrEnum)
 
 # The statistics the report can draw (statistics.py's registry and its derived ones).
@@ -133,8 +143,22 @@ class ProfileOptions:
             DATA_PANEL,
         ),
     )
+    fields: str | None = field(
+        default=None,
+        metadata=_cli(
+            "Map record fields, e.g. instruction=question,output=answer (GSM8K's columns).",
+            DATA_PANEL,
+        ),
+    )
     modules: str = field(
         default="all", metadata=_cli("all, attn, mlp, or a regex on names.", MODEL_PANEL)
+    )
+    adapter_matrices: AdapterMatrices = field(
+        default=AdapterMatrices.merged,
+        metadata=_cli(
+            "With a PEFT adapter as --model: merged (W + BA), lora (its A and B) or both.",
+            MODEL_PANEL,
+        ),
     )
     limit: int | None = field(
         default=None, metadata=_cli("Profile the first N examples.", DATA_PANEL)
@@ -202,6 +226,8 @@ class ProfileOptions:
             if isinstance(kind, type) and issubclass(kind, Enum):
                 value = parse_choice(kind, option.name, getattr(self, option.name))
                 object.__setattr__(self, option.name, value)
+        if self.fields is not None:  # as the examples table records it
+            object.__setattr__(self, "fields", format_fields(parse_fields(self.fields)))
         self.check()
 
     def check(self) -> None:

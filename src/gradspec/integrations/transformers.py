@@ -295,6 +295,7 @@ class TrainingRun:
             "status": ["ok"] * n,
             "response_only_loss": [None] * n,
             "ifd": [None] * n,
+            "fields": [None] * n,  # the trainer's dataset is tokenized already
             "step": [step] * n,
             "epoch": [epoch] * n,
             "flag_score": scores,
