@@ -15,6 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import gradspec
 from gradspec import expert_capture
 from gradspec.adapters import find_decoder_layers
+from gradspec.analysis import pool_experts
+from gradspec.quality import example_scores
+from gradspec.report import write_report
+from gradspec.runs import load_runs
 
 WIKI = SHARED_DATA / "wiki_knowledge" / "correct" / "popular_wikipedia_100.json"
 STATS = ["nuclear_norm", "spectral_norm", "frobenius_norm", "effective_rank", "stable_rank"]
@@ -193,3 +197,70 @@ def test_experts_without_tokens_are_recorded_unsolved(tokenizer, tmp_path, monke
     assert sum(solved) == (routed["expert_tokens"] > 0).sum(), "one solve per pair with tokens"
     expected = explicit_expert_statistics(tmp_path / "model", "qwen3_moe", read_shared(WIKI, 2), 24)
     assert_experts_match(tables.spectra, expected)
+
+
+def pooled_by_hand(spectra: pd.DataFrame) -> pd.DataFrame:
+    """Each (example, param, module) of the experts: the mean of each statistic over the
+    experts with tokens, computed row by row."""
+    rows = []
+    experts = spectra[spectra["expert"].notna()]
+    for (example, param, module), group in experts.groupby(["example_index", "param", "module"]):
+        active = [row for _, row in group.iterrows() if row["expert_tokens"] > 0]
+        values = {s: sum(r[s] for r in active) / len(active) if active else 0.0 for s in STATS}
+        tokens = int(group["expert_tokens"].sum())
+        rows.append(
+            {"example_index": example, "param": param, "module": module, "tokens": tokens} | values
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def moe_run(tiny_model, tmp_path_factory) -> Path:
+    """A float32 run of the tiny Qwen3-MoE on four GSM8K examples, batches of two."""
+    out = tmp_path_factory.mktemp("moe") / "run"
+    gradspec.profile(tiny_model("qwen3_moe"), GSM8K, out, device="cpu", limit=4, batch_size=2)
+    return out
+
+
+def test_pooled_values_feed_analyses_and_scores(moe_run):
+    tables = gradspec.load_run(moe_run)
+    expected = pooled_by_hand(tables.spectra)
+    pooled = pool_experts(tables.spectra)
+    routed_modules = pooled[pooled["module"].isin(["gate_proj", "up_proj", "down_proj"])]
+    merged = expected.merge(
+        routed_modules, on=["example_index", "param", "module"], suffixes=("_x", "")
+    )
+    assert len(merged) == len(expected) == len(routed_modules)
+    np.testing.assert_array_equal(merged["expert_tokens"], merged["tokens"])
+    for stat in STATS:
+        np.testing.assert_allclose(merged[stat + "_x"], merged[stat], rtol=1e-12)
+    # The layer curves and the quality scores read the pooled values.
+    run = load_runs([moe_run])[0]
+    gate = run.values("gate_proj", "nuclear_norm")
+    by_hand = expected[expected["module"] == "gate_proj"].pivot(
+        index="example_index", columns="param", values="nuclear_norm"
+    )
+    np.testing.assert_allclose(gate.values, by_hand.to_numpy(), rtol=1e-12)
+    scores = example_scores(tables)
+    sums = pooled.groupby("example_index")["nuclear_norm"].sum()
+    np.testing.assert_allclose(scores["nuclear_norm"], sums.to_numpy(), rtol=1e-12)
+
+
+def test_report_shows_each_expert(moe_run, tmp_path):
+    path = write_report([moe_run], tmp_path / "report.html", n_boot=20)
+    experts = pd.read_csv(tmp_path / "report_tables" / "experts.csv")
+    spectra = gradspec.load_run(moe_run).spectra
+    for (layer, module, expert), row in experts.set_index(["layer", "module", "expert"]).iterrows():
+        rows = spectra[
+            (spectra["layer"] == layer)
+            & (spectra["module"] == module)
+            & (spectra["expert"] == expert)
+        ]
+        routed = rows[rows["expert_tokens"] > 0]
+        assert row["tokens"] == pytest.approx(rows["expert_tokens"].mean())
+        assert row["share"] == pytest.approx(len(routed) / len(rows))
+        if len(routed):
+            assert row["mean"] == pytest.approx(routed["nuclear_norm"].mean())
+    assert len(experts) == 2 * 3 * 8  # layers x matrices x experts
+    page = path.read_text()
+    assert "id='experts'" in page and page.count('"layer %{y}, expert %{x}') == 3

@@ -68,6 +68,7 @@ OUTPUT_NAMES = {"c_proj", "dense"}
 ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
 LORA_MATRICES = ("lora_A", "lora_B")
 LORA_BASE = "base_layer"
+SHARED_EXPERT = re.compile(r"shared_expert")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,10 @@ def canonical_module_name(relative_name: str) -> str:
     leaf, parents = parts[-1], ".".join(parts[:-1])
     if leaf in OUTPUT_NAMES:
         return "o_proj" if ATTENTION_PARENT.search(parents) else "fc_out"
-    return CANONICAL_NAMES.get(leaf, leaf)
+    name = CANONICAL_NAMES.get(leaf, leaf)
+    # A shared expert (DeepSeek, Qwen2-MoE) works beside the routed experts' gate_proj,
+    # up_proj and down_proj in the same layer: its own names keep the two apart.
+    return f"shared_{name}" if SHARED_EXPERT.search(parents) else name
 
 
 def module_kind(module_name: str, relative_name: str) -> str:

@@ -67,6 +67,44 @@ class Estimate:
     high: np.ndarray | float
 
 
+# ---------------------------------------------------------------- experts pooled
+
+# Columns that identify a pooled row: one per example (and step of a training run) and
+# expert matrix of a layer, e.g. the gate matrices of all experts of layer 3.
+POOL_KEYS = ("example_index", "example_id", "param", "layer", "module", "kind")
+
+
+def is_expert_row(spectra: pd.DataFrame) -> pd.Series:
+    """Which rows are a routed expert's matrix (format 3 runs; none in older ones)."""
+    if "expert" not in spectra:
+        return pd.Series(False, index=spectra.index)
+    return spectra["expert"].notna()
+
+
+def pool_experts(spectra: pd.DataFrame) -> pd.DataFrame:
+    """The spectra with each layer's experts pooled: per example and expert matrix, every
+    statistic's mean over the experts that received tokens of the example (0 when none
+    did) and ``expert_tokens`` their sum; other rows unchanged. Analyses, findings and
+    quality scores read these, so an MoE layer weighs as much as a dense one."""
+    routed = is_expert_row(spectra)
+    if not routed.any():
+        return spectra
+    experts = spectra[routed]
+    keys = [k for k in (*POOL_KEYS, "step") if k in spectra]
+    active = experts[list(STAT_COLUMNS)].mask(experts["expert_tokens"].eq(0), axis=0)
+    grouped = active.assign(**{k: experts[k] for k in keys}).groupby(keys, sort=False)
+    pooled = grouped[list(STAT_COLUMNS)].mean().fillna(0.0)
+    pooled["expert_tokens"] = experts.groupby(keys, sort=False)["expert_tokens"].sum()
+    pooled = pooled.reset_index().assign(expert=pd.NA)
+    frame = pd.concat([spectra[~routed], pooled[[c for c in spectra if c in pooled]]])
+    return frame.sort_values(["example_index", "layer", "param", "module"], ignore_index=True)
+
+
+def pooled_tables(tables: RunTables) -> RunTables:
+    """A run's tables with its experts pooled (``pool_experts``)."""
+    return RunTables(tables.manifest, tables.examples, pool_experts(tables.spectra))
+
+
 # ---------------------------------------------------------------- per-example values
 
 

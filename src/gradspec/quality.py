@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import mad
+from .analysis import mad, pool_experts
 from .errors import GradspecError
 from .files import atomic_path
 from .statistics import STATISTICS
@@ -93,7 +93,7 @@ def example_scores(tables: RunTables) -> pd.DataFrame:
     """One row per example of the run: ids, status, every score and its percentile."""
     examples = tables.examples.set_index("example_index", drop=False)
     ok = examples.index[examples["status"] == "ok"]
-    spectra = tables.spectra[tables.spectra["example_index"].isin(ok)]
+    spectra = ok_spectra(tables)
     scores = gradient_scores(spectra).reindex(ok)
     scores["loss"] = examples.loc[ok, "loss"]
     scores["ifd"] = examples.loc[ok, "ifd"]
@@ -182,9 +182,10 @@ def instruction_gradient_scores(given: RunTables, blank: RunTables) -> pd.DataFr
 
 
 def ok_spectra(tables: RunTables) -> pd.DataFrame:
-    """The spectra rows of the examples profiled without problems."""
+    """The spectra rows of the examples profiled without problems, routed experts pooled
+    per layer (so an MoE layer weighs as much as a dense one)."""
     ok = tables.examples.loc[tables.examples["status"] == "ok", "example_index"]
-    return tables.spectra[tables.spectra["example_index"].isin(ok)]
+    return pool_experts(tables.spectra[tables.spectra["example_index"].isin(ok)])
 
 
 def two_sided(values: pd.Series) -> pd.Series:

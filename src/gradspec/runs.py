@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .analysis import LayerValues, layer_values
+import pandas as pd
+
+from .analysis import LayerValues, is_expert_row, layer_values, pooled_tables
 from .errors import GradspecError
 from .integrity import read_json_object
 from .labels import describe, normalize_labels
@@ -25,7 +27,8 @@ class Run:
     name: str
     path: Path
     labels: dict[str, Any]
-    tables: RunTables
+    tables: RunTables  # routed experts pooled per layer (analysis.pool_experts)
+    experts: pd.DataFrame = field(default_factory=pd.DataFrame)  # routed experts, unpooled
     _values: dict[tuple[str, str], LayerValues] = field(default_factory=dict, repr=False)
 
     def values(self, module: str, statistic: str) -> LayerValues:
@@ -77,7 +80,9 @@ def load_runs(
         while name in names:
             name = f"{path.parent.name}/{name}"
         names.add(name)
-        runs.append(Run(name, path, merged, load_run(path)))
+        tables = load_run(path)
+        experts = tables.spectra[is_expert_row(tables.spectra)]
+        runs.append(Run(name, path, merged, pooled_tables(tables), experts))
     return runs
 
 

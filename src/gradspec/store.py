@@ -304,7 +304,9 @@ def load_run(run_dir: str | os.PathLike) -> RunTables:
     return RunTables(
         manifest,
         examples.sort_values("example_index", ignore_index=True),
-        spectra.sort_values(["example_index", "layer", "param"], ignore_index=True),
+        spectra.sort_values(
+            ["example_index", "layer", "param", "module", "expert"], ignore_index=True
+        ),
     )
 
 

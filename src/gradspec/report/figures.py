@@ -75,6 +75,39 @@ def curve_figures(
     return figures
 
 
+def expert_heatmaps(experts: pd.DataFrame, statistic_name: str) -> list[tuple[str, go.Figure]]:
+    """One figure per run of a mixture-of-experts model: a layer x expert heat map per
+    expert matrix of the statistic's mean over the examples that routed to the expert."""
+    figures = []
+    for run, table in experts.groupby("run", sort=False):
+        modules = study_order(table["module"])
+        figure = make_subplots(rows=1, cols=len(modules), subplot_titles=modules)
+        for j, module in enumerate(modules, start=1):
+            grid = table[table["module"] == module].pivot(
+                index="layer", columns="expert", values="mean"
+            )
+            figure.add_trace(
+                go.Heatmap(
+                    z=grid.to_numpy(),
+                    x=grid.columns,
+                    y=grid.index,
+                    coloraxis="coloraxis",
+                    hovertemplate="layer %{y}, expert %{x}: %{z:.4g}<extra></extra>",
+                ),
+                row=1,
+                col=j,
+            )
+            figure.update_xaxes(title_text="expert", row=1, col=j)
+        figure.update_yaxes(title_text="layer", row=1, col=1)
+        figure.update_layout(
+            title=f"{html.escape(str(run))}: {statistic_name} per expert",
+            coloraxis={"colorscale": "Viridis"},
+            height=420,
+        )
+        figures.append((str(run), figure))
+    return figures
+
+
 def step_figure(
     runs: Sequence[Run], steps: pd.DataFrame, flags: pd.DataFrame, statistic_name: str
 ) -> go.Figure:

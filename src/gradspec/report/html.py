@@ -19,7 +19,7 @@ from ..analysis import SEGMENTS
 from ..findings import Finding
 from .context import ReportContext
 from .display import display_table, mad_display
-from .figures import curve_figures, paper_figures, step_figure
+from .figures import curve_figures, expert_heatmaps, paper_figures, step_figure
 from .training import SECTION_NOTE, has_training_runs
 
 SKIPPED_SHOWN = 200  # rows of the skipped-examples table shown in the HTML; the CSV has all
@@ -69,6 +69,7 @@ def sections(tables: Tables) -> list[tuple[str, str, Section]]:
         ("paper", "Paper's figures", paper_section),
         *([("steps", "Training steps", steps_section)] if has_training_runs(tables) else []),
         ("curves", "Layer curves", curves_section),
+        *([("experts", "Experts", experts_section)] if "experts" in tables else []),
         ("mad", "MAD across layers", mad_section),
         ("rd", "Relative differences", relative_difference_section),
         ("examples", "Examples", examples_section),
@@ -137,6 +138,18 @@ def curves_section(context: ReportContext, tables: Tables, findings: list[Findin
         "<h2 id='curves'>Layer curves</h2><p class='method'>Lines: mean over examples; "
         "bands: 95% bootstrap intervals; dotted: irrelevant responses. Click a legend "
         "entry to hide a run.</p>",
+        *(plot(figure) for _, figure in figures),
+    ]
+
+
+def experts_section(context: ReportContext, tables: Tables, findings: list[Finding]) -> list[str]:
+    """Per-expert heat maps (layer x expert) of runs of mixture-of-experts models."""
+    figures = expert_heatmaps(tables["experts"], context.statistic_name)
+    return [
+        "<h2 id='experts'>Experts</h2><p class='method'>Routed experts: the mean over the "
+        "examples that routed tokens to an expert (the curves, MAD, findings and scores "
+        "pool each layer's experts: per example, the mean over the experts that received "
+        "its tokens). Tokens per expert and example are in experts.csv.</p>",
         *(plot(figure) for _, figure in figures),
     ]
 

@@ -20,6 +20,7 @@ TABLE_HEADINGS = {
     "examples": "Examples",
     "skipped": "Skipped examples",
     "runs": "Runs",
+    "experts": "Experts (mean over the examples routing to each; tokens per example)",
 }
 
 

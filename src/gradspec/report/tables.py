@@ -50,7 +50,29 @@ def build_tables(
         "skipped": skipped_table(runs),
         "runs": manifest_table(runs, home),
         **training_tables(runs, statistic),
+        **({"experts": expert_table(runs, statistic)} if any(len(r.experts) for r in runs) else {}),
     }
+
+
+def expert_table(runs: Sequence[Run], statistic: str) -> pd.DataFrame:
+    """Per run, layer, expert matrix and expert: the statistic's mean over the examples
+    that routed tokens to the expert, the mean tokens it got per example and the share
+    of examples that routed any (runs of mixture-of-experts models only)."""
+    frames = []
+    for run in runs:
+        if run.experts.empty:
+            continue
+        rows = run.experts.assign(
+            value=run.experts[statistic].where(run.experts["expert_tokens"] > 0),
+            routed=run.experts["expert_tokens"] > 0,
+        )
+        grouped = rows.groupby(["layer", "module", "expert"])
+        frame = grouped.agg(
+            mean=("value", "mean"), tokens=("expert_tokens", "mean"), share=("routed", "mean")
+        )
+        frames.append(frame.reset_index().assign(run=run.name))
+    columns = ["run", "layer", "module", "expert", "mean", "tokens", "share"]
+    return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def curve_table(runs: Sequence[Run], statistic: str, n_boot: int, seed: int) -> pd.DataFrame:
