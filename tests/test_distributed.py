@@ -304,18 +304,21 @@ UNEVEN = dict(limit=10, chunk_size=4, batch_size=3, ifd=True, device="cpu")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
 def test_a_model_sharded_over_two_ranks_gives_the_unsharded_tables_bit_for_bit(
-    tiny_model, tmp_path
+    arch, tiny_model, tmp_path
 ):
     """FSDP2 all-gathers exact copies of the weights before each layer runs, and each
-    rank's batches are the ones a single process forms, so on CPU nothing changes a bit."""
-    model = tiny_model("llama")
+    rank's batches are the ones a single process forms, so on CPU nothing changes a bit;
+    DeepSeek-V3's routed experts (fused weights) and router included."""
+    model = tiny_model(arch)
     one = _profile(1, model, tmp_path / "one", options=UNEVEN)
     assert one.returncode == 0, one.stderr
     two = _profile(2, model, tmp_path / "two", options={**UNEVEN, "shard": "fsdp"})
     assert two.returncode == 0, two.stderr
-    sharded = gradspec.load_run(tmp_path / "two")
-    _assert_same_tables(sharded, gradspec.load_run(tmp_path / "one"))
+    sharded, unsharded = gradspec.load_run(tmp_path / "two"), gradspec.load_run(tmp_path / "one")
+    _assert_same_tables(sharded, unsharded)
+    assert sharded.manifest["coverage"] == unsharded.manifest["coverage"]
     assert sharded.examples["ifd"].notna().all()
     assert sharded.manifest["sessions"][-1] | {"started": 0, "ended": 0} == {
         "started": 0,

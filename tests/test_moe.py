@@ -216,9 +216,11 @@ def pooled_by_hand(spectra: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def moe_run(tiny_model, tmp_path_factory) -> Path:
-    """A float32 run of the tiny Qwen3-MoE on four GSM8K examples, batches of two."""
+    """A float32 run of the tiny Qwen3-MoE on four GSM8K examples, batches of two, with
+    the IFD forward passes (which go through the captured experts without a batch)."""
     out = tmp_path_factory.mktemp("moe") / "run"
-    gradspec.profile(tiny_model("qwen3_moe"), GSM8K, out, device="cpu", limit=4, batch_size=2)
+    options = dict(device="cpu", limit=4, batch_size=2, ifd=True)
+    gradspec.profile(tiny_model("qwen3_moe"), GSM8K, out, **options)
     return out
 
 

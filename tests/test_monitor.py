@@ -673,3 +673,25 @@ def test_ddp_two_gloo_processes(tiny_model, train_dataset, data_file, tmp_path):
     monitored = monitored_spectra(tmp_path / "run")
     assert sorted(monitored.index.get_level_values(0).unique()) == sorted(ranks[0]["ids"])
     assert_same_spectra(monitored, reference)
+
+
+@pytest.mark.slow
+def test_moe_spectra_equal_profile_of_checkpoint(
+    tiny_model, tokenizer, train_dataset, data_file, tmp_path
+):
+    """Qwen3-MoE under the Trainer, two examples a micro-batch (padded): every routed
+    expert's spectra and token counts equal `gradspec profile` of the step's checkpoint."""
+    options = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    train(tiny(tiny_model("qwen3_moe")), train_dataset, tokenizer, tmp_path, **options)
+    key = ["example_id", "param", "module", "expert"]
+    columns = [*STAT_COLUMNS, "expert_tokens"]
+    profiled = gradspec.profile(tmp_path / "checkpoint", data_file, tmp_path / "ref", device="cpu")
+    reference = profiled.spectra.fillna({"expert": -1}).set_index(key)[columns]
+    monitored = load_run(tmp_path / "run").spectra.fillna({"expert": -1}).set_index(key)[columns]
+    assert monitored.index.get_level_values(0).nunique() == 4
+    assert (monitored.index.get_level_values("expert") >= 0).sum() == 4 * 2 * 3 * 8
+    expected = reference.loc[monitored.index]
+    np.testing.assert_array_equal(monitored["expert_tokens"], expected["expert_tokens"])
+    np.testing.assert_allclose(
+        monitored[list(STAT_COLUMNS)], expected[list(STAT_COLUMNS)], rtol=1e-4, atol=1e-9
+    )

@@ -89,10 +89,12 @@ def routed_forward(
 ) -> torch.Tensor:
     """transformers' eager experts forward with the slots sorted by (expert, example);
     under autograd it keeps each slot's input and activation and hooks the gradients."""
-    top_k = top_k_index.shape[1]
-    slots = sort_slots(top_k_index, capture.token_mask, experts.down_proj.shape[0])
-    token = slots.order // top_k
+    tokens, top_k = top_k_index.shape
     recording = torch.is_grad_enabled()
+    # A forward-only pass (the IFD denominator) is no batch of the capture: one group.
+    mask = capture.token_mask if recording else torch.ones(1, tokens, dtype=torch.bool)
+    slots = sort_slots(top_k_index, mask, experts.down_proj.shape[0])
+    token = slots.order // top_k
     x = hidden_states[token]
     if recording and not x.requires_grad:  # the first target of the pass: a leaf
         x = x.detach().requires_grad_(True)
@@ -181,7 +183,8 @@ class ExpertsCapture:
         self.experts.forward = partial(routed_forward, self.experts, capture=self)
 
     def remove(self) -> None:
-        del self.experts.forward
+        """Back to the module's own forward (a second call changes nothing)."""
+        self.experts.__dict__.pop("forward", None)
         self.start_batch(self.token_mask)
 
     def start_batch(self, token_mask: torch.Tensor) -> None:
