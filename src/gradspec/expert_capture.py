@@ -246,13 +246,20 @@ class ExpertsCapture:
     def _prepare(
         self, g: torch.Tensor, x: torch.Tensor, shared: dict[int, InputSpectra]
     ) -> list[Solve]:
-        """The routes' GEMMs per bucket; ``shared`` keeps x's factors per bucket for the
-        next matrix reading the same x (gate, then up)."""
-        solves = []
         with torch.autocast(g.device.type, enabled=False):
-            for position, bucket in enumerate(self.buckets):
-                length = bucket.index.shape[1]
-                route = choose_route(length, g.shape[1], x.shape[1], g.dtype, g.device.type)
-                xs = shared.setdefault(position, InputSpectra(padded_rows(x, bucket.index)))
-                solves.append(prepare_spectra(padded_rows(g, bucket.index), xs, route))
-        return solves
+            return prepare_buckets(g, x, self.buckets, shared)
+
+
+def prepare_buckets(
+    g: torch.Tensor, x: torch.Tensor, buckets: list[Bucket], shared: dict[int, InputSpectra]
+) -> list[Solve]:
+    """The routes' GEMMs for each bucket of pairs of the sorted rows g (S x d_out) and
+    x (S x d_in); each solve gives its bucket's singular values (pairs x k). ``shared``
+    keeps x's factors per bucket for the next matrix reading the same x (gate, then up)."""
+    solves = []
+    for position, bucket in enumerate(buckets):
+        length = bucket.index.shape[1]
+        route = choose_route(length, g.shape[1], x.shape[1], g.dtype, g.device.type)
+        xs = shared.setdefault(position, InputSpectra(padded_rows(x, bucket.index)))
+        solves.append(prepare_spectra(padded_rows(g, bucket.index), xs, route))
+    return solves
