@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import GSM8K
@@ -119,7 +120,7 @@ def test_a_route_that_does_not_serve_the_run_is_refused():
     check_route("auto", cpu, torch.float32)
     check_route("factor-eigvalsh", cpu, torch.float32)
     for route, dtype, message in [
-        ("nonsense", torch.float32, "use auto or one of full, gram"),
+        ("nonsense", torch.float32, "use cost, auto or one of full, gram"),
         ("factor-gesvdj", torch.float32, "does not serve float32 spectra on cpu"),
         ("gram", torch.float64, "does not serve float64 spectra on cpu"),
     ]:
@@ -130,7 +131,7 @@ def test_a_route_that_does_not_serve_the_run_is_refused():
 def test_the_manifest_records_each_sessions_routes(tiny_model, tmp_path: Path):
     model = tiny_model("llama")
     options = dict(device="cpu", limit=3, batch_size=1)
-    auto = gradspec.profile(model, GSM8K, tmp_path / "auto", **options)
+    auto = gradspec.profile(model, GSM8K, tmp_path / "auto", route="auto", **options)
     recorded = auto.manifest["sessions"][-1]["routes"]
     assert recorded["route"] == "auto" and recorded["measured"]
     for choice in recorded["measured"]:
@@ -141,3 +142,19 @@ def test_the_manifest_records_each_sessions_routes(tiny_model, tmp_path: Path):
     with pytest.raises(GradspecError, match="--route factor-gesvd does not serve"):
         gradspec.profile(model, GSM8K, tmp_path / "refused", route="factor-gesvd", **options)
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_default_cost_route_reproduces_bit_for_bit(tiny_model, tmp_path: Path):
+    """The default takes the cost model's route per matrix, timing nothing: two runs give
+    the same bits, and the values agree with the measured choice's to float32 rounding."""
+    import pandas as pd
+
+    model = tiny_model("llama")
+    options = dict(device="cpu", limit=3, batch_size=1)
+    first = gradspec.profile(model, GSM8K, tmp_path / "first", **options)
+    assert first.manifest["sessions"][-1]["routes"] == {"route": "cost", "measured": []}
+    again = gradspec.profile(model, GSM8K, tmp_path / "again", **options)
+    pd.testing.assert_frame_equal(first.spectra, again.spectra)
+    auto = gradspec.profile(model, GSM8K, tmp_path / "auto", route="auto", **options)
+    columns = ["nuclear_norm", "spectral_norm", "frobenius_norm"]
+    assert np.allclose(first.spectra[columns], auto.spectra[columns], rtol=1e-4, atol=1e-7)

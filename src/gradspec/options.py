@@ -197,11 +197,12 @@ class ProfileOptions:
         ),
     )
     route: str = field(
-        default="auto",
+        default="cost",
         metadata=_cli(
-            "auto: each shape's fastest exact route, timed on its first batch (the manifest "
-            "records the choices); or one route for every matrix: factor, gram, full, "
-            "factor-eigvalsh, factor-cpu, ... (gradspec.routes.ROUTES).",
+            "cost: the cost model's cheapest exact route per matrix (runs reproduce bit for "
+            "bit); auto: each shape's fastest exact route, timed on its first batch (the "
+            "manifest records the choices); or one route for every matrix: factor, gram, "
+            "full, factor-eigvalsh, factor-cpu, ... (gradspec.routes.ROUTES).",
             MODEL_PANEL,
         ),
     )

@@ -26,10 +26,14 @@ import torch
 
 from . import routes
 from .errors import GradspecError
-from .routes import SolvePlace, prepare_spectra, route_costs, usable_routes
+from .routes import SolvePlace, choose_route, prepare_spectra, route_costs, usable_routes
 from .spectra import InputSpectra, Solve
 
 AUTO = "auto"
+# The cost model's cheapest route for each matrix, nothing timed: the same inputs give the
+# same bits in every run (a resumed run, another process, another rank), which measured
+# choices cannot promise when two routes time alike.
+COST = "cost"
 WORTH_TIMING = 8.0  # time routes whose estimated cost is within this factor of the cheapest
 AGREEMENT = 1e-3  # max |values - reference| / s1 of a route that counts as exact
 # (route name, run it) -> (seconds, values); the default drains the device's queue.
@@ -73,15 +77,15 @@ def synchronized_timer(route: str, compute: Callable[[], torch.Tensor]) -> tuple
 
 def check_route(route: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a forced route that is unknown or does not serve this device and precision."""
-    if route == AUTO:
+    if route in (AUTO, COST):
         return
     if route not in routes.ROUTES:
-        raise GradspecError(f"--route {route}: use auto or one of {', '.join(routes.ROUTES)}")
+        raise GradspecError(f"--route {route}: use cost, auto or one of {', '.join(routes.ROUTES)}")
     if not routes.ROUTES[route].runs_on(device.type, dtype):
         usable = ", ".join(usable_routes(device.type, dtype))
         raise GradspecError(
             f"--route {route} does not serve {str(dtype).removeprefix('torch.')} spectra on "
-            f"{device.type}; use auto or one of {usable}"
+            f"{device.type}; use cost, auto or one of {usable}"
         )
 
 
@@ -133,6 +137,9 @@ class RouteChooser:
 
     def prepare(self, g: torch.Tensor, x: InputSpectra, dtype: torch.dtype) -> tuple[str, Solve]:
         """The route for G (examples, T, d_out) and X, and its solve after its GEMMs."""
+        if self.route == COST:
+            name = choose_route(g.shape[1], g.shape[-1], x.rows.shape[-1], dtype, g.device.type)
+            return name, prepare_spectra(g, x, name)
         if self.route != AUTO:
             return self.route, prepare_spectra(g, x, self.route)
         shape = shape_class(g, x.rows, dtype)
