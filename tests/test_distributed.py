@@ -325,6 +325,7 @@ def test_a_model_sharded_over_two_ranks_gives_the_unsharded_tables_bit_for_bit(
         "ended": 0,
         "ranks": 2,
         "shard": "fsdp",
+        "routes": {"route": "cost", "measured": []},
     }
 
 
