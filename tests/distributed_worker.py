@@ -3,6 +3,7 @@
 Started by ``torch.distributed.run``; with ``--own-group`` it sets up the gloo process group
 itself before calling gradspec (the Python API inside a caller's group), else gradspec
 joins the group from the launcher's environment. A GradspecError exits 2 with its line.
+The environment may ask it to exit hard after some chunks (killed_run.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sys
 
 import torch.distributed as dist
+from killed_run import stop_if_asked
 
 import gradspec
 from gradspec.errors import GradspecError
@@ -23,6 +25,7 @@ def main() -> int:
         parser.add_argument(name)
     parser.add_argument("--own-group", action="store_true")
     args = parser.parse_args()
+    stop_if_asked()
     if args.own_group:
         dist.init_process_group("gloo")
     try:

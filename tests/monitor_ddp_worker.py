@@ -68,9 +68,9 @@ def main(model_dir: str, data_dir: str, out: str) -> None:
     result = {
         "world_size": dist.get_world_size(),
         "logs": record.logs,
-        "ids": step["records"].ids,
-        "scores": [None if s != s else s for s in step["scores"].tolist()],
-        "flagged": step["flagged"].tolist(),
+        "ids": [o.example_id for o in step.occurrences],
+        "scores": [None if s != s else s for s in step.scores.tolist()],
+        "flagged": step.flagged.tolist(),
     }
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
 

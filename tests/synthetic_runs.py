@@ -85,7 +85,7 @@ def make_run(name: str, labels: dict, values: dict[str, np.ndarray], **kwargs) -
 def write_run_dir(root: Path, values: dict[str, np.ndarray], **kwargs) -> Path:
     """A run directory holding these values, written through the engine's own store."""
     spectra, examples = rows(values, **kwargs)
-    store = RunStore(root, {"synthetic": str(root)}, top_k=0)
+    store = RunStore(root, {"synthetic": str(root)})
     store.open(
         {
             "model": {"path": "synthetic-model", "config_and_tokenizer_sha256": "ab" * 32},

@@ -587,10 +587,11 @@ def test_typer_usage_errors_exit_2_without_a_traceback(line):
 
 
 def test_the_training_monitor_holds_its_run_directory_lock(tmp_path):
+    from gradspec.distributed import LOCAL
     from gradspec.files import RunLock
-    from gradspec.integrations.transformers import TrainingRun
+    from gradspec.integrations.sinks import MonitorRun, RunDirectory
 
-    monitor = TrainingRun(tmp_path / "train", [], {"kind": "training", "options": {}})
+    monitor = RunDirectory.open(MonitorRun(tmp_path / "train", [], {}, str(tmp_path), LOCAL))
     with pytest.raises(GradspecError, match="being written by another gradspec process"):
         RunLock(tmp_path / "train").acquire()
     monitor.close()

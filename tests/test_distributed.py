@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import GSM8K_DETAILED
+from killed_run import STOP_AFTER_CHUNKS, STOP_RANK
 from test_study import write_study
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -25,7 +26,6 @@ from transformers import AutoModelForCausalLM
 
 import gradspec
 from gradspec.distributed import LOCAL, Ranks, agree, split_by_weight
-from gradspec.engine import STOP_AFTER_CHUNKS, STOP_RANK
 from gradspec.errors import GradspecError
 from gradspec.options import Method, Shard
 from gradspec.sharding import check_shard, shard_model

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,9 @@ from transformers import (
 import gradspec
 from gradspec.data import load_examples
 from gradspec.errors import GradspecError
+from gradspec.integrations.sinks import SINKS, MonitorSink
 from gradspec.integrations.transformers import watch
+from gradspec.quality import OnlineFlagger
 from gradspec.statistics import STAT_COLUMNS
 from gradspec.store import load_run
 
@@ -252,6 +255,47 @@ class HookCounter(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.at_end.append(self.hooks(model))
+
+
+class StepRecorder(MonitorSink):
+    """An output of its own: every profiled step handed to the sinks, kept."""
+
+    steps: ClassVar[list] = []
+
+    @classmethod
+    def open(cls, run):
+        cls.steps = []
+        return cls()
+
+    def write(self, step):
+        self.steps.append(step)
+
+
+def test_a_new_sink_receives_each_profiled_step_as_the_run_directory_holds_it(
+    tiny_model, tokenizer, train_dataset, tmp_path
+):
+    model = tiny(tiny_model("llama"))
+    options = {"sinks": (*SINKS, StepRecorder), "min_window": 2}
+    _, callback, _ = train(model, train_dataset, tokenizer, tmp_path, watch_options=options)
+    assert [step.step for step in StepRecorder.steps] == [PROFILED_STEP]
+    step = StepRecorder.steps[0]
+    tables = load_run(tmp_path / "run")
+    examples = tables.examples.set_index("example_index")
+    assert examples["example_id"].tolist() == [o.example_id for o in step.occurrences]
+    assert examples["source_line"].tolist() == [o.row for o in step.occurrences]
+    np.testing.assert_array_equal(examples["flag_score"].to_numpy(), step.scores)
+    spectra = tables.spectra.sort_values(["example_index", "param"])
+    expected = pd.DataFrame(
+        [
+            {"example_index": i, "param": t.param, **dict(zip(STAT_COLUMNS, row, strict=True))}
+            for i, o in enumerate(step.occurrences)
+            for t, row in zip(callback.capture.targets, o.statistics, strict=True)
+        ]
+    ).sort_values(["example_index", "param"])
+    columns = ["example_index", "param", *STAT_COLUMNS]
+    pd.testing.assert_frame_equal(
+        spectra[columns].reset_index(drop=True), expected[columns].reset_index(drop=True)
+    )
 
 
 def test_hooks_only_on_profiled_steps(tiny_model, tokenizer, train_dataset, tmp_path):
@@ -586,8 +630,6 @@ def test_report_score_and_flag_read_a_training_run(tiny_model, tokenizer, train_
 
 
 def test_online_flag_is_the_robust_z_against_the_window():
-    from gradspec.integrations.transformers import OnlineFlagger
-
     rng = np.random.default_rng(0)
     history = rng.normal(size=(20, 3))
     flagger = OnlineFlagger(window=10, min_window=5, threshold=2.0)

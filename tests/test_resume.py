@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import GSM8K_DETAILED, SHARED_DATA
+from killed_run import STOP_AFTER_CHUNKS, STOPPED_EXIT_CODE
 
 import gradspec
-from gradspec.engine import STOP_AFTER_CHUNKS, STOPPED_EXIT_CODE
 from gradspec.errors import GradspecError
 from gradspec.shared_data import reasoning_file
 from gradspec.store import RunStore
@@ -24,7 +24,9 @@ OPTIONS = dict(limit=16, chunk_size=4, batch_size=2)
 def _run_stopped_after(chunks: int, model_dir: Path, out: Path) -> int:
     """Run the profile in a subprocess that exits hard after ``chunks`` chunks; its status."""
     code = (
-        "import sys, gradspec; gradspec.profile(sys.argv[1], sys.argv[2], sys.argv[3], "
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import gradspec, killed_run; killed_run.stop_if_asked(); "
+        "gradspec.profile(sys.argv[1], sys.argv[2], sys.argv[3], "
         f"device='cpu', **{OPTIONS!r})"
     )
     env = {**os.environ, STOP_AFTER_CHUNKS: str(chunks)}
@@ -111,7 +113,7 @@ def test_resume_fills_gaps_on_the_chunk_grid_and_never_overlaps(tiny_model, tmp_
         f"part-{a:09d}-{b:09d}.parquet" for a, b in [(0, 0), (1, 3), (4, 7), (8, 8)]
     ]
     assert list(longer.examples["example_index"]) == list(range(9))
-    store = RunStore(out, longer.manifest["fingerprint"], 0)
+    store = RunStore(out, longer.manifest["fingerprint"])
     with pytest.raises(GradspecError, match=r"overlap the finished part 1\.\.3"):
         store.write_chunk(2, 5, [], [])
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 from conftest import REPO, SHARED_DATA
 from typer.testing import CliRunner
 
+from gradspec import data, modeling
 from gradspec import study as study_module
 from gradspec.cli import app
 from gradspec.errors import GradspecError
@@ -299,3 +302,27 @@ correctness = "irrelevant"
     with pytest.raises(GradspecError, match="pair 'chat' is not one of base, instruct"):
         study_file.write_text(text.replace('pair = "instruct"', 'pair = "chat"'))
         load_study(study_file)
+
+
+def test_a_study_resolves_each_model_and_dataset_once(
+    tiny_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Planning and profiling two cells of one model: the model's signature is computed
+    once, each dataset is found when the study is read and hashed once."""
+    spec = load_study(write_study(tmp_path / "study.toml", tiny_model("llama"), limit=1))
+    calls: Counter[str] = Counter()
+
+    def count(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(modeling, "model_signature")
+    count(data, "data_sha256")
+    count(data, "resolve_data_files")
+    assert [ran for _, ran in run_study(spec, tmp_path / "out")] == [True, True]
+    assert calls == {"model_signature": 1, "data_sha256": 2}

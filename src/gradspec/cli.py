@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -32,6 +31,9 @@ from rich.text import Text
 from .errors import GradspecError, GradspecWarning
 from .options import DATA_PANEL, MODEL_PANEL, ProfileOptions, ReportStatistic, Shard
 from .statistics import statistic_help
+
+if TYPE_CHECKING:  # the CLI starts without torch
+    from .modeling import Checkpoint
 
 app = typer.Typer(
     add_completion=False,
@@ -132,16 +134,13 @@ def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, 
 @contextmanager
 def rank_progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None]:
     """The progress bar on rank 0 (showing its share of the work), none on other ranks."""
+    from .distributed import is_main_process
+
     if is_main_process():
         with progress_bar(description) as update:
             yield update
     else:
         yield None
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch, or a process started alone (no torch import)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def profile_option_parameters() -> list[inspect.Parameter]:
@@ -176,23 +175,27 @@ def with_profile_options(command: F) -> F:
 
 def prepare_checkpoints(
     models: list[Path | str], revision: str | None = None, trust_remote_code: bool = False
-) -> None:
-    """Convert GGUF models (once; cached) and fetch Hub models before any progress bar,
-    saying so meanwhile."""
+) -> dict[Path | str, Checkpoint]:
+    """Each model resolved once, before any progress bar: a GGUF file is converted (once;
+    cached) and a Hub model fetched, saying so meanwhile."""
     from .gguf_checkpoint import find_gguf
     from .hub import is_hub_id
     from .modeling import resolve_checkpoint
 
+    checkpoints = {}
     for model in models:
         if find_gguf(model) is not None:
             doing = "a GGUF file is dequantised once"
         elif not Path(model).exists() and is_hub_id(str(model)):
             doing = "fetched from the Hugging Face Hub, or found in its cache"
         else:
+            checkpoints[model] = resolve_checkpoint(model, revision, trust_remote_code)
             continue
         with console.status(f"preparing {model} ({doing})"):
-            checkpoint = resolve_checkpoint(model, revision, trust_remote_code)
-        console.print(f"model: {model} -> {checkpoint.directory}", highlight=False, soft_wrap=True)
+            checkpoints[model] = resolve_checkpoint(model, revision, trust_remote_code)
+        directory = checkpoints[model].directory
+        console.print(f"model: {model} -> {directory}", highlight=False, soft_wrap=True)
+    return checkpoints
 
 
 @app.command()
@@ -253,7 +256,7 @@ def profile(
     """Profile per-example gradient spectra of every decoder-layer matrix into RUN_DIR."""
     from .engine import profile as run_profile
 
-    prepare_checkpoints([model], revision, trust_remote_code)
+    checkpoint = prepare_checkpoints([model], revision, trust_remote_code)[model]
     hub = {
         "revision": revision,
         "trust_remote_code": trust_remote_code,
@@ -262,9 +265,9 @@ def profile(
     }
     with rank_progress_bar("profiling") as update:
         tables = run_profile(
-            model, data, out, device=device, shard=shard, progress=update, **hub, **options
+            checkpoint, data, out, device=device, shard=shard, progress=update, **hub, **options
         )
-    if not is_main_process():
+    if tables is None:  # not rank 0
         return
     print_coverage(tables.manifest)
     statuses = tables.examples["status"].value_counts().to_dict()
@@ -594,15 +597,26 @@ def study(
     bootstrap: ReportBootstrap = 2000,
 ) -> None:
     """Profile every model x dataset cell of a study (skipping finished ones), then report."""
+    from .distributed import is_main_process
     from .integrity import read_manifest
     from .report import write_report
     from .study import load_study, run_study
 
     spec = load_study(study_file, parse_pairs(model or [], "--model"), data_dir)
+    checkpoints: dict[Path | str, Checkpoint] = {}
     for spec_model in spec.models:
-        prepare_checkpoints([spec_model.path], spec_model.revision, spec_model.trust_remote_code)
+        checkpoints.update(
+            prepare_checkpoints(
+                [spec_model.path], spec_model.revision, spec_model.trust_remote_code
+            )
+        )
     cells = run_study(
-        spec, out, device=device, limit=limit, progress=lambda cell: rank_progress_bar(cell.name)
+        spec,
+        out,
+        device=device,
+        limit=limit,
+        progress=lambda cell: rank_progress_bar(cell.name),
+        checkpoints=checkpoints,
     )
     if not is_main_process():
         return  # rank 0 writes the report, after every rank's cells are recorded

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,20 @@ class DataSource:
     files: list[Path]
     hub: dict[str, Any] | None = None
 
+    @cached_property
+    def sha256(self) -> str:
+        """The files' hash, computed once when asked."""
+        return data_sha256(self.files)
+
 
 def resolve_data(
-    data: str | os.PathLike, split: str | None = None, config: str | None = None
+    data: str | os.PathLike | DataSource, split: str | None = None, config: str | None = None
 ) -> DataSource:
     """``--data`` as local files: a local path wins; a Hub id (``org/name``) is one split
-    (default ``train``) of the data set, in config ``config``, saved once as a folder."""
+    (default ``train``) of the data set, in config ``config``, saved once as a folder. A
+    resolved DataSource is returned as it is."""
+    if isinstance(data, DataSource):
+        return data
     name = hub_dataset_name(data)
     if name is None:
         if split or config:
@@ -140,9 +149,8 @@ def load_examples(
 ) -> list[Example]:
     """Every record of the data, its fields mapped by ``fields`` ({schema field: record
     field}), validated, numbered 0.. in file order."""
-    source_files = data.files if isinstance(data, DataSource) else resolve_data_files(data)
     examples: list[Example] = []
-    for path in source_files:
+    for path in resolve_data(data).files:
         for source in format_of(path).read(path):
             where = source.location(path)
             record = map_fields(source.value, fields or {}, where)

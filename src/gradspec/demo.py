@@ -13,7 +13,7 @@ with the study's findings. Cells are ordinary resumable run directories under
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import RunMismatchError
+from .modeling import Checkpoint
 from .options import ProfileOptions
 from .paths import project_root
 from .report import write_report
@@ -32,7 +33,7 @@ from .study import Cell, Study, load_study, run_study
 
 Progress = Callable[[int, int], None]
 ProgressBar = Callable[..., AbstractContextManager[Progress]]
-Prepare = Callable[[list[Path]], None]
+Prepare = Callable[[list[Path]], Mapping[Path, Checkpoint]]
 STYLE_TITLES = {"none": "None CoT", "simplified": "Simplified CoT", "detailed": "Detailed CoT"}
 SUMMARY_TASK = REASONING_TASKS[0]  # gsm8k
 stderr = Console(stderr=True)
@@ -61,20 +62,24 @@ def run_demo_study(progress_bar: ProgressBar, prepare: Prepare, limit: int | Non
     """
     ProfileOptions(limit=limit)  # a bad --limit fails before anything is prepared
     study = load_study(demo_study_file(), data_dir=shared_data_dir())
-    prepare([model.path for model in study.models])
+    checkpoints = prepare([model.path for model in study.models])
     root = demo_root()
 
     def progress(cell: Cell) -> AbstractContextManager[Progress]:
         return progress_bar(f"profiling {cell.dataset.label}")
 
     try:
-        run_study(study, root, device="cpu", limit=limit, progress=progress)
+        run_study(
+            study, root, device="cpu", limit=limit, progress=progress, checkpoints=checkpoints
+        )
     except RunMismatchError as exc:  # only this: other errors keep the folder as it is
         if not root.is_dir():
             raise
         stderr.print(f"[yellow]redoing the demo runs:[/] {exc}", highlight=False)
         shutil.rmtree(root)
-        run_study(study, root, device="cpu", limit=limit, progress=progress)
+        run_study(
+            study, root, device="cpu", limit=limit, progress=progress, checkpoints=checkpoints
+        )
     return study
 
 

@@ -47,6 +47,22 @@ class Ranks:
 LOCAL = Ranks()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group if one is initialised, else of the launcher (``RANK``),
+    or a process started alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def current_ranks() -> Ranks:
+    """This process's ranks in the process group a caller (such as the Trainer) set up;
+    ``LOCAL`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return LOCAL
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -74,7 +90,7 @@ def process_group(device: str) -> Iterator[Ranks]:
     """The ranks of this process: the caller's process group if one is initialised; else
     one joined from the launcher's environment (left again on exit); else a single process."""
     if dist.is_available() and dist.is_initialized():
-        yield Ranks(dist.get_rank(), dist.get_world_size())
+        yield current_ranks()
         return
     if launched_world_size() <= 1:
         yield LOCAL
@@ -129,19 +145,6 @@ def from_main(ranks: Ranks, value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def gather_strided(ranks: Ranks, items: Sequence[Any], compute: Callable[[Any], T]) -> list[T]:
-    """``[compute(x) for x in items]``, each rank computing every size-th item, in order."""
-    mine = [compute(item) for item in items[ranks.rank :: ranks.size]]
-    if not ranks.distributed:
-        return mine
-    parts: list[list[T] | None] = [None] * ranks.size
-    dist.all_gather_object(parts, mine)
-    results: list[T] = [None] * len(items)  # type: ignore[list-item]
-    for rank, part in enumerate(parts):
-        results[rank :: ranks.size] = part or []
-    return results
 
 
 def all_gather(ranks: Ranks, value: T) -> list[T]:

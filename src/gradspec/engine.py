@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
-import platform
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -21,9 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 
-from . import __version__
 from .adapters import Target
 from .batching import Batch, collate, per_example_losses, plan_batches, response_logits
 from .capture import PendingSpectra, SpectraCapture
@@ -32,7 +30,6 @@ from .data import (
     DataSource,
     Encoded,
     Example,
-    data_sha256,
     encode_response_only,
     encode_with_options,
     load_examples,
@@ -46,7 +43,6 @@ from .distributed import (
     all_gather,
     barrier,
     from_main,
-    gather_strided,
     process_group,
     rank_device,
     split_by_weight,
@@ -68,13 +64,18 @@ from .modeling import (
 from .options import Method, ProfileOptions, Shard, parse_choice
 from .sharding import check_shard, shard_model
 from .statistics import spectrum_statistics
-from .store import FORMAT_VERSION, RunStore, RunTables, load_run
+from .store import (
+    RunStore,
+    RunTables,
+    example_row,
+    load_run,
+    profiled_rows,
+    run_fingerprint,
+    run_manifest,
+    run_schemas,
+)
 from .tuning import RouteChooser, check_route
 
-# Test hook: exit hard (as a kill would) after writing this many chunks in one session.
-STOP_AFTER_CHUNKS = "GRADSPEC_TEST_STOP_AFTER_CHUNKS"
-STOP_RANK = "GRADSPEC_TEST_STOP_RANK"
-STOPPED_EXIT_CODE = 75
 # (member of the chunk, loss, per target its singular values or None where not finite,
 # and per target the tokens its expert received, None for a matrix that sees them all)
 ProfiledExample = tuple[int, float, list[np.ndarray | None], list[int | None]]
@@ -86,8 +87,8 @@ SPECTRA_PASS, FORWARD_PASS = "spectra", "forward"
 
 
 def profile(
-    model: str | os.PathLike,
-    data: str | os.PathLike,
+    model: str | os.PathLike | Checkpoint,
+    data: str | os.PathLike | DataSource,
     out: str | os.PathLike,
     *,
     device: str = "auto",
@@ -98,7 +99,7 @@ def profile(
     split: str | None = None,
     data_config: str | None = None,
     **options: Any,
-) -> RunTables:
+) -> RunTables | None:
     """Profile every example of ``data`` on ``model`` into ``out``.
 
     ``model`` is a checkpoint folder, a GGUF file, a PEFT adapter folder or a Hub model id;
@@ -108,15 +109,17 @@ def profile(
     say how to take Hub ids. Options are those of :class:`ProfileOptions`. Finished chunks
     already in ``out`` are kept, so an interrupted call can simply be repeated.
     ``progress(done, total)`` is called after each chunk and each batch. Returns the run's
-    tables.
+    tables. ``model`` and ``data`` may be given resolved (a ``Checkpoint``, a
+    ``DataSource``): they are then not looked up, converted or hashed again.
 
     Under ``torchrun`` (or inside a process group the caller set up) every rank calls this
-    with the same arguments: the missing chunks are split across the ranks, each returns
-    the whole run's tables, and ``progress`` counts this rank's share. ``shard="fsdp"``
-    splits the model itself over the ranks (FSDP2) for a model that does not fit one device.
+    with the same arguments: the missing chunks are split across the ranks, rank 0
+    returns the whole run's tables (the other ranks None: they do not read the run), and
+    ``progress`` counts this rank's share. ``shard="fsdp"`` splits the model itself over
+    the ranks (FSDP2) for a model that does not fit one device.
     """
     with process_group(device) as ranks:
-        return profile_on(
+        profile_on(
             ranks,
             model,
             data,
@@ -127,6 +130,8 @@ def profile(
             hub=HubOptions(revision, trust_remote_code, split, data_config),
             **options,
         )
+        return load_run(out) if ranks.is_main else None
+        return load_run(out) if ranks.is_main else None
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,8 @@ class _Plan:
 
 def profile_on(
     ranks: Ranks,
-    model: str | os.PathLike,
-    data: str | os.PathLike,
+    model: str | os.PathLike | Checkpoint,
+    data: str | os.PathLike | DataSource,
     out: str | os.PathLike,
     *,
     device: str = "auto",
@@ -166,8 +171,9 @@ def profile_on(
     progress: Callable[[int, int], None] | None = None,
     hub: HubOptions | None = None,
     **options: Any,
-) -> RunTables:
-    """:func:`profile` on the given ranks (``LOCAL``: this process alone)."""
+) -> None:
+    """:func:`profile` on the given ranks (``LOCAL``: this process alone), reading nothing
+    back."""
     plan = agree(
         ranks,
         lambda: _plan(
@@ -176,14 +182,14 @@ def profile_on(
     )
     _refuse_different_runs(ranks, plan, out)
     try:
-        return _profile_planned(ranks, plan, out, progress)
+        _profile_planned(ranks, plan, progress)
     finally:
         plan.store.lock.release()
 
 
 def _profile_planned(
-    ranks: Ranks, plan: _Plan, out: str | os.PathLike, progress: Callable[[int, int], None] | None
-) -> RunTables:
+    ranks: Ranks, plan: _Plan, progress: Callable[[int, int], None] | None
+) -> None:
     """Profile the chunks the run directory still lacks; rank 0 holds the run's lock from
     before it decides which chunks those are until the session is recorded."""
     opts, examples, store = plan.opts, plan.examples, plan.store
@@ -193,7 +199,7 @@ def _profile_planned(
     done = len(examples) - sum(last - first + 1 for first, last in missing)
     # Everything that can fail is resolved on every rank before the first write: a failed
     # start leaves no trace, and an existing run stays as it was.
-    mine: list[tuple[int, int]] = []
+    mine = _my_chunks(ranks, missing, examples)
     if missing:
         net, tokenizer, targets = agree(
             ranks, lambda: _load_checked_model(ranks, plan, examples[0])
@@ -203,7 +209,6 @@ def _profile_planned(
             pending = [ex for first, last in missing for ex in examples[first : last + 1]]
             stated = store.fingerprint["max_length"] is not None
             warn_overlong(pending, tokenizer, opts, stated)
-        mine = _my_chunks(ranks, missing, examples, tokenizer, opts)
     # Rank 0 alone writes the manifest; the others start writing parts once it exists.
     agree(
         ranks,
@@ -220,40 +225,41 @@ def _profile_planned(
         in_step = ranks if plan.shard != Shard.none else LOCAL
         runner = ChunkRunner(net, tokenizer, targets, opts, plan.device, capture, in_step)
         with capture or nullcontext():
-            for position, (first, last) in enumerate(mine, start=1):
+            for first, last in mine:
                 chunk = examples[first : last + 1]
                 spectra_rows, example_rows = runner.run(
                     chunk, functools.partial(_report_within_chunk, report, done, total)
                 )
                 store.write_chunk(first, last, spectra_rows, example_rows)
-                _exit_if_a_test_stops_here(position, ranks)
                 done += len(chunk)
                 report(done, total)
             runner.passes.finish()
     barrier(ranks)  # every rank's parts are written
     routes = capture.chooser.record() if missing and capture is not None else {}
     agree(ranks, lambda: store.close(routes=routes) if ranks.is_main else None)
-    return load_run(out)
 
 
 def _plan(
     ranks: Ranks,
-    model: str | os.PathLike,
-    data: str | os.PathLike,
+    model: str | os.PathLike | Checkpoint,
+    data: str | os.PathLike | DataSource,
     out: str | os.PathLike,
     device: str,
     shard: str,
     hub: HubOptions,
     options: dict[str, Any],
 ) -> _Plan:
-    """Check the options, model, data and run directory, without writing anything."""
+    """Check the options, model, data and run directory, without writing anything; the
+    model and data are resolved here once (a GGUF file converted, the data files found
+    and hashed) unless the caller resolved them."""
     opts = ProfileOptions(**options)
     sharding = parse_choice(Shard, "shard", shard)
     check_shard(sharding, ranks, opts.method)
     checkpoint = resolve_checkpoint(model, hub.revision, hub.trust_remote_code)
     data_source = resolve_data(data, hub.split, hub.data_config)
-    examples = load_examples(data_source, parse_fields(opts.fields) if opts.fields else None)
-    examples = examples[: opts.limit]
+    examples = load_examples(data_source, parse_fields(opts.fields) if opts.fields else None)[
+        : opts.limit
+    ]
     torch_device = resolve_device(device)
     dtype = resolve_dtype(
         opts.dtype, torch_device, checkpoint.directory, checkpoint.trust_remote_code
@@ -265,28 +271,25 @@ def _plan(
         "dtype": str(dtype).removeprefix("torch."),
         "spectra_dtype": str(spectra_dtype).removeprefix("torch."),
     }
-    signature, data_hash = checkpoint.fingerprint(), data_sha256(data_source.files)
     # The fingerprint keeps --max-length as given: unset means the model's context, which
-    # the model's signature fixes, so runs made before that default still resume. The route
-    # changes values only within float32 rounding: a rerun may take another.
-    fingerprint = {k: v for k, v in resolved.items() if k not in ("limit", "route")}
-    if checkpoint.adapter is None:  # decides nothing then; runs before the option resume
-        del fingerprint["adapter_matrices"]
-    fingerprint.update(format_version=FORMAT_VERSION, model=signature, data_sha256=data_hash)
+    # the model's signature fixes, so runs made before that default still resume.
+    signature = checkpoint.signature
+    fingerprint = run_fingerprint(
+        resolved, signature, data_source.sha256, adapter=checkpoint.adapter is not None
+    )
     _refuse_out_inside_a_run(Path(out))
-    store = RunStore(out, fingerprint, opts.top_k)
-    store.check()
     context = context_length(checkpoint.directory, checkpoint.trust_remote_code)
     opts = replace(opts, max_length=truncation_length(opts.max_length, context))
-    manifest = _manifest(
+    manifest = run_manifest(
         checkpoint,
         {**signature, "context_length": context},
         data_source,
-        data_hash,
         len(examples),
         {**resolved, "max_length": opts.max_length},
-        torch_device,
+        str(torch_device),
     )
+    store = RunStore(out, fingerprint, run_schemas(manifest))
+    store.check()
     return _Plan(
         opts, checkpoint, examples, store, manifest, dtype, spectra_dtype, torch_device, sharding
     )
@@ -351,25 +354,16 @@ def _refuse_different_runs(ranks: Ranks, plan: _Plan, out: str | os.PathLike) ->
 
 
 def _my_chunks(
-    ranks: Ranks,
-    todo: list[tuple[int, int]],
-    examples: list[Example],
-    tokenizer: Any,
-    opts: ProfileOptions,
+    ranks: Ranks, todo: list[tuple[int, int]], examples: list[Example]
 ) -> list[tuple[int, int]]:
-    """This rank's chunks: the split of ``todo`` balanced by the chunks' token counts
-    (each rank counts every size-th chunk; the counts are exchanged)."""
+    """This rank's chunks: the split of ``todo`` balanced by the length of the chunks'
+    records, which every rank measures alike without a tokenizer, so that each example
+    is tokenized once in the whole run, by the rank that profiles it."""
     if not ranks.distributed:
         return todo
-
-    def tokens(chunk: tuple[int, int]) -> int:
-        first, last = chunk
-        return sum(
-            len(encode_with_options(tokenizer, ex, opts).input_ids)
-            for ex in examples[first : last + 1]
-        )
-
-    weights = gather_strided(ranks, todo, tokens)
+    weights = [
+        sum(len(json.dumps(ex.record)) for ex in examples[first : last + 1]) for first, last in todo
+    ]
     return [todo[i] for i in split_by_weight(weights, ranks.size)[ranks.rank]]
 
 
@@ -394,51 +388,10 @@ def _load_checked_model(
     return net, tokenizer, targets
 
 
-def _exit_if_a_test_stops_here(chunks_written: int, ranks: Ranks) -> None:
-    """Let a test kill the run (only rank ``STOP_RANK`` if set) at a known point: no
-    cleanup, no manifest update."""
-    stop_rank = os.environ.get(STOP_RANK)
-    if os.environ.get(STOP_AFTER_CHUNKS) == str(chunks_written) and stop_rank in (
-        None,
-        str(ranks.rank),
-    ):
-        os._exit(STOPPED_EXIT_CODE)
-
-
 def _report_within_chunk(
     report: Callable[[int, int], None], done_before: int, total: int, done_in_chunk: int
 ) -> None:
     report(done_before + done_in_chunk, total)
-
-
-def _manifest(
-    checkpoint: Checkpoint,
-    signature: dict[str, Any],
-    data_source: DataSource,
-    data_hash: str,
-    n_examples: int,
-    options: dict[str, Any],
-    device: torch.device,
-) -> dict[str, Any]:
-    return {
-        "gradspec_version": __version__,
-        "model": {**signature, **checkpoint.record()},
-        "data": {
-            "paths": [str(f.resolve()) for f in data_source.files],
-            "sha256": data_hash,
-            "n_examples": n_examples,
-            **({"hub": data_source.hub} if data_source.hub else {}),
-            **({"fields": options["fields"]} if options.get("fields") else {}),
-        },
-        "options": options,
-        "device": str(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "numpy": np.__version__,
-        },
-    }
 
 
 # ---------------------------------------------------------------- one chunk
@@ -476,7 +429,7 @@ class ChunkRunner:
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         encoded = [encode_with_options(self.tokenizer, ex, self.opts) for ex in chunk]
         example_rows = [
-            _example_row(ex, enc, self.opts.fields) for ex, enc in zip(chunk, encoded, strict=True)
+            example_row(ex, enc, self.opts.fields) for ex, enc in zip(chunk, encoded, strict=True)
         ]
         spectra: dict[int, list[dict[str, Any]]] = {}
         todo = [i for i, enc in enumerate(encoded) if enc.skip_reason is None]
@@ -492,8 +445,9 @@ class ChunkRunner:
             if previous is not None:
                 done = previous()
                 for member, loss, values, tokens in done:
-                    self._record(
-                        chunk[member], example_rows[member], spectra, member, loss, values, tokens
+                    statistics = self._statistics(loss, values)
+                    spectra[member] = profiled_rows(
+                        example_rows[member], self.targets, loss, statistics, tokens
                     )
                 finished += len(done)
                 on_progress(finished)
@@ -531,34 +485,14 @@ class ChunkRunner:
 
         return collect
 
-    def _record(
-        self,
-        example: Example,
-        example_row: dict[str, Any],
-        spectra: dict[int, list[dict[str, Any]]],
-        member: int,
-        loss: float,
-        values: list[np.ndarray | None],
-        tokens: list[int | None],
-    ) -> None:
+    def _statistics(
+        self, loss: float, values: list[np.ndarray | None]
+    ) -> list[dict[str, Any]] | None:
+        """Per target, the statistics of its singular values; None where the loss or a
+        gradient was not finite."""
         if not np.isfinite(loss) or any(v is None for v in values):
-            example_row["status"] = "skipped:nonfinite_gradient"
-            return
-        example_row["loss"] = loss
-        spectra[member] = [
-            {
-                "example_index": example.index,
-                "example_id": example.example_id,
-                "param": target.param,
-                "layer": target.layer,
-                "module": target.module_name,
-                "kind": target.kind,
-                "expert": target.expert,
-                "expert_tokens": n_tokens,
-                **spectrum_statistics(torch.from_numpy(v), self.opts.top_k),
-            }
-            for target, v, n_tokens in zip(self.targets, values, tokens, strict=True)
-        ]
+            return None
+        return [spectrum_statistics(torch.from_numpy(v), self.opts.top_k) for v in values]
 
     def _record_ifd(self, chunk: list[Example], example_rows: list[dict[str, Any]]) -> None:
         """Loss of the response alone, and IFD = conditioned loss / response-only loss."""
@@ -593,24 +527,6 @@ class ChunkRunner:
         """Per-example losses from a forward pass alone."""
         with torch.no_grad():
             return per_example_losses(*response_logits(self.model, batch)).tolist()
-
-
-def _example_row(example: Example, encoded: Encoded, fields: str | None) -> dict[str, Any]:
-    status = f"skipped:{encoded.skip_reason}" if encoded.skip_reason else "ok"
-    return {
-        "example_index": example.index,
-        "example_id": example.example_id,
-        "source": example.source,
-        "source_line": example.source_line,
-        "loss": None,
-        "n_prompt_tokens": encoded.n_prompt_tokens,
-        "n_response_tokens": encoded.n_response_tokens,
-        "truncated": encoded.truncated,
-        "status": status,
-        "response_only_loss": None,
-        "ifd": None,
-        "fields": fields,
-    }
 
 
 def fast_spectra(model: torch.nn.Module, capture: SpectraCapture, batch: Batch) -> list[float]:

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,11 @@ class Checkpoint:
         named["adapter"] = self.adapter.record() if self.adapter else None
         return {"path": str(self.directory.resolve()), **{k: v for k, v in named.items() if v}}
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies the weights: the folder's signature, the Hub id and commit, the
-        adapter's hash (not the local paths, so a Hub id and its cached folder agree)."""
+    @cached_property
+    def signature(self) -> dict[str, Any]:
+        """What identifies the weights, computed once: the folder's signature, the Hub id
+        and commit, the adapter's hash (not the local paths, so a Hub id and its cached
+        folder agree)."""
         identity = model_signature(self.directory)
         if self.hub:
             identity["hub"] = {k: self.hub[k] for k in ("repo_id", "commit")}
@@ -139,11 +142,16 @@ def check_model_path(
 
 
 def resolve_checkpoint(
-    model: str | os.PathLike, revision: str | None = None, trust_remote_code: bool = False
+    model: str | os.PathLike | Checkpoint,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Checkpoint:
     """The checkpoint ``model`` names: a local folder or GGUF file (converted once, cached)
     wins over a Hub id (``org/name``, ``org/name@revision``) of the same spelling; a folder
-    with ``adapter_config.json`` is a PEFT adapter on its base model (local or Hub)."""
+    with ``adapter_config.json`` is a PEFT adapter on its base model (local or Hub). A
+    resolved Checkpoint is returned as it is."""
+    if isinstance(model, Checkpoint):
+        return model
     if _is_local(model):
         _refuse_revision(model, revision)
         gguf_path = find_gguf(model)

@@ -56,6 +56,7 @@ of ``CALIBRATION_FEATURES``, which also learns their directions from the labels.
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -150,16 +151,53 @@ def gradient_signature(spectra: pd.DataFrame) -> pd.DataFrame:
     return np.log(table.clip(lower=np.finfo(np.float64).tiny))
 
 
+def robust_center_scale(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Column-wise median and 1.4826 * MAD (a normal's sigma, robustly)."""
+    median = table.median()
+    return median, ROBUST_SCALE * (table - median).abs().median()
+
+
 def robust_z(table: pd.DataFrame) -> pd.DataFrame:
     """Column-wise (x - median) / (1.4826 * MAD); a column without spread scores 0."""
-    median = table.median()
-    scale = ROBUST_SCALE * (table - median).abs().median()
+    median, scale = robust_center_scale(table)
     return (table - median) / scale.where(scale > 0, np.inf)
 
 
 def flag_scores(spectra: pd.DataFrame) -> pd.Series:
     """Mean robust z-score of the example's log nuclear norms against the run's examples."""
     return robust_z(gradient_signature(spectra)).mean(axis=1)
+
+
+class OnlineFlagger:
+    """The ``flag`` score made online (the training monitor's): the robust z-score of each
+    example's log nuclear norms against a running window of recent examples, averaged
+    over the matrices whose window has spread."""
+
+    def __init__(self, window: int, min_window: int, threshold: float):
+        self.window: deque[np.ndarray] = deque(maxlen=window)
+        self.min_window, self.threshold = min_window, threshold
+
+    def score(self, log_nuclear: np.ndarray) -> np.ndarray:
+        """Scores (nan until the window holds ``min_window`` examples) of examples x
+        matrices, each against the window before them; then the window takes them in."""
+        scores = np.full(len(log_nuclear), np.nan)
+        for i, values in enumerate(log_nuclear):
+            if len(self.window) >= self.min_window:
+                scores[i] = self._against_window(values)
+            self.window.append(values)
+        return scores
+
+    def flagged(self, scores: np.ndarray) -> np.ndarray:
+        """Which scores exceed the threshold (nan never does)."""
+        return np.nan_to_num(scores, nan=-np.inf) > self.threshold
+
+    def _against_window(self, values: np.ndarray) -> float:
+        median, scale = robust_center_scale(pd.DataFrame(np.stack(self.window)))
+        usable = (scale > 0).to_numpy()
+        if not usable.any():
+            return float("nan")
+        center, spread = median.to_numpy()[usable], scale.to_numpy()[usable]
+        return float(np.mean((values[usable] - center) / spread))
 
 
 def instruction_gradient_scores(given: RunTables, blank: RunTables) -> pd.DataFrame:

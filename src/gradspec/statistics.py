@@ -96,12 +96,22 @@ def statistic_help() -> str:
     return "; ".join(f"{name}: {text}" for name, text in described.items())
 
 
+def batch_statistics(singular_values: torch.Tensor) -> torch.Tensor:
+    """Every registered statistic, in ``STAT_COLUMNS`` order along a new last dimension, of
+    each row of zero-padded descending singular values (..., k): float64 (..., statistics)."""
+    s = singular_values.double()
+    table = s.new_zeros(*s.shape[:-1], len(STATISTICS))
+    for column, stat in enumerate(STATISTICS):
+        table[..., column] = stat.compute(s)
+    return table
+
+
 def spectrum_statistics(singular_values: torch.Tensor, top_k: int = 0) -> dict[str, object]:
     """Every registered statistic of one matrix's singular values, and the top_k largest."""
     s = singular_values.double().flatten().sort(descending=True).values
     if not s.numel():
         s = s.new_zeros(1)
-    stats: dict[str, object] = {stat.name: float(stat.compute(s)) for stat in STATISTICS}
+    stats: dict[str, object] = dict(zip(STAT_COLUMNS, batch_statistics(s).tolist(), strict=True))
     if top_k:
         stats["top_singular_values"] = s[:top_k].tolist()
     return stats

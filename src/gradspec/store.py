@@ -1,5 +1,11 @@
 """Run directories: Parquet tables written in atomic chunks, a manifest, and resume.
 
+This module is the only writer of runs: it builds their rows (``example_row``,
+``profiled_rows``, ``spectra_rows``; a training run's ``training_rows``), their manifests
+and fingerprints (``run_manifest``, ``run_fingerprint``, ``training_manifest``,
+``training_fingerprint``) and writes them (``RunStore``), for ``gradspec profile`` and
+the training monitor alike.
+
 Layout of a run directory::
 
     manifest.json                        model, data, options, versions, times
@@ -18,21 +24,30 @@ manifest's ``data.n_examples`` says how many examples (the first N) the run hold
 from __future__ import annotations
 
 import os
+import platform
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import __version__
+from .data import DataSource, Encoded, Example
 from .errors import GradspecError, RunMismatchError
 from .files import RUN_LOCK, TMP_SUFFIX, RunLock, write_json_atomic, write_parquet_atomic
 from .integrity import parquet_problem, read_manifest
-from .statistics import STATISTICS
+from .statistics import STAT_COLUMNS, STATISTICS
+
+if TYPE_CHECKING:  # the store loads no torch: readers (report, quality) import it
+    from .adapters import Target
+    from .modeling import Checkpoint
 
 # Bumped whenever the tables change (2: the stable_rank column; 3: the expert columns and
 # the examples' fields mapping), so runs of two formats are never mixed by a resume.
@@ -84,6 +99,8 @@ TRAINING_ID_COLUMNS = ("step", "epoch")  # with the example index: which occurre
 PART_NAME = re.compile(r"part-(\d+)-(\d+)\.parquet$")
 # Tables a command may write at the top of a run directory (score's and flag's defaults).
 DERIVED_TABLES = ("scores.parquet", "flags.parquet")
+NONFINITE_STATUS = "skipped:nonfinite_gradient"
+TRAINING_SOURCE = "train"  # a training run's examples come from the Trainer's train_dataset
 
 
 def spectra_schema(top_k: int) -> pa.Schema:
@@ -98,7 +115,10 @@ def is_training_run(manifest: dict[str, Any]) -> bool:
 
 def run_schemas(manifest: dict[str, Any]) -> tuple[pa.Schema, pa.Schema]:
     """The examples and spectra schemas of the run a manifest describes."""
-    examples, spectra = EXAMPLES_SCHEMA, spectra_schema(manifest.get("options", {}).get("top_k", 0))
+    examples, spectra = (
+        EXAMPLES_SCHEMA,
+        spectra_schema(manifest.get("options", {}).get("top_k", 0)),
+    )
     if is_training_run(manifest):
         for name, type_ in TRAINING_EXAMPLE_FIELDS:
             examples = examples.append(pa.field(name, type_))
@@ -109,6 +129,221 @@ def run_schemas(manifest: dict[str, Any]) -> tuple[pa.Schema, pa.Schema]:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- rows and manifests
+
+
+def example_row(example: Example, encoded: Encoded, fields: str | None) -> dict[str, Any]:
+    """An example's row before profiling: its source, token counts, status and the
+    ``--fields`` mapping its record was read with."""
+    status = f"skipped:{encoded.skip_reason}" if encoded.skip_reason else "ok"
+    return {
+        "example_index": example.index,
+        "example_id": example.example_id,
+        "source": example.source,
+        "source_line": example.source_line,
+        "loss": None,
+        "n_prompt_tokens": encoded.n_prompt_tokens,
+        "n_response_tokens": encoded.n_response_tokens,
+        "truncated": encoded.truncated,
+        "status": status,
+        "response_only_loss": None,
+        "ifd": None,
+        "fields": fields,
+    }
+
+
+def profiled_rows(
+    example_row: dict[str, Any],
+    targets: Sequence[Target],
+    loss: float,
+    statistics: Sequence[Mapping[str, Any]] | None,
+    expert_tokens: Sequence[int | None],
+) -> list[dict[str, Any]]:
+    """Record a profiled example's loss in its row; its spectra rows, one per target.
+
+    ``statistics`` (per target, from statistics.spectrum_statistics) is None where the
+    loss or a gradient was not finite: the example is then marked skipped and has no
+    spectra rows. ``expert_tokens``: per target, the tokens its routed expert received.
+    """
+    if statistics is None:
+        example_row["status"] = NONFINITE_STATUS
+        return []
+    example_row["loss"] = loss
+    index, example_id = example_row["example_index"], example_row["example_id"]
+    return spectra_rows(index, example_id, targets, statistics, expert_tokens)
+
+
+def spectra_rows(
+    example_index: int,
+    example_id: str,
+    targets: Sequence[Target],
+    statistics: Sequence[Mapping[str, Any]],
+    expert_tokens: Sequence[int | None],
+    **extra: Any,
+) -> list[dict[str, Any]]:
+    """One spectra row per target of one profiled example (``extra``: a training run's
+    step); a routed expert's row names the expert and the tokens it received."""
+    return [
+        {
+            "example_index": example_index,
+            "example_id": example_id,
+            "param": target.param,
+            "layer": target.layer,
+            "module": target.module_name,
+            "kind": target.kind,
+            "expert": target.expert,
+            "expert_tokens": n_tokens,
+            **stats,
+            **extra,
+        }
+        for target, stats, n_tokens in zip(targets, statistics, expert_tokens, strict=True)
+    ]
+
+
+@dataclass
+class Occurrence:
+    """One example as a profiled training step saw it: what the monitor hands the store."""
+
+    row: int  # of the Trainer's train_dataset
+    example_id: str
+    loss: float
+    n_prompt_tokens: int
+    n_response_tokens: int
+    statistics: np.ndarray  # targets x STAT_COLUMNS
+    expert_tokens: list[int | None]  # per target: the tokens its routed expert received
+
+
+def training_rows(
+    first: int,
+    step: int,
+    epoch: float,
+    occurrences: Sequence[Occurrence],
+    scores: np.ndarray,
+    targets: Sequence[Target],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A profiled step's spectra and example rows: each occurrence is one example of the
+    run (``example_index`` counts occurrences from ``first``), with ``step``, ``epoch`` and
+    its online ``flag_score``, and its dataset row in ``source_line``."""
+    spectra: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    for index, occurrence, score in zip(
+        range(first, first + len(occurrences)), occurrences, scores, strict=True
+    ):
+        examples.append(
+            {
+                "example_index": index,
+                "example_id": occurrence.example_id,
+                "source": TRAINING_SOURCE,
+                "source_line": occurrence.row,
+                "loss": occurrence.loss,
+                "n_prompt_tokens": occurrence.n_prompt_tokens,
+                "n_response_tokens": occurrence.n_response_tokens,
+                "truncated": False,
+                "status": "ok",
+                "response_only_loss": None,
+                "ifd": None,
+                "fields": None,  # the trainer's dataset is tokenized already
+                "step": step,
+                "epoch": epoch,
+                "flag_score": float(score),
+            }
+        )
+        statistics = [
+            dict(zip(STAT_COLUMNS, map(float, row), strict=True)) for row in occurrence.statistics
+        ]
+        spectra.extend(
+            spectra_rows(
+                index,
+                occurrence.example_id,
+                targets,
+                statistics,
+                occurrence.expert_tokens,
+                step=step,
+            )
+        )
+    return spectra, examples
+
+
+def run_fingerprint(
+    options: Mapping[str, Any], signature: Mapping[str, Any], data_hash: str, adapter: bool
+) -> dict[str, Any]:
+    """What decides a run's results: its options (but ``limit`` and ``route``), the model
+    and data fingerprints, and the table format. A run directory holds one fingerprint's
+    results. The route changes values only within float32 rounding: a rerun may take
+    another. Without an ``adapter`` its matrices decide nothing, so runs made before that
+    option resume."""
+    fingerprint = {k: v for k, v in options.items() if k not in ("limit", "route")}
+    if not adapter:
+        del fingerprint["adapter_matrices"]
+    fingerprint.update(format_version=FORMAT_VERSION, model=dict(signature), data_sha256=data_hash)
+    return fingerprint
+
+
+def run_manifest(
+    checkpoint: Checkpoint,
+    signature: Mapping[str, Any],
+    data: DataSource,
+    n_examples: int,
+    options: Mapping[str, Any],
+    device: str,
+) -> dict[str, Any]:
+    """A profile run's manifest: model, data, options, device and software versions."""
+    return {
+        "gradspec_version": __version__,
+        "model": {**signature, **checkpoint.record()},
+        "data": {
+            "paths": [str(f.resolve()) for f in data.files],
+            "sha256": data.sha256,
+            "n_examples": n_examples,
+            **({"hub": data.hub} if data.hub else {}),
+            **({"fields": options["fields"]} if options.get("fields") else {}),
+        },
+        "options": dict(options),
+        "device": device,
+        "versions": software_versions(),
+    }
+
+
+def training_fingerprint(targets: Sequence[Target]) -> dict[str, Any]:
+    """What a training run's rows mean: its table format and profiled matrices."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": TRAINING_RUN,
+        "modules": [t.param for t in targets],
+    }
+
+
+def training_manifest(
+    output_dir: str, targets: Sequence[Target], monitor: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A training run's manifest: the Trainer's output folder, the monitor's settings."""
+    return {
+        "gradspec_version": __version__,
+        "kind": TRAINING_RUN,
+        "monitor": dict(monitor),
+        "model": {"path": output_dir},
+        "data": {},
+        "options": {"top_k": 0, "modules": [t.param for t in targets]},
+        "versions": software_versions(),
+    }
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what computed a run (imported here: only writers, which run them, ask)."""
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+
+# ---------------------------------------------------------------- run directories
 
 
 @dataclass
@@ -123,10 +358,17 @@ class RunTables:
 class RunStore:
     """Writes and resumes one run directory whose results belong to one fingerprint."""
 
-    def __init__(self, root: str | os.PathLike, fingerprint: dict[str, Any], top_k: int):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        fingerprint: dict[str, Any],
+        schemas: tuple[pa.Schema, pa.Schema] | None = None,
+    ):
+        """``schemas``: the examples and spectra schemas of the run's parts (``run_schemas``
+        of its manifest; by default a profile run's without the top-k column)."""
         self.root = Path(root)
         self.fingerprint = fingerprint
-        self.schema = spectra_schema(top_k)
+        self.schemas = schemas or (EXAMPLES_SCHEMA, spectra_schema(0))
         self.manifest_path = self.root / "manifest.json"
         self.lock = RunLock(self.root)
 
@@ -219,6 +461,10 @@ class RunStore:
             if p.name not in damaged
         )
 
+    def next_index(self) -> int:
+        """The example index after every finished part's (where a training run appends)."""
+        return max((last + 1 for _, last in self.finished_ranges()), default=0)
+
     def missing_chunks(self, n_examples: int, chunk_size: int) -> list[tuple[int, int]]:
         """The chunks still to profile for examples 0..n_examples-1: the examples no finished
         part covers, cut at multiples of ``chunk_size`` (as an uninterrupted run cuts)."""
@@ -257,9 +503,10 @@ class RunStore:
         """Persist one finished chunk; spectra first, so the examples part marks completion."""
         self._refuse_overlap(first, last)
         name = f"part-{first:09d}-{last:09d}.parquet"
-        spectra = pa.Table.from_pylist(spectra_rows, schema=self.schema)
+        examples_schema, spectra_schema_ = self.schemas
+        spectra = pa.Table.from_pylist(spectra_rows, schema=spectra_schema_)
         write_parquet_atomic(spectra, self.root / "spectra" / name)
-        examples = pa.Table.from_pylist(example_rows, schema=EXAMPLES_SCHEMA)
+        examples = pa.Table.from_pylist(example_rows, schema=examples_schema)
         write_parquet_atomic(examples, self.root / "examples" / name)
 
     def _refuse_overlap(self, first: int, last: int) -> None:

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DataSource, data_sha256, resolve_data
+from .data import DataSource, resolve_data
 from .distributed import LOCAL, Ranks, agree, all_gather, process_group, split_by_weight
 from .engine import HubOptions, profile_on
 from .errors import GradspecError
@@ -58,7 +58,7 @@ from .files import write_json_atomic
 from .formats.fields import parse_fields
 from .hub import is_hub_id
 from .labels import LABEL_KEYS, normalize_labels
-from .modeling import check_model_path, resolve_checkpoint
+from .modeling import Checkpoint, check_model_path, resolve_checkpoint
 from .options import ProfileOptions, Template
 from .runs import STUDY_FILE, read_study_record
 
@@ -106,10 +106,11 @@ class DatasetSpec:
     split: str | None = None
     config: str | None = None
     fields: str | None = None
+    files: DataSource | None = None  # the data's local files, resolved when the study is read
 
     def resolve(self) -> DataSource:
         """The data's local files (a Hub data set's split saved once as a folder)."""
-        return resolve_data(self.path, self.split, self.config)
+        return self.files or resolve_data(self.path, self.split, self.config)
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,7 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
     try:
         if spec.fields:
             parse_fields(spec.fields)
-        spec.resolve()
+        files = spec.resolve()
     except GradspecError as exc:
         if isinstance(path, str) or spec.fields or spec.split or spec.config:
             raise GradspecError(f"{where}: {exc}") from None
@@ -361,7 +362,7 @@ def _dataset(entry: dict[str, Any], base: Path, where: str) -> DatasetSpec:
         str(labels[k]) for k in ("task", "style", "length", "correctness") if k in labels
     )
     label = _safe_label(str(entry.get("label", default)), where)
-    return dataclasses.replace(spec, label=label, labels=labels)
+    return dataclasses.replace(spec, label=label, labels=labels, files=files)
 
 
 def _check_profile_options(options: dict[str, Any], source: Path) -> None:
@@ -383,11 +384,14 @@ def run_study(
     device: str | None = None,
     limit: int | None = None,
     progress: ProgressFactory | None = None,
+    checkpoints: Mapping[Path, Checkpoint] | None = None,
 ) -> list[tuple[Cell, bool]]:
     """Profile every cell not finished with the same inputs; (cell, was run) for each.
 
     ``device`` and ``limit`` override the study's [profile] options. ``study.json`` is
-    rewritten after each cell, so an interrupted study resumes where it stopped.
+    rewritten after each cell, so an interrupted study resumes where it stopped. Each
+    model is resolved once (``checkpoints``: those the caller already resolved, by path),
+    each dataset once when the study was read.
 
     Under ``torchrun`` the cells to profile are dealt out to the ranks (cell i of them to
     rank i mod N), each profiled by its rank alone; only rank 0 writes ``study.json``
@@ -400,13 +404,16 @@ def run_study(
     options.pop("device", None)  # when --device overrode it
     cells = study.cells()
     with process_group(device) as ranks:
-        record, pending = agree(ranks, lambda: _plan_study(study, root, cells, options))
+        resolved = agree(ranks, lambda: _resolve_models(study, checkpoints or {}))
+        record, pending = agree(ranks, lambda: _plan_study(study, root, cells, resolved, options))
         agree(ranks, lambda: _write_record(ranks, root, record))
         share = split_by_weight([1] * len(pending), ranks.size)[ranks.rank]
         mine = [pending[i] for i in share]
         agree(
             ranks,
-            lambda: _profile_cells(ranks, root, cells, record, mine, device, options, progress),
+            lambda: _profile_cells(
+                ranks, root, cells, resolved, record, mine, device, options, progress
+            ),
         )
         ran = {index for indices in all_gather(ranks, [i for i, _ in mine]) for index in indices}
         for index, inputs in pending:
@@ -416,8 +423,22 @@ def run_study(
     return [(cell, index in ran) for index, cell in enumerate(cells)]
 
 
+def _resolve_models(study: Study, checkpoints: Mapping[Path, Checkpoint]) -> dict[Path, Checkpoint]:
+    """Every model of the study resolved once (a GGUF file converted or found converted)."""
+    return {
+        model.path: resolve_checkpoint(
+            checkpoints.get(model.path, model.path), model.revision, model.trust_remote_code
+        )
+        for model in study.models
+    }
+
+
 def _plan_study(
-    study: Study, root: Path, cells: list[Cell], options: dict[str, Any]
+    study: Study,
+    root: Path,
+    cells: list[Cell],
+    checkpoints: Mapping[Path, Checkpoint],
+    options: dict[str, Any],
 ) -> tuple[dict[str, Any], list[tuple[int, dict[str, Any]]]]:
     """study.json's new content (cells to profile marked unfinished), and the cells to
     profile with the inputs they will have finished with."""
@@ -430,7 +451,7 @@ def _plan_study(
     }
     pending = []
     for index, (cell, entry) in enumerate(zip(cells, record["cells"], strict=True)):
-        inputs = cell_inputs(cell, options)
+        inputs = cell_inputs(cell, checkpoints[cell.model.path], options)
         if entry["inputs"] != inputs or not (root / cell.run / "manifest.json").exists():
             entry.update(inputs=None)
             pending.append((index, inputs))
@@ -441,6 +462,7 @@ def _profile_cells(
     ranks: Ranks,
     root: Path,
     cells: list[Cell],
+    checkpoints: Mapping[Path, Checkpoint],
     record: dict[str, Any],
     mine: list[tuple[int, dict[str, Any]]],
     device: str,
@@ -453,8 +475,8 @@ def _profile_cells(
         with progress(cell) if progress else nullcontext(None) as update:
             profile_on(
                 LOCAL,
-                cell.model.path,
-                cell.dataset.path,
+                checkpoints[cell.model.path],
+                cell.dataset.resolve(),
                 root / cell.run,
                 device=device,
                 progress=update,
@@ -484,12 +506,11 @@ def cell_options(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, **fields, "template": cell.model.template}
 
 
-def cell_inputs(cell: Cell, options: Mapping[str, Any]) -> dict[str, Any]:
+def cell_inputs(cell: Cell, checkpoint: Checkpoint, options: Mapping[str, Any]) -> dict[str, Any]:
     """What decides a cell's results: model and data fingerprints, template and options."""
-    model = resolve_checkpoint(cell.model.path, cell.model.revision, cell.model.trust_remote_code)
     return {
-        "model": model.fingerprint(),
-        "data_sha256": data_sha256(cell.dataset.resolve().files),
+        "model": checkpoint.signature,
+        "data_sha256": cell.dataset.resolve().sha256,
         "options": asdict(ProfileOptions(**cell_options(cell, options))),
     }
 
