@@ -226,8 +226,8 @@ def load_model_and_tokenizer(
     """
     transformers_logging.disable_progress_bar()  # gradspec shows its own progress
     implementation = {"attn_implementation": "eager"} if eager_attention else {}
-    if dtype == torch.float64:  # transformers' grouped experts kernels have no float64
-        implementation["experts_implementation"] = "eager"
+    if dtype == torch.float64 and has_routed_experts(model_dir):
+        implementation["experts_implementation"] = "eager"  # grouped kernels lack float64
     with remote_code_refused(model_dir):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -295,6 +295,16 @@ def checkpoint_targets(
     if not targets:
         raise GradspecError(f"--modules '{modules}' selects no LoRA matrix of the adapter")
     return targets
+
+
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def has_routed_experts(model_dir: Path) -> bool:
+    """Whether the config names routed experts (only such models take, and only transformers
+    versions that fuse experts know, the ``experts_implementation`` argument)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return any(config.get(key) for key in MOE_CONFIG_KEYS)
 
 
 def model_signature(model_dir: Path) -> dict[str, Any]:
