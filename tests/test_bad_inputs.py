@@ -9,6 +9,8 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +20,7 @@ from conftest import GSM8K, read_shared
 from typer.testing import CliRunner
 
 import gradspec
-from gradspec.cli import app
+from gradspec.cli import app, run
 from gradspec.data import load_examples
 from gradspec.errors import DataError, GradspecError, GradspecWarning
 from gradspec.options import ProfileOptions
@@ -73,6 +75,11 @@ def assert_one_line_refusal(result, match: str = "") -> None:
     output = result.output
     assert result.exit_code == 2, output
     assert isinstance(result.exception, SystemExit), result.exception
+    assert_one_error_line(output, match)
+
+
+def assert_one_error_line(output: str, match: str) -> None:
+    """No traceback and exactly one 'error:' line, containing ``match``."""
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, output
@@ -575,15 +582,40 @@ def test_every_command_refuses_bad_input_in_one_line_with_exit_2(case, places, t
     assert after == before
 
 
-@pytest.mark.parametrize(
-    "line",
-    ["profile --model m --data d --out o --template markdown", "flag RUN --top many", "score"],
-)
-def test_typer_usage_errors_exit_2_without_a_traceback(line):
-    """Values Typer itself checks (choices, numbers, missing arguments) get its usage box."""
-    result = cli(*line.split())
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output and "Usage:" in result.output
+USAGE_ERRORS = {
+    "profile --model m --data d --out o --template markdown": "'--template'",
+    "flag RUN --top many": "'--top'",
+    "score": "Missing argument",
+    "report": "Missing argument",
+    "nosuch": "No such command 'nosuch'",
+    "profile --no-such-option": "No such option: --no-such-option",
+}
+
+
+@pytest.mark.parametrize("line", USAGE_ERRORS)
+def test_values_typer_refuses_are_one_line_and_exit_2(line, capsys):
+    """Values Typer itself checks (choices, numbers, missing arguments, unknown commands and
+    options) are refused as every other input is: one 'error:' line naming the command."""
+    with pytest.raises(SystemExit) as exited:
+        run(line.split())
+    output = capsys.readouterr()
+    assert exited.value.code == 2 and output.out == ""
+    assert_one_error_line(output.err, USAGE_ERRORS[line])
+    assert "Usage:" not in output.err and "Traceback" not in output.err
+
+
+def test_the_installed_command_refuses_usage_errors_in_one_line():
+    """`python -m gradspec` (as the `gradspec` script) goes through the same entry point;
+    help and the version still exit 0."""
+    command = [sys.executable, "-m", "gradspec"]
+    bad = subprocess.run([*command, "flag", "RUN", "--top", "many"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert_one_error_line(bad.stderr, "gradspec flag: Invalid value for '--top'")
+    helped = subprocess.run([*command, "flag", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--top" in helped.stdout
+    assert subprocess.run([*command, "--version"], capture_output=True).returncode == 0
+    bare = subprocess.run(command, capture_output=True, text=True)  # no command: the help
+    assert bare.returncode == 2 and "profile" in bare.stdout + bare.stderr
 
 
 def test_the_training_monitor_holds_its_run_directory_lock(tmp_path):

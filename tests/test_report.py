@@ -228,7 +228,9 @@ def browser_or_skip():
 
 
 @pytest.mark.browser
-def test_report_renders_in_a_real_browser(report: Path):
+def test_report_renders_in_a_real_browser(runs: dict[Path, dict], report: Path):
+    """The main figure (every run and module) and one paper-layout figure per (task,
+    correctness) group render without errors, each with coloured lines drawn."""
     from PIL import Image
 
     sync_playwright = browser_or_skip()
@@ -242,14 +244,20 @@ def test_report_renders_in_a_real_browser(report: Path):
         page.wait_for_selector(".js-plotly-plot .main-svg")
         plots = page.locator(".js-plotly-plot")
         shots = [plots.nth(i).screenshot() for i in range(plots.count())]
-        traces = page.evaluate("document.querySelector('.js-plotly-plot').data.length")
+        traces = page.evaluate(
+            "[...document.querySelectorAll('.js-plotly-plot')].map(p => p.data.length)"
+        )
         browser.close()
     assert errors == []
-    assert len(shots) == 1 and traces == 4 * 7 * 2  # runs x modules x (line + band)
-    pixels = np.asarray(Image.open(io.BytesIO(shots[0])).convert("RGB"))
-    drawn = (pixels < 235).any(axis=2).mean()  # not white nor the light grid
-    assert 0.02 < drawn < 0.6
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # coloured lines, bands, text
+    groups = {labels["correctness"] for labels in runs.values()}  # one task in these runs
+    main = 4 * 7 * 2  # runs x modules x (line + band)
+    paper = 2 * 4 * 2  # a group's 2 styles x Q, K, V, O x (nuclear norm, ratio)
+    assert sorted(traces) == sorted([main] + [paper] * len(groups)) and len(shots) == 3
+    for shot in shots:
+        pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+        drawn = (pixels < 235).any(axis=2).mean()  # not white nor the light grid
+        assert 0.02 < drawn < 0.6
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # lines, bands, text
 
 
 def test_ratio_table_and_paper_figures_show_the_runs_values(runs: dict[Path, dict], report: Path):

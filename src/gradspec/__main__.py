@@ -1,5 +1,5 @@
 """`python -m gradspec` runs the CLI."""
 
-from .cli import app
+from .cli import run
 
-app()
+run()

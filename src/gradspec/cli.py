@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -31,6 +32,11 @@ from rich.text import Text
 from .errors import GradspecError, GradspecWarning
 from .options import DATA_PANEL, MODEL_PANEL, ProfileOptions, ReportStatistic, Shard
 from .statistics import statistic_help
+
+try:  # Typer 0.22 and later bundle their own click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older Typer runs on click
+    from click import exceptions as click_exceptions
 
 if TYPE_CHECKING:  # the CLI starts without torch
     from .modeling import Checkpoint
@@ -63,6 +69,27 @@ def main(
     """Per-example, per-layer gradient spectra of causal LMs."""
 
 
+def run(args: Sequence[str] | None = None) -> None:
+    """The ``gradspec`` command: Typer's app, where a value Typer itself refuses (an
+    unknown choice, a non-number, a missing argument) is one line and exit 2, as every
+    other refusal is, instead of a usage box."""
+    try:
+        code = app(args=args, prog_name="gradspec", standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # bare `gradspec`: the help, as before
+        console.print(exc.ctx.get_help() if exc.ctx else str(exc), highlight=False)
+        sys.exit(2)
+    except click_exceptions.ClickException as exc:
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context else ""
+        hint = f"{command}: {{}} (see '{command} --help')" if command else "{}"
+        print_error(hint.format(exc.format_message()))
+        sys.exit(2)
+    except (click_exceptions.Abort, typer.Abort):
+        print_error("aborted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def user_errors_exit_cleanly(command: F) -> F:
     """Print a GradspecError, or a system error on a file (a full disk, a permission), as
     one red line and exit with status 2, without a traceback; GradspecWarnings are shown
@@ -76,12 +103,16 @@ def user_errors_exit_cleanly(command: F) -> F:
                 warnings.showwarning = show_warning
                 return command(*args, **kwargs)
         except (GradspecError, OSError) as exc:
-            message = str(exc) if isinstance(exc, GradspecError) else os_error_message(exc)
-            one_line = " ".join(message.splitlines())  # a library's message may span lines
-            console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
+            print_error(str(exc) if isinstance(exc, GradspecError) else os_error_message(exc))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_error(message: str) -> None:
+    """One red 'error:' line on stderr; a library's message may span lines, joined here."""
+    one_line = " ".join(message.splitlines())
+    console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
 
 
 def os_error_message(exc: OSError) -> str:
