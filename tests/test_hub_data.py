@@ -190,3 +190,36 @@ correctness = "correct"
     }
     assert run.manifest["data"]["hub"]["split"] == "train"
     assert set(run.examples["fields"]) == {MAPPING} and len(run.examples) == 2
+
+
+@pytest.mark.slow
+def test_flag_learn_reads_a_hub_data_set_through_its_fields_mapping(hub_data, tiny_model, tmp_path):
+    """`flag --learn` on a run of a Hub data set read with --fields learns from the same
+    twins, and gives the same probabilities, as on the run of the same records saved as
+    Alpaca JSON Lines."""
+    from gradspec.detector import learn_flags
+
+    records = gsm8k_columns(24)
+    cache_dataset({"train": records}, hub_data, "acme/gsm-24", "main", COMMIT)
+    env, out = offline_env(hub_data), tmp_path / "run"
+    common = ["--device", "cpu", "--dtype", "float64", "--ifd"]
+    profiled = gradspec_cli(
+        "profile", "--model", "acme/tiny", "--data", "acme/gsm-24", "--fields", MAPPING,
+        "--out", str(out), *common, env=env,
+    )  # fmt: skip
+    assert profiled.returncode == 0, profiled.stderr
+    learn = ["--learn", "--twins", "24", "--seed", "3", "--device", "cpu"]
+    flagged = gradspec_cli("flag", str(out), *learn, "--out", str(tmp_path / "f.csv"), env=env)
+    assert flagged.returncode == 0, flagged.stderr
+    alpaca = [{"instruction": r["question"], "output": r["answer"]} for r in records]
+    local = write_jsonl(tmp_path / "alpaca.jsonl", alpaca)
+    gradspec.profile(
+        tiny_model("llama"), local, tmp_path / "b", device="cpu", dtype="float64", ifd=True
+    )
+    expected = learn_flags(tmp_path / "b", sample=24, seed=3, device="cpu")
+    twins = json.loads((expected.folder / "twins.json").read_text())
+    hub_twins = next((tmp_path / "run-twins").glob("*/twins.json"))
+    assert json.loads(hub_twins.read_text()) == twins and len(twins) == 24
+    ours = pd.read_csv(tmp_path / "f.csv").set_index("example_index")["probability"]
+    theirs = expected.ranking.set_index("example_index")["probability"]
+    pd.testing.assert_series_equal(ours.sort_index(), theirs.sort_index(), rtol=1e-9)

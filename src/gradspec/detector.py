@@ -41,6 +41,7 @@ from .corruptions import CORRUPTIONS, Twin, check_kinds, corrupted_twins
 from .data import Example, data_sha256, load_examples
 from .errors import GradspecError
 from .files import write_json_atomic, write_text_atomic
+from .formats.fields import parse_fields
 from .options import ProfileOptions
 from .quality import auroc, example_scores, layer_mad, ok_spectra, rank_table, save_table
 from .store import RunTables, load_run
@@ -192,7 +193,8 @@ def twins_folder(run_dir: str | os.PathLike, kinds: Sequence[str], sample: int, 
 
 
 def run_examples(manifest: dict[str, Any]) -> list[Example]:
-    """The examples a run profiled, read from its data files after checking their hash."""
+    """The examples a run profiled, read from its data files (a Hub data set's saved split)
+    after checking their hash, with the ``--fields`` mapping the run read them with."""
     data = manifest.get("data", {})
     files = [Path(p) for p in data.get("paths", [])]
     missing = [f for f in files if not f.exists()]
@@ -202,7 +204,8 @@ def run_examples(manifest: dict[str, Any]) -> list[Example]:
         raise GradspecError(
             f"{', '.join(map(str, files))}: not the data the run profiled (its sha256 differs)"
         )
-    examples = [example for path in files for example in load_examples(path)]
+    mapping = parse_fields(data["fields"]) if data.get("fields") else None
+    examples = [example for path in files for example in load_examples(path, mapping)]
     return [
         Example(i, ex.source, ex.row, ex.line, ex.record, ex.kind)
         for i, ex in enumerate(examples[: data.get("n_examples")])
