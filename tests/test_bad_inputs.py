@@ -184,6 +184,8 @@ def test_7_a_read_only_run_or_output_is_a_clear_error(run_copy, tmp_path, monkey
     model, data, run = run_copy
     before = snapshot(run)
     refuse_renames(monkeypatch)
+    read_back = gradspec.profile(model, data, run, device="cpu", limit=LIMIT, chunk_size=CHUNK)
+    assert read_back.examples["example_index"].tolist() == list(range(LIMIT))  # nothing written
     with pytest.raises(GradspecError, match=r"cannot write .*manifest.json: Permission denied"):
         gradspec.profile(model, data, run, device="cpu", limit=2, chunk_size=CHUNK)
     with pytest.raises(GradspecError, match=r"cannot write .*k.jsonl: Permission denied"):

@@ -131,7 +131,6 @@ def profile(
             **options,
         )
         return load_run(out) if ranks.is_main else None
-        return load_run(out) if ranks.is_main else None
 
 
 @dataclass(frozen=True)
@@ -187,15 +186,29 @@ def profile_on(
         plan.store.lock.release()
 
 
+def _finished_as_recorded(store: RunStore, plan: _Plan) -> bool:
+    """Whether the run already holds every planned example and its manifest says so."""
+    old = store.check()
+    recorded = old is not None and old.get("data", {}).get("n_examples") == len(plan.examples)
+    return recorded and not _missing(store, plan)
+
+
+def _missing(store: RunStore, plan: _Plan) -> list[tuple[int, int]]:
+    """The chunks of the plan's examples that no intact finished part covers."""
+    return store.missing_chunks(len(plan.examples), plan.opts.chunk_size)
+
+
 def _profile_planned(
     ranks: Ranks, plan: _Plan, progress: Callable[[int, int], None] | None
 ) -> None:
     """Profile the chunks the run directory still lacks; rank 0 holds the run's lock from
     before it decides which chunks those are until the session is recorded."""
     opts, examples, store = plan.opts, plan.examples, plan.store
+    if from_main(ranks, _finished_as_recorded(store, plan)):
+        return  # a read-back: nothing to lock, write or record (a read-only run works)
     agree(ranks, lambda: store.lock_if_exists() if ranks.is_main else None)
     # Rank 0's view of the finished parts is everyone's, so all split the same chunks.
-    missing = from_main(ranks, store.missing_chunks(len(examples), opts.chunk_size))
+    missing = from_main(ranks, _missing(store, plan))
     done = len(examples) - sum(last - first + 1 for first, last in missing)
     # Everything that can fail is resolved on every rank before the first write: a failed
     # start leaves no trace, and an existing run stays as it was.
