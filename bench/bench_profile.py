@@ -59,7 +59,7 @@ from gradspec.modeling import (
     resolve_spectra_dtype,
 )
 from gradspec.options import ProfileOptions
-from gradspec.paths import cache_root
+from gradspec.paths import build_atomically, cache_root
 from gradspec.routes import (
     builds_full_gradient,
     choose_route,
@@ -190,14 +190,17 @@ def bench_cache() -> Path:
 
 def bench_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the correct reasoning and Wikipedia files (cached)."""
-    directory = bench_cache() / f"tokenizer-v{VOCAB_SIZE}"
-    if not (directory / "tokenizer.json").is_file():
+
+    def build(staging: Path) -> None:
         data = shared_data_dir()
         files = [reasoning_file(t, s) for t in REASONING_TASKS for s in STYLE_SUFFIXES]
         files += [wiki_file(name) for name in WIKI_SETS]
         examples = [ex for name in files for ex in load_examples(data / name)]
-        tokenizer = train_tokenizer(example_texts(examples), VOCAB_SIZE)
-        save_atomically(directory, tokenizer.save_pretrained)
+        train_tokenizer(example_texts(examples), VOCAB_SIZE).save_pretrained(staging)
+
+    directory = build_atomically(
+        bench_cache() / f"tokenizer-v{VOCAB_SIZE}", has_file("tokenizer.json"), build
+    )
     return AutoTokenizer.from_pretrained(directory)
 
 
@@ -209,11 +212,9 @@ def example_texts(examples: list[Example]) -> Iterator[str]:
         yield example.response
 
 
-def save_atomically(directory: Path, save: Callable[[Path], Any]) -> None:
-    """Write into a staging directory, then rename it to ``directory`` when complete."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    save(staging)
-    os.replace(staging, directory)
+def has_file(name: str) -> Callable[[Path], bool]:
+    """Whether a cached folder is complete: it holds ``name``."""
+    return lambda directory: (directory / name).is_file()
 
 
 def bench_config(
@@ -244,17 +245,13 @@ def bench_model(config: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> Path
         f"{config.num_hidden_layers}-h{config.num_attention_heads}"
         f"-kv{config.num_key_value_heads}-v{config.vocab_size}"
     )
-    directory = bench_cache() / name
-    if not (directory / "config.json").is_file():
+
+    def build(staging: Path) -> None:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        LlamaForCausalLM(config).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
-        def save(path: Path) -> None:
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-        save_atomically(directory, save)
-    return directory
+    return build_atomically(bench_cache() / name, has_file("config.json"), build)
 
 
 def subject_model(path: Path, tokenizer: PreTrainedTokenizerFast) -> tuple[Path, str]:
