@@ -14,7 +14,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import read_shared
+from conftest import GSM8K, read_shared
+from tokenizers import SentencePieceBPETokenizer, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import gradspec
@@ -86,12 +87,29 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tokenizer, smollm2_tokenizer) -> dict[str, tuple[object, bool]]:
-    """name -> (tokenizer, whether it is Gemma-like: no system role)."""
+def sentencepiece_tokenizer(shared_data) -> PreTrainedTokenizerFast:
+    """A Gemma-like tokenizer: a SentencePiece-style BPE (metaspace words) that adds BOS."""
+    texts = [r["instruction"] + "\n" + r["output"] for r in read_shared(GSM8K, 300)]
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    trained = SentencePieceBPETokenizer(unk_token="<unk>", fuse_unk=True)
+    trained.train_from_iterator(texts, vocab_size=600, special_tokens=specials)
+    backend = trained._tokenizer
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return with_template(PreTrainedTokenizerFast(tokenizer_object=backend), GEMMA_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tokenizer, smollm2_tokenizer, sentencepiece_tokenizer) -> dict[str, tuple]:
+    """name -> (tokenizer, whether it is Gemma-like: no system role); three tokenizer
+    families: SmolLM2's byte-level BPE, a Llama-3-like byte-level BPE with its template,
+    and a Gemma-like SentencePiece BPE with its template."""
     return {
         "smollm2": (smollm2_tokenizer, False),
         "llama3": (with_template(tokenizer, LLAMA3_TEMPLATE), False),
-        "gemma": (with_template(tokenizer, GEMMA_TEMPLATE), True),
+        "gemma": (sentencepiece_tokenizer, True),
     }
 
 
