@@ -29,7 +29,8 @@ from transformers import (
 
 import gradspec
 from gradspec.data import load_examples
-from gradspec.errors import GradspecError
+from gradspec.errors import GradspecError, GradspecWarning
+from gradspec.families import coverage, find_targets
 from gradspec.integrations.sinks import SINKS, MonitorSink
 from gradspec.integrations.transformers import watch
 from gradspec.quality import OnlineFlagger
@@ -309,6 +310,18 @@ def test_hooks_only_on_profiled_steps(tiny_model, tokenizer, train_dataset, tmp_
     assert counter.at_begin == [before, before + targets + 3, before]
     assert counter.at_end == [before] * 3
     assert load_run(tmp_path / "run").spectra["step"].unique().tolist() == [PROFILED_STEP]
+
+
+def test_a_training_run_states_its_coverage(tiny_model, tokenizer, train_dataset, tmp_path):
+    """The run's manifest holds the coverage `gradspec profile` states for the same matrices
+    (here q, k, v, o), and the monitor warns naming the MLP weights it leaves out."""
+    model = tiny(tiny_model("llama"))
+    with pytest.warns(GradspecWarning, match=r"left out: model\.layers\.\*\.mlp\.down_proj"):
+        train(model, train_dataset, tokenizer, tmp_path, watch_options={"modules": "attn"})
+    stated = load_run(tmp_path / "run").manifest["coverage"]
+    expected = coverage(model, find_targets(model, "attn")).as_dict()
+    assert stated == json.loads(json.dumps(expected))
+    assert 0 < stated["share"] < 1 and len(stated["left_out"]) == 3 * len(model.model.layers)
 
 
 @pytest.mark.slow

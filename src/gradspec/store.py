@@ -316,9 +316,13 @@ def training_fingerprint(targets: Sequence[Target]) -> dict[str, Any]:
 
 
 def training_manifest(
-    output_dir: str, targets: Sequence[Target], monitor: Mapping[str, Any]
+    output_dir: str,
+    targets: Sequence[Target],
+    monitor: Mapping[str, Any],
+    coverage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A training run's manifest: the Trainer's output folder, the monitor's settings."""
+    """A training run's manifest: the Trainer's output folder, the monitor's settings and
+    what its matrices cover of the decoder layers (as a profile run states it)."""
     return {
         "gradspec_version": __version__,
         "kind": TRAINING_RUN,
@@ -326,6 +330,7 @@ def training_manifest(
         "model": {"path": output_dir},
         "data": {},
         "options": {"top_k": 0, "modules": [t.param for t in targets]},
+        "coverage": None if coverage is None else dict(coverage),
         "versions": software_versions(),
     }
 

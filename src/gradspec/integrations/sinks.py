@@ -52,6 +52,7 @@ class MonitorRun:
     settings: dict[str, Any]  # how the monitor profiles and flags
     output_dir: str  # the Trainer's
     ranks: Ranks  # this process's place in the Trainer's process group
+    coverage: dict[str, Any] | None = None  # what the targets cover (``Coverage.as_dict``)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class RunDirectory(MonitorSink):
     def open(cls, run: MonitorRun) -> RunDirectory | None:
         if run.out is None or not run.ranks.is_main:
             return None
-        manifest = training_manifest(run.output_dir, run.targets, run.settings)
+        manifest = training_manifest(run.output_dir, run.targets, run.settings, run.coverage)
         store = RunStore(run.out, training_fingerprint(run.targets), run_schemas(manifest))
         store.open(manifest, run.ranks.size)
         return cls(store, run.targets)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -35,11 +36,12 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..adapters import coverage_lines
 from ..capture import SpectraCapture
 from ..data import IGNORE_INDEX
 from ..distributed import all_gather, current_ranks
-from ..errors import GradspecError
-from ..families import find_targets
+from ..errors import GradspecError, GradspecWarning
+from ..families import coverage, find_targets
 from ..quality import OnlineFlagger
 from ..statistics import STAT_COLUMNS, batch_statistics
 from ..store import Occurrence
@@ -150,7 +152,10 @@ class GradspecCallback(TrainerCallback):
         targets = find_targets(model, self.modules)
         self.capture = TrainingCapture(targets, self.spectra_dtype)
         out = None if self.out is None else Path(self.out)
-        run = MonitorRun(out, targets, self.settings(), str(args.output_dir), current_ranks())
+        ranks, stated = current_ranks(), coverage(model, targets).as_dict()
+        if ranks.is_main:
+            warn_left_out(stated)
+        run = MonitorRun(out, targets, self.settings(), str(args.output_dir), ranks, stated)
         opened = (sink.open(run) for sink in self.sink_types)
         self.sinks = [sink for sink in opened if sink is not None]
 
@@ -303,6 +308,14 @@ class GradspecCallback(TrainerCallback):
         self.last_step = ProfiledStep(step, epoch, occurrences, scores, flagged)
         for sink in self.sinks:
             sink.write(self.last_step)
+
+
+def warn_left_out(stated: dict[str, Any]) -> None:
+    """Warn, naming them, when the monitored matrices leave decoder-layer weights out (as
+    ``gradspec profile`` says on its console), so that nothing is skipped silently."""
+    if stated["left_out"]:
+        lines = "; ".join(coverage_lines(stated))
+        warnings.warn(f"the monitor's coverage: {lines}", GradspecWarning, stacklevel=3)
 
 
 def _logging_interval(args: Any, state: Any) -> int:
