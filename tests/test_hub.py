@@ -74,7 +74,7 @@ def test_offline_and_not_cached_is_one_line_exit_2_and_nothing_written(hub_model
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "acme/missing" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
-    assert "hf download" in lines[0]
+    assert "download it with `hf download acme/missing` once online" in lines[0]
     assert not out.exists()
     unknown = gradspec_cli(*profile_args("acme/tiny-llama@v9", out), env=offline_env(hf_home))
     assert unknown.returncode == 2 and "acme/tiny-llama@v9" in unknown.stderr

@@ -136,7 +136,7 @@ def test_a_hub_data_set_split_and_config_profile_offline_and_select_writes_it_ba
 def test_a_data_set_missing_offline_is_one_line_exit_2_and_nothing_written(hub_data, tmp_path):
     out = tmp_path / "run"
     for data, extra, says in [
-        ("acme/nothing", [], "HF_HUB_OFFLINE"),
+        ("acme/nothing", [], "HF_HUB_OFFLINE is set: run the same command"),
         ("acme/gsm-tiny", ["--data-config", "main", "--split", "dev"], "Unknown split"),
         ("acme/gsm-tiny", [], "configurations"),
     ]:

@@ -115,7 +115,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     except LocalEntryNotFoundError:
         raise GradspecError(
             f"--model {at}: not a local path, and not in the Hugging Face cache "
-            f"({_hub_cache()}){_offline_hint()}"
+            f"({_hub_cache()}){_offline_hint(_download_command(repo_id, revision))}"
         ) from None
     except RevisionNotFoundError:
         raise GradspecError(f"--model {at}: the Hub has no revision '{revision}'") from None
@@ -126,18 +126,25 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         ) from None
 
 
+def _download_command(repo_id: str, revision: str | None) -> str:
+    """The ``hf`` command that puts a model's snapshot in the cache."""
+    at = f" --revision {revision}" if revision else ""
+    return f"download it with `hf download {repo_id}{at}`"
+
+
 def _hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
 
 
-def _offline_hint() -> str:
-    """What to do when a Hub id is not cached: depends on whether offline mode is on."""
+def _offline_hint(download: str) -> str:
+    """What to do when a Hub id is not cached (``download``: how to fetch it once online);
+    depends on whether offline mode is on."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return "; HF_HUB_OFFLINE is set: download it once online (`hf download ID`)"
+        return f"; HF_HUB_OFFLINE is set: {download} once online"
     return "; the Hub could not be reached: check the network, or download it elsewhere"
 
 
@@ -184,7 +191,8 @@ def _load_dataset(repo_id: str, revision: str | None, config: str | None, split:
     except ConnectionError:
         raise GradspecError(
             f"{at}: not a local path, and not in the datasets cache "
-            f"({datasets.config.HF_DATASETS_CACHE}){_offline_hint()}"
+            f"({datasets.config.HF_DATASETS_CACHE})"
+            f"{_offline_hint('run the same command (it loads the data set into this cache)')}"
         ) from None
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
         reason = " ".join(str(exc).split())  # datasets' messages span lines
