@@ -4,6 +4,7 @@ decoder layers' parameters, and names every weight it left out (console and mani
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import GSM8K, TINY_MOE_CONFIGS
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -66,3 +67,17 @@ def test_console_names_left_out_weights(tiny_model, tmp_path):
     assert "coverage: profiled 8 decoder-layer weights" in text
     for leaf in ("gate_proj", "up_proj", "down_proj"):
         assert f"left out: model.layers.*.mlp.{leaf}.weight (2 layers): {NOT_SELECTED}" in text
+
+
+def test_a_weight_no_family_reads_is_named_as_not_supported(tiny_model):
+    """A decoder-layer weight the families have no capture for (here a 3-D parameter added
+    to a Llama layer) is left out by name with its shape, and counted in the share."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    extra = torch.nn.Parameter(torch.zeros(2, 3, 4))
+    model.model.layers[1].mlp.register_parameter("mixer", extra)
+    stated = coverage(model, find_targets(model, "all"))
+    assert stated.left_out == {
+        "model.layers.1.mlp.mixer": "not supported: no per-example capture for this "
+        "3-D weight (2x3x4)"
+    }
+    assert stated.decoder_parameters - stated.profiled_parameters >= extra.numel()

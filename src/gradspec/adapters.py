@@ -10,9 +10,11 @@ Names are then mapped to canonical module names, so a Llama ``self_attn.q_proj``
 a PEFT LoRA wrapper's frozen base matrix is named as the merged model's, its ``lora_A`` /
 ``lora_B`` matrices get a suffix (``q_proj.lora_A``).
 
-Families that need more (a model whose experts are one fused 3-D parameter, a fused qkv
-to be split) subclass ``ModelFamily`` in their own module and are registered in
-families.py, which picks the family of a model and selects its targets.
+The default family also reads routed experts stored as fused 3-D parameters (found by
+structure, experts.py: one ``Target`` per expert and matrix) and their routers. A family
+whose layout these heuristics miss (say a fused qkv to be split) subclasses
+``ModelFamily`` in its own module and is registered in families.py, which picks the
+family of a model and selects its targets.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A family (adapters.ModelFamily) says which modules of a model are its decoder la
 which matrices in them are targets, how they are named and of which kind they are. The
 default family's heuristics read every transformers causal LM tried so far.
 
-To add a family, subclass ``ModelFamily`` in a module of its own (say ``moe_family.py``),
+To add a family, subclass ``ModelFamily`` in a module of its own (say ``fused_qkv_family.py``),
 overriding what differs, with ``matches`` saying which models it reads, and put an
 instance in ``FAMILIES`` before the default; nothing else changes.
 """
