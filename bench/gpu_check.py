@@ -4,8 +4,8 @@ Run it through ``bench/gpu_check.sh``, which finds a Python, the shared data and
 carried wheels. Stages, each a subprocess of its own with a time limit (a hang or a crash
 costs that stage only, and each starts with the GPU empty), in this order:
 
-1. ``environment``: the device, library versions, and the two ceilings METHOD.md asks
-   for (a device-to-device copy, a bf16 matrix product);
+1. ``environment``: the device, library versions, and two ceilings to read the other
+   numbers against (a device-to-device copy, a bf16 matrix product);
 2. ``tests``: the CUDA tests (``pytest -m cuda``: tests/test_devices.py and the monitor's);
 3. ``matrix``: per-matrix times at Llama-3.1-8B shapes for T = 1024, 741, 407 and 4096:
    the published method (float32 G^T X, ``torch.linalg.svd``) against each exact route and
