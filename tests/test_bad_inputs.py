@@ -606,6 +606,33 @@ def test_values_typer_refuses_are_one_line_and_exit_2(line, capsys):
     assert "Usage:" not in output.err and "Traceback" not in output.err
 
 
+@pytest.mark.parametrize("name", ["runs[/old]", "runs[old]", "a[bold]b"])
+def test_text_that_looks_like_markup_is_printed_as_typed(name, tmp_path, capsys):
+    """A path (or any text in a message) holding square brackets is printed as it is, not
+    read as Rich markup (which raised MarkupError, or ate the brackets)."""
+    with pytest.raises(SystemExit) as exited:
+        run(["score", str(tmp_path / name)])
+    assert exited.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, str(tmp_path / name))
+
+
+@pytest.mark.parametrize(("raised", "says"), [(KeyboardInterrupt, ""), (EOFError, "aborted")])
+def test_an_interrupted_command_exits_130_without_a_traceback(
+    raised, says, monkeypatch, tmp_path, capsys
+):
+    """Ctrl-C (Typer: exit 130) and end of input (Typer: Abort) end as a shell expects."""
+
+    def interrupted(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr("gradspec.store.load_run", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        run(["score", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 130 and "Traceback" not in err
+    assert (f"error: {says}" in err) if says else "error:" not in err
+
+
 def test_the_installed_command_refuses_usage_errors_in_one_line():
     """`python -m gradspec` (as the `gradspec` script) goes through the same entry point;
     help and the version still exit 0."""

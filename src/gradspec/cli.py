@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -84,7 +85,7 @@ def run(args: Sequence[str] | None = None) -> None:
         hint = f"{command}: {{}} (see '{command} --help')" if command else "{}"
         print_error(hint.format(exc.format_message()))
         sys.exit(2)
-    except (click_exceptions.Abort, typer.Abort):
+    except typer.Abort:  # click's Abort, as every Typer version exports it
         print_error("aborted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
@@ -111,7 +112,7 @@ def user_errors_exit_cleanly(command: F) -> F:
 
 def print_error(message: str) -> None:
     """One red 'error:' line on stderr; a library's message may span lines, joined here."""
-    one_line = " ".join(message.splitlines())
+    one_line = escape(" ".join(message.splitlines()))  # a path may hold "[...]"
     console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
 
 
@@ -127,7 +128,8 @@ _show_python_warning = warnings.showwarning
 def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
     """A GradspecWarning as one yellow line; other warnings as Python shows them."""
     if issubclass(category, GradspecWarning):
-        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        text = escape(str(message))
+        console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     else:
         _show_python_warning(message, category, *args, **kw)
 
@@ -222,10 +224,14 @@ def prepare_checkpoints(
         else:
             checkpoints[model] = resolve_checkpoint(model, revision, trust_remote_code)
             continue
-        with console.status(f"preparing {model} ({doing})"):
+        with console.status(f"preparing {escape(str(model))} ({doing})"):
             checkpoints[model] = resolve_checkpoint(model, revision, trust_remote_code)
         directory = checkpoints[model].directory
-        console.print(f"model: {model} -> {directory}", highlight=False, soft_wrap=True)
+        console.print(
+            f"model: {escape(str(model))} -> {escape(str(directory))}",
+            highlight=False,
+            soft_wrap=True,
+        )
     return checkpoints
 
 
@@ -304,7 +310,8 @@ def profile(
     statuses = tables.examples["status"].value_counts().to_dict()
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
     console.print(
-        f"[green]done:[/] {summary or 'no examples'}; {len(tables.spectra)} spectra rows in {out}"
+        f"[green]done:[/] {summary or 'no examples'}; {len(tables.spectra)} spectra rows in "
+        f"{escape(str(out))}"
     )
 
 
@@ -315,7 +322,7 @@ def print_coverage(manifest: dict[str, Any], prefix: str = "") -> None:
     if manifest.get("coverage"):
         for line in coverage_lines(manifest["coverage"]):
             style = "yellow" if line.startswith("left out") else "green"
-            console.print(f"[{style}]{prefix}coverage:[/] {line}", highlight=False)
+            console.print(f"[{style}]{escape(prefix)}coverage:[/] {escape(line)}", highlight=False)
 
 
 def table_output(run_dir: Path, out: Path | None, default: str) -> Path:
@@ -353,7 +360,7 @@ def score(
         quantiles = [f"{values.quantile(q):.4g}" if len(values) else "-" for q in (0.5, 0.1, 0.9)]
         table.add_row(name, str(len(values)), *quantiles)
     console.print(table)
-    console.print(f"[green]done:[/] {len(scores)} examples scored into {path}")
+    console.print(f"[green]done:[/] {len(scores)} examples scored into {escape(str(path))}")
 
 
 @app.command()
@@ -434,8 +441,8 @@ def flag(
             f"{kind} {value:.2f}" for kind, value in summary["held_out_auroc_per_kind"].items()
         )
         console.print(
-            f"learned from {summary['pairs']} twins in {learned.folder}: held-out AUROC "
-            f"{summary['held_out_auroc']:.3f} ({per_kind})",
+            f"learned from {summary['pairs']} twins in {escape(str(learned.folder))}: "
+            f"held-out AUROC {summary['held_out_auroc']:.3f} ({per_kind})",
             highlight=False,
         )
     else:
@@ -456,7 +463,7 @@ def flag(
             *([row.drivers] if learn else []),
         )
     console.print(table)
-    console.print(f"[green]done:[/] {len(ranking)} examples ranked into {path}")
+    console.print(f"[green]done:[/] {len(ranking)} examples ranked into {escape(str(path))}")
 
 
 @app.command()
@@ -531,7 +538,7 @@ def select(
     never = f", {unprofiled} never profiled by the run (dropped)" if unprofiled else ""
     console.print(
         f"[green]done:[/] kept {kept} of {n_data} examples ({selection.n_profiled} "
-        f"profiled{never}) in {written}; reasons in {selection.sidecar}"
+        f"profiled{never}) in {escape(str(written))}; reasons in {escape(str(selection.sidecar))}"
     )
 
 
@@ -556,9 +563,9 @@ def check(
         problems = run_problems(run_dir)
         damaged += bool(problems)
         for problem in problems:
-            console.print(f"[yellow]problem:[/] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
         if not problems:
-            console.print(f"[green]ok:[/] {run_dir}", highlight=False, soft_wrap=True)
+            console.print(f"[green]ok:[/] {escape(str(run_dir))}", highlight=False, soft_wrap=True)
     if damaged:
         raise GradspecError(
             f"{damaged} of {len(run_dirs)} run(s) have problems; rerunning `gradspec profile` "
@@ -664,7 +671,7 @@ def study(
         n_boot=bootstrap,
         title=spec.title,
     )
-    console.print(f"[green]report:[/] {path}")
+    console.print(f"[green]report:[/] {escape(str(path))}")
 
 
 @app.command()
@@ -707,7 +714,7 @@ def report(
         title=title,
         finding_modules=[m for m in finding_modules.split(",") if m],
     )
-    console.print(f"[green]report:[/] {path}")
+    console.print(f"[green]report:[/] {escape(str(path))}")
 
 
 @app.command()

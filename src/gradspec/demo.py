@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import RunMismatchError
@@ -75,7 +76,7 @@ def run_demo_study(progress_bar: ProgressBar, prepare: Prepare, limit: int | Non
     except RunMismatchError as exc:  # only this: other errors keep the folder as it is
         if not root.is_dir():
             raise
-        stderr.print(f"[yellow]redoing the demo runs:[/] {exc}", highlight=False)
+        stderr.print(f"[yellow]redoing the demo runs:[/] {escape(str(exc))}", highlight=False)
         shutil.rmtree(root)
         run_study(
             study, root, device="cpu", limit=limit, progress=progress, checkpoints=checkpoints
