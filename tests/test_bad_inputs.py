@@ -418,6 +418,18 @@ def test_check_names_examples_no_part_covers(run_copy):
     assert "examples 0..1 have no intact part" in result.output
 
 
+@pytest.mark.parametrize("command", ["score", "flag"])
+def test_scoring_a_run_without_example_rows_is_refused(command, run_copy):
+    """Every examples part gone: score and flag refuse in one line (they said "0 examples
+    scored" and exit 0), and write no table."""
+    _, _, run = run_copy
+    for part in (run / "examples").glob("part-*.parquet"):
+        part.unlink()
+    result = cli(command, run)
+    assert_one_line_refusal(result, "the run has no example rows to score")
+    assert not list(run.glob("*s.parquet"))
+
+
 def test_a_run_parts_are_written_by_rename_only(run_copy, monkeypatch):
     """A write that fails midway leaves no part and no temporary file behind."""
     model, data, run = run_copy
@@ -606,10 +618,11 @@ def test_values_typer_refuses_are_one_line_and_exit_2(line, capsys):
     assert "Usage:" not in output.err and "Traceback" not in output.err
 
 
-@pytest.mark.parametrize("name", ["runs[/old]", "runs[old]", "a[bold]b"])
+@pytest.mark.parametrize("name", ["runs[/old]", "runs[old]", "a[bold]b", "old:x:"])
 def test_text_that_looks_like_markup_is_printed_as_typed(name, tmp_path, capsys):
-    """A path (or any text in a message) holding square brackets is printed as it is, not
-    read as Rich markup (which raised MarkupError, or ate the brackets)."""
+    """A path (or any text in a message) holding square brackets or an emoji code is
+    printed as it is, not read as Rich markup (which raised MarkupError, or ate the
+    brackets) or as an emoji (":x:" became a cross)."""
     with pytest.raises(SystemExit) as exited:
         run(["score", str(tmp_path / name)])
     assert exited.value.code == 2

@@ -41,13 +41,14 @@ except ImportError:  # pragma: no cover - older Typer runs on click
 
 if TYPE_CHECKING:  # the CLI starts without torch
     from .modeling import Checkpoint
+    from .store import RunTables
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Per-example, per-layer gradient spectra of causal LMs.",
 )
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # ":x:" in a device name stays text
 F = TypeVar("F", bound=Callable[..., Any])
 LEARN_PANEL = "Learned detector (--learn)"
 
@@ -338,6 +339,20 @@ def table_output(run_dir: Path, out: Path | None, default: str) -> Path:
     return refuse_unsafe_output(out, [], "--out", allowed_in_run=DERIVED_TABLES)
 
 
+def run_with_examples(run_dir: Path) -> RunTables:
+    """The run's tables, refused when it has no example rows to score (every examples part
+    missing), rather than scoring nothing and saying done."""
+    from .store import load_run
+
+    tables = load_run(run_dir)
+    if tables.examples.empty:
+        raise GradspecError(
+            f"{run_dir}: the run has no example rows to score (its examples parts are "
+            f"missing; `gradspec check {run_dir}` names them)"
+        )
+    return tables
+
+
 @app.command()
 @user_errors_exit_cleanly
 def score(
@@ -349,10 +364,9 @@ def score(
 ) -> None:
     """Score every example: nuclear norms, effective rank, layer MAD, loss, IFD and flag."""
     from .quality import SCORES, example_scores, save_table
-    from .store import load_run
 
     path = table_output(run_dir, out, "scores.parquet")
-    scores = example_scores(load_run(run_dir))
+    scores = example_scores(run_with_examples(run_dir))
     save_table(scores, path)
     table = Table("score", "scored", "median", "10%", "90%", title="per-example scores")
     for name in SCORES:
@@ -421,7 +435,6 @@ def flag(
 ) -> None:
     """Rank the examples whose responses most likely do not answer their instruction."""
     from .quality import example_scores, flag_ranking, read_labels, save_table
-    from .store import load_run
 
     if top < 0:
         raise GradspecError(f"--top {top}: must be at least 0")
@@ -446,7 +459,7 @@ def flag(
             highlight=False,
         )
     else:
-        scores = example_scores(load_run(run_dir))
+        scores = example_scores(run_with_examples(run_dir))
         ranking = flag_ranking(scores, read_labels(labels, scores) if labels else None)
     save_table(ranking, path)
     columns = ["rank", "example", "source:line", "flag", "percentile", "probability"]
@@ -569,7 +582,8 @@ def check(
     if damaged:
         raise GradspecError(
             f"{damaged} of {len(run_dirs)} run(s) have problems; rerunning `gradspec profile` "
-            "with the same arguments redoes missing or damaged parts"
+            "with the same arguments redoes missing or damaged parts (a damaged manifest's "
+            "line says what to do instead)"
         )
 
 
