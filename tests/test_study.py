@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -326,3 +327,17 @@ def test_a_study_resolves_each_model_and_dataset_once(
     count(data, "resolve_data_files")
     assert [ran for _, ran in run_study(spec, tmp_path / "out")] == [True, True]
     assert calls == {"model_signature": 1, "data_sha256": 2}
+
+
+def test_a_second_study_into_the_same_folder_is_refused(tiny_model, tmp_path):
+    """While one study holds its folder, another into it fails at once and writes nothing
+    (two would rewrite study.json over each other); once free, it runs."""
+    spec = load_study(write_study(tmp_path / "study.toml", tiny_model("llama"), limit=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    with (out / ".lock").open("a") as held:  # the first study's lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(GradspecError, match=f"{out} is being written by another gradspec"):
+            run_study(spec, out)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert all(ran for _, ran in run_study(spec, out))

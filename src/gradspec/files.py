@@ -137,7 +137,7 @@ def exclusive_lock(path: Path, wait: bool = True) -> Iterator[None]:
                 raise
             raise GradspecError(
                 f"{path.parent} is being written by another gradspec process (profile, a "
-                "study cell or the training monitor); wait until it ends, or use another --out"
+                "study or the training monitor); wait until it ends, or use another --out"
             ) from None
         try:
             yield

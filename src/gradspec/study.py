@@ -44,8 +44,8 @@ import importlib.util
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from .data import DataSource, resolve_data
 from .distributed import LOCAL, Ranks, agree, all_gather, process_group, split_by_weight
 from .engine import HubOptions, profile_on
 from .errors import GradspecError
-from .files import write_json_atomic
+from .files import RUN_LOCK, RunLock, write_json_atomic
 from .formats.fields import parse_fields
 from .hub import is_hub_id
 from .labels import LABEL_KEYS, normalize_labels
@@ -403,7 +403,7 @@ def run_study(
     device = device or options.pop("device", "auto")
     options.pop("device", None)  # when --device overrode it
     cells = study.cells()
-    with process_group(device) as ranks:
+    with process_group(device) as ranks, study_lock(ranks, root):
         resolved = agree(ranks, lambda: _resolve_models(study, checkpoints or {}))
         record, pending = agree(ranks, lambda: _plan_study(study, root, cells, resolved, options))
         agree(ranks, lambda: _write_record(ranks, root, record))
@@ -421,6 +421,24 @@ def run_study(
                 record["cells"][index].update(inputs=inputs)
         agree(ranks, lambda: _write_record(ranks, root, record))
     return [(cell, index in ran) for index, cell in enumerate(cells)]
+
+
+@contextmanager
+def study_lock(ranks: Ranks, root: Path) -> Iterator[None]:
+    """Hold the study folder's lock (rank 0, which writes study.json) while the study runs:
+    a second study into the same folder is refused at once, as a second writer of a run."""
+    lock = RunLock(root)
+
+    def take() -> None:
+        if ranks.is_main and not root.is_file():  # a file: the plan refuses it
+            root.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+
+    agree(ranks, take)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _resolve_models(study: Study, checkpoints: Mapping[Path, Checkpoint]) -> dict[Path, Checkpoint]:
@@ -529,7 +547,7 @@ def _read_record(root: Path) -> dict[str, Any]:
     if root.exists() and not root.is_dir():
         raise GradspecError(f"--out {root} is a file, not a study folder")
     if not (root / STUDY_FILE).exists():
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != RUN_LOCK for p in root.iterdir()):
             raise GradspecError(
                 f"{root} exists, is not empty and has no {STUDY_FILE}; choose another --out"
             )
