@@ -163,6 +163,19 @@ def test_5_bytes_that_are_not_utf8_name_the_file_and_line(name, tmp_path):
         load_examples(path)
 
 
+def test_a_refusal_from_inside_profile_draws_no_progress_bar(made, tmp_path):
+    """Refused before any example is profiled (here: another writer holds the run), the
+    command prints its error line and no empty progress bar ("profiling 0/?")."""
+    model, data, _ = made
+    run = tmp_path / "run"
+    run.mkdir()
+    with (run / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = cli("profile", "--model", model, "--data", data, "--out", run, "--device", "cpu")
+    assert_one_line_refusal(result, "being written by another gradspec process")
+    assert "profiling" not in result.output
+
+
 @pytest.mark.parametrize("device", ["tpu", "mps", "cuda:x"])
 def test_6_a_device_this_machine_lacks_is_a_clear_error(device, made, tmp_path):
     model, data, _ = made

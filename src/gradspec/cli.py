@@ -146,7 +146,9 @@ class RateColumn(ProgressColumn):
 
 @contextmanager
 def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, int], None]]:
-    """A Rich progress bar; yields a ``progress(done, total)`` callback for the engine."""
+    """A Rich progress bar; yields a ``progress(done, total)`` callback for the engine. The
+    bar shows from the first call on, so a command refused before any work prints only
+    its error line."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -156,13 +158,19 @@ def progress_bar(description: str, unit: str = "ex") -> Iterator[Callable[[int, 
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(description, total=None, unit=unit)
+    bar = Progress(*columns, console=console)
+    task = bar.add_task(description, total=None, unit=unit)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 @contextmanager

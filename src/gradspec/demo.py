@@ -37,7 +37,7 @@ ProgressBar = Callable[..., AbstractContextManager[Progress]]
 Prepare = Callable[[list[Path]], Mapping[Path, Checkpoint]]
 STYLE_TITLES = {"none": "None CoT", "simplified": "Simplified CoT", "detailed": "Detailed CoT"}
 SUMMARY_TASK = REASONING_TASKS[0]  # gsm8k
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, emoji=False)
 
 
 def demo_study_file() -> Path:

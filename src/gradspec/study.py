@@ -403,23 +403,24 @@ def run_study(
     device = device or options.pop("device", "auto")
     options.pop("device", None)  # when --device overrode it
     cells = study.cells()
-    with process_group(device) as ranks, study_lock(ranks, root):
+    with process_group(device) as ranks:
         resolved = agree(ranks, lambda: _resolve_models(study, checkpoints or {}))
         record, pending = agree(ranks, lambda: _plan_study(study, root, cells, resolved, options))
-        agree(ranks, lambda: _write_record(ranks, root, record))
-        share = split_by_weight([1] * len(pending), ranks.size)[ranks.rank]
-        mine = [pending[i] for i in share]
-        agree(
-            ranks,
-            lambda: _profile_cells(
-                ranks, root, cells, resolved, record, mine, device, options, progress
-            ),
-        )
-        ran = {index for indices in all_gather(ranks, [i for i, _ in mine]) for index in indices}
-        for index, inputs in pending:
-            if index in ran:
-                record["cells"][index].update(inputs=inputs)
-        agree(ranks, lambda: _write_record(ranks, root, record))
+        with study_lock(ranks, root):  # from the first write: a refused study writes nothing
+            agree(ranks, lambda: _write_record(ranks, root, record))
+            share = split_by_weight([1] * len(pending), ranks.size)[ranks.rank]
+            mine = [pending[i] for i in share]
+            agree(
+                ranks,
+                lambda: _profile_cells(
+                    ranks, root, cells, resolved, record, mine, device, options, progress
+                ),
+            )
+            ran = {i for indices in all_gather(ranks, [i for i, _ in mine]) for i in indices}
+            for index, inputs in pending:
+                if index in ran:
+                    record["cells"][index].update(inputs=inputs)
+            agree(ranks, lambda: _write_record(ranks, root, record))
     return [(cell, index in ran) for index, cell in enumerate(cells)]
 
 
@@ -430,7 +431,7 @@ def study_lock(ranks: Ranks, root: Path) -> Iterator[None]:
     lock = RunLock(root)
 
     def take() -> None:
-        if ranks.is_main and not root.is_file():  # a file: the plan refuses it
+        if ranks.is_main:
             root.mkdir(parents=True, exist_ok=True)
             lock.acquire()
 
