@@ -78,6 +78,10 @@ def read_json_array(data: bytes) -> list[Any]:
 
 
 def read_json_lines(data: bytes) -> list[Any]:
+    """JSON Lines, or one JSON array when the file starts with '[' (gradspec reads a .jsonl
+    file by its content, as the format registry detects it)."""
+    if data.lstrip().startswith(b"["):
+        return read_json_array(data)
     return [json.loads(line) for line in data.decode("utf-8").split("\n") if line.strip()]
 
 
