@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -48,7 +47,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Per-example, per-layer gradient spectra of causal LMs.",
 )
-console = Console(stderr=True, emoji=False)  # ":x:" in a device name stays text
+console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 LEARN_PANEL = "Learned detector (--learn)"
 
@@ -113,8 +112,13 @@ def user_errors_exit_cleanly(command: F) -> F:
 
 def print_error(message: str) -> None:
     """One red 'error:' line on stderr; a library's message may span lines, joined here."""
-    one_line = escape(" ".join(message.splitlines()))  # a path may hold "[...]"
-    console.print(f"[bold red]error:[/] {one_line}", highlight=False, soft_wrap=True)
+    say("error:", "bold red", " ".join(message.splitlines()))
+
+
+def say(label: str, style: str, message: str) -> None:
+    """One stderr line: ``label`` in ``style``, then ``message`` as typed (a path may hold
+    "[...]" or ":x:", which Rich would read as markup or an emoji)."""
+    console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
 
 
 def os_error_message(exc: OSError) -> str:
@@ -129,8 +133,7 @@ _show_python_warning = warnings.showwarning
 def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
     """A GradspecWarning as one yellow line; other warnings as Python shows them."""
     if issubclass(category, GradspecWarning):
-        text = escape(str(message))
-        console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+        say("warning:", "bold yellow", str(message))
     else:
         _show_python_warning(message, category, *args, **kw)
 
@@ -233,14 +236,10 @@ def prepare_checkpoints(
         else:
             checkpoints[model] = resolve_checkpoint(model, revision, trust_remote_code)
             continue
-        with console.status(f"preparing {escape(str(model))} ({doing})"):
+        with console.status(Text(f"preparing {model} ({doing})")):
             checkpoints[model] = resolve_checkpoint(model, revision, trust_remote_code)
         directory = checkpoints[model].directory
-        console.print(
-            f"model: {escape(str(model))} -> {escape(str(directory))}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        say("model:", "", f"{model} -> {directory}")
     return checkpoints
 
 
@@ -318,9 +317,8 @@ def profile(
     print_coverage(tables.manifest)
     statuses = tables.examples["status"].value_counts().to_dict()
     summary = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
-    console.print(
-        f"[green]done:[/] {summary or 'no examples'}; {len(tables.spectra)} spectra rows in "
-        f"{escape(str(out))}"
+    say(
+        "done:", "green", f"{summary or 'no examples'}; {len(tables.spectra)} spectra rows in {out}"
     )
 
 
@@ -331,7 +329,7 @@ def print_coverage(manifest: dict[str, Any], prefix: str = "") -> None:
     if manifest.get("coverage"):
         for line in coverage_lines(manifest["coverage"]):
             style = "yellow" if line.startswith("left out") else "green"
-            console.print(f"[{style}]{escape(prefix)}coverage:[/] {escape(line)}", highlight=False)
+            say(f"{prefix}coverage:", style, line)
 
 
 def table_output(run_dir: Path, out: Path | None, default: str) -> Path:
@@ -382,7 +380,7 @@ def score(
         quantiles = [f"{values.quantile(q):.4g}" if len(values) else "-" for q in (0.5, 0.1, 0.9)]
         table.add_row(name, str(len(values)), *quantiles)
     console.print(table)
-    console.print(f"[green]done:[/] {len(scores)} examples scored into {escape(str(path))}")
+    say("done:", "green", f"{len(scores)} examples scored into {path}")
 
 
 @app.command()
@@ -461,10 +459,11 @@ def flag(
         per_kind = ", ".join(
             f"{kind} {value:.2f}" for kind, value in summary["held_out_auroc_per_kind"].items()
         )
-        console.print(
-            f"learned from {summary['pairs']} twins in {escape(str(learned.folder))}: "
+        say(
+            "learned",
+            "",
+            f"from {summary['pairs']} twins in {learned.folder}: "
             f"held-out AUROC {summary['held_out_auroc']:.3f} ({per_kind})",
-            highlight=False,
         )
     else:
         scores = example_scores(run_with_examples(run_dir))
@@ -484,7 +483,7 @@ def flag(
             *([row.drivers] if learn else []),
         )
     console.print(table)
-    console.print(f"[green]done:[/] {len(ranking)} examples ranked into {escape(str(path))}")
+    say("done:", "green", f"{len(ranking)} examples ranked into {path}")
 
 
 @app.command()
@@ -557,9 +556,11 @@ def select(
     n_data = len(selection.report)
     unprofiled = n_data - selection.n_profiled
     never = f", {unprofiled} never profiled by the run (dropped)" if unprofiled else ""
-    console.print(
-        f"[green]done:[/] kept {kept} of {n_data} examples ({selection.n_profiled} "
-        f"profiled{never}) in {escape(str(written))}; reasons in {escape(str(selection.sidecar))}"
+    say(
+        "done:",
+        "green",
+        f"kept {kept} of {n_data} examples ({selection.n_profiled} profiled{never}) in "
+        f"{written}; reasons in {selection.sidecar}",
     )
 
 
@@ -584,9 +585,9 @@ def check(
         problems = run_problems(run_dir)
         damaged += bool(problems)
         for problem in problems:
-            console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+            say("problem:", "yellow", problem)
         if not problems:
-            console.print(f"[green]ok:[/] {escape(str(run_dir))}", highlight=False, soft_wrap=True)
+            say("ok:", "green", str(run_dir))
     if damaged:
         raise GradspecError(
             f"{damaged} of {len(run_dirs)} run(s) have problems; rerunning `gradspec profile` "
@@ -681,7 +682,7 @@ def study(
     if not is_main_process():
         return  # rank 0 writes the report, after every rank's cells are recorded
     ran = sum(1 for _, was_run in cells if was_run)
-    console.print(f"[green]profiled:[/] {ran} cells; {len(cells) - ran} already done")
+    say("profiled:", "green", f"{ran} cells; {len(cells) - ran} already done")
     first_cells = {cell.model.label: cell for cell, _ in reversed(cells)}
     for label, cell in sorted(first_cells.items()):
         print_coverage(read_manifest(out / cell.run / "manifest.json"), f"{label} ")
@@ -693,7 +694,7 @@ def study(
         n_boot=bootstrap,
         title=spec.title,
     )
-    console.print(f"[green]report:[/] {escape(str(path))}")
+    say("report:", "green", str(path))
 
 
 @app.command()
@@ -736,7 +737,7 @@ def report(
         title=title,
         finding_modules=[m for m in finding_modules.split(",") if m],
     )
-    console.print(f"[green]report:[/] {escape(str(path))}")
+    say("report:", "green", str(path))
 
 
 @app.command()
