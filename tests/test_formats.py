@@ -257,7 +257,7 @@ def test_a_directory_lists_every_format_in_name_order(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_datasets_is_imported_only_for_datasets_folders(tmp_path):
+def test_datasets_is_imported_only_for_datasets_folders(shared_data, tmp_path):
     path = make("alpaca.parquet", tmp_path)
     code = (
         "import sys, gradspec.cli, gradspec.selection\n"
